@@ -1,0 +1,23 @@
+"""fastmae: Masked Autoencoders (He et al., 2021) for your own images."""
+
+from .mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
+from .masking import random_masking
+from .patches import patchify, unpatchify
+from .pos_embed import resample_pos_embed, sincos_2d
+from .vit import VARIANTS, VisionTransformer, build_vit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAE_VARIANTS",
+    "VARIANTS",
+    "MaskedAutoencoderViT",
+    "VisionTransformer",
+    "build_mae",
+    "build_vit",
+    "patchify",
+    "random_masking",
+    "resample_pos_embed",
+    "sincos_2d",
+    "unpatchify",
+]

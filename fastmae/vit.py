@@ -1,0 +1,283 @@
+"""Vision Transformer building blocks and the classification ViT, with official parameter names.
+
+Shapes: B batch, C channels, H, W image, p patch, h, w = H/p, W/p, L = h*w patches,
+N = 1 + L tokens (cls first), D width. Names match the official `models_vit.py` / timm ViT
+(`patch_embed.proj`, `blocks.{i}.attn.qkv`, `fc_norm`, `head`, ...) so checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .pos_embed import sincos_2d
+
+LN_EPS = 1e-6  # the official models use LayerNorm(eps=1e-6)
+
+
+def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """7 -> (7, 7); (3, 4) -> (3, 4)."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair (height, width), got {x}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+def check_heads(dim: int, num_heads: int, what: str = "embed_dim") -> None:
+    """Raise a ValueError unless dim is divisible by num_heads."""
+    if num_heads <= 0 or dim % num_heads:
+        raise ValueError(f"{what} {dim} must be divisible by the number of heads {num_heads}")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D-dim tokens by a strided conv: (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        H, W = to_2tuple(img_size)
+        if patch_size <= 0 or H % patch_size or W % patch_size:
+            raise ValueError(
+                f"image size {H}x{W} is not divisible by the patch size {patch_size}; "
+                f"choose an image size that is a multiple of the patch size"
+            )
+        if in_chans <= 0:
+            raise ValueError(f"in_chans must be positive, got {in_chans}")
+        self.img_size = (H, W)
+        self.patch_size = (patch_size, patch_size)
+        self.in_chans = in_chans
+        self.grid_size = (H // patch_size, W // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        _, C, H, W = x.shape
+        if C != self.in_chans:
+            raise ValueError(
+                f"model expects {self.in_chans} input channels, got {C}; convert the images "
+                f"(e.g. --data.channels {self.in_chans}) or build the model with in_chans={C}"
+            )
+        if (H, W) != self.img_size:
+            raise ValueError(
+                f"input size {H}x{W} differs from the model's {self.img_size[0]}x{self.img_size[1]}; "
+                f"resize the images or build the model with img_size=({H}, {W})"
+            )
+        x = self.proj(x)  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, heads, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability `p` in training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """The official MAE initialisation: xavier-uniform linears with zero bias, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def init_patch_embed(pe: PatchEmbed) -> None:
+    """Xavier-uniform on the conv weight viewed as a (D, C*p*p) linear, as the official code does."""
+    w = pe.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(pe.proj.bias)
+
+
+# Encoder sizes of the paper / timm (width, depth, heads). Patch sizes 14/16 are for 224-pixel
+# images; 2/4/8 are for small images (28-64 pixels) such as Fashion-MNIST or CIFAR.
+ENCODER_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8, 14, 16)
+VARIANTS: dict[str, dict[str, int]] = {
+    f"vit_{size}_patch{p}": dict(kw, patch_size=p) for size, kw in ENCODER_SIZES.items() for p in PATCH_SIZES
+}
+
+
+def variant_kwargs(name: str, table: dict[str, dict], kind: str = "ViT") -> dict:
+    """Look a variant up in a table, or raise a ValueError that lists the valid names."""
+    if name not in table:
+        raise ValueError(f"unknown {kind} variant {name!r}; valid names: {', '.join(sorted(table))}")
+    return dict(table[name])
+
+
+class VisionTransformer(nn.Module):
+    """Classification ViT: cls token + learnable position embedding, pooled by 'avg' or 'token'.
+
+    global_pool='avg' (the MAE fine-tuning default) averages the patch tokens and applies `fc_norm`;
+    'token' applies `norm` and takes the cls token. Position embeddings start as fixed sin-cos.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        global_pool: Literal["avg", "token"] = "avg",
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+        check_heads(embed_dim, num_heads)
+        if depth <= 0:
+            raise ValueError(f"depth must be positive, got {depth}")
+        self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        L = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + L, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
+        if global_pool == "avg":
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        gh, gw = self.patch_embed.grid_size
+        if self.embed_dim % 4 == 0:
+            self.pos_embed.data.copy_(sincos_2d(gh, gw, self.embed_dim, cls_token=True).unsqueeze(0))
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_patch_embed(self.patch_embed)
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_linear_and_norm)
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)  # the MAE fine-tuning head init
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> all tokens after the last block (B, 1+L, D), before any norm."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1+L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1+L, D) -> normalised pooled features (B, D)."""
+        if self.global_pool == "avg":
+            return self.fc_norm(tokens[:, 1:].mean(dim=1))  # (B, D)
+        return self.norm(tokens)[:, 0]  # (B, D)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> pooled, normalised features (B, D): what the head sees."""
+        return self.pool(self.forward_tokens(x))
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D) -> logits (B, num_classes)."""
+        return self.head(feats)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> dense feature map (B, D, h, w) of patch tokens, for detection/segmentation heads."""
+        tokens = self.forward_tokens(x)
+        if self.global_pool == "token":
+            tokens = self.norm(tokens)
+        patches = tokens[:, 1:]  # (B, L, D)
+        h, w = self.grid_size
+        return patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)  # (B, D, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+
+def build_vit(name: str, **overrides) -> VisionTransformer:
+    """Classification ViT from the VARIANTS table, e.g. build_vit('vit_base_patch16', num_classes=10)."""
+    kwargs = variant_kwargs(name, VARIANTS)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
