@@ -115,6 +115,15 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encode every patch without masking, in grid order: (B, 1+L, D) after `norm` (for features)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1+L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent (B, 1+K, D) -> per-patch pixel predictions (B, L, p*p*C)."""
         x = self.decoder_embed(latent)  # (B, 1+K, Dd)

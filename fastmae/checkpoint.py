@@ -1,0 +1,164 @@
+"""Checkpoints: state dicts loadable with weights_only=True plus a JSON of metadata, written atomically.
+
+A training checkpoint `checkpoint-{step:08d}.pt` holds {'model', 'optimizer', 'scaler', 'epoch', 'batch',
+'step', 'rng'}: tensors and plain Python values only, never configs or code objects. Its metadata
+(`.json` beside it) holds the model kind and constructor kwargs, the resolved config and progress.
+Every file is written to a temporary name in the same folder, fsynced, then renamed, so a crash
+never leaves a half-written checkpoint and the previous one stays loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+CKPT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """write(tmp) to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save, atomically."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write a text file atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def rng_state() -> dict:
+    """RNG states that a resumed run must restore to continue bit-for-bit (torch CPU/CUDA, Python)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Training checkpoints in a folder, oldest first (by global step)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The newest training checkpoint in a folder, or None."""
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: int = 0) -> Path:
+    """Write checkpoint-{step}.pt and its .json atomically; then prune older ones beyond keep_last."""
+    path = checkpoint_path(output_dir, int(state["step"]))
+    atomic_save(state, path)
+    meta = {**meta, "step": int(state["step"]), "epoch": int(state["epoch"]), "saved_at": time.time()}
+    atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), path.with_suffix(".json"))
+    if keep_last > 0:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its newest checkpoint); clear errors when there is none."""
+    p = Path(path)
+    if p.is_dir():
+        latest = find_latest(p)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint-*.pt in folder {p}; pass a checkpoint file or a run folder")
+        return latest
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    return p
+
+
+def torch_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True only: a pickle that needs code is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights only" not in str(e).lower() and "weights_only" not in str(e):
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
+        raise ValueError(
+            f"{path} contains pickled Python objects besides tensors, which fastmae will not execute "
+            f"(unpickling them could run arbitrary code; torch.load(weights_only=True) refused: {first}). "
+            f"If you trust the file, re-save only the weights: ckpt = torch.load(path, weights_only=False); "
+            f"torch.save(ckpt['model'], 'weights.pth'), or safetensors.torch.save_file(ckpt['model'], "
+            f"'weights.safetensors')."
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); it may be truncated") from None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state, meta) of a training checkpoint file or run folder; meta is {} when the .json is absent."""
+    p = resolve(path)
+    state = torch_load(p)
+    meta_path = p.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return state, meta
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise a ValueError naming missing/unexpected keys and shape mismatches before loading strictly."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: {source} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatches: " + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
+        if missing:
+            parts.append("missing keys: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append("unexpected keys: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
+        raise ValueError(
+            f"the {source} does not match this model's architecture ({'; '.join(parts)}). "
+            f"Use the same model flags as the run that wrote it, or a fresh output directory."
+        )

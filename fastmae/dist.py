@@ -1,0 +1,73 @@
+"""Distributed setup from torchrun's environment: gloo on CPU, NCCL on GPU. Nothing else reads env vars."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not tdist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity in one process)."""
+    if not info.distributed:
+        return x
+    x = x.detach().clone()
+    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x / info.world_size
+
+
+def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate equally-shaped tensors from all ranks along dim 0 (identity in one process)."""
+    if not info.distributed:
+        return x
+    out = [torch.empty_like(x) for _ in range(info.world_size)]
+    tdist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        tdist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def print0(info: DistInfo, *args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if info.is_main:
+        print(*args, **kwargs, flush=True)

@@ -1,0 +1,85 @@
+"""Checkpoints are atomic, weights_only-loadable, and refuse other architectures and pickled code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from fastmae.checkpoint import (
+    check_state_dict,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    torch_load,
+)
+from fastmae.mae import MaskedAutoencoderViT
+
+from .conftest import TINY_MAE
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "epoch": step, "batch": 0,
+            "step": step, "rng": {"torch": torch.get_rng_state()}}
+
+
+def test_save_load_prune_and_no_temp_files(tmp_path):
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, _state(s), {"kind": "mae"}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002.pt", "checkpoint-00000003.pt"]
+    state, meta = load_checkpoint(tmp_path)  # a folder resolves to its newest checkpoint
+    assert state["step"] == 3 and meta["kind"] == "mae" and meta["epoch"] == 3
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, _state(1), {})
+
+    def boom(obj, f, *a, **k):  # the disk fills up half-way through the write
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, _state(2), {})
+    monkeypatch.undo()
+    assert find_latest(tmp_path).name == "checkpoint-00000001.pt"
+    assert load_checkpoint(tmp_path)[0]["step"] == 1
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_MARKER",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    with pytest.raises(ValueError, match="pickled Python objects"):
+        torch_load(path)
+    assert not (tmp_path / "PWNED_MARKER").exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint-00000001.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        torch_load(path)
+
+
+def test_architecture_mismatch_names_keys_and_shapes():
+    small = MaskedAutoencoderViT(**TINY_MAE)
+    other = MaskedAutoencoderViT(**{**TINY_MAE, "embed_dim": 32, "depth": 3})
+    with pytest.raises(ValueError) as e:
+        check_state_dict(small, other.state_dict())
+    msg = str(e.value)
+    assert "blocks.0.attn.qkv.weight" in msg and "(96, 32)" in msg and "(192, 64)" in msg
+    assert "unexpected keys: blocks.2" in msg

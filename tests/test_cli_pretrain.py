@@ -1,0 +1,141 @@
+"""End-to-end `fastmae pretrain` on tiny data the test makes: outputs, resume, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fastmae.checkpoint import list_checkpoints, load_checkpoint
+from fastmae.cli import main
+from fastmae.config import PretrainConfig
+from fastmae.pretrain import run_pretrain
+
+
+def write_idx(folder, prefix: str, n: int, seed: int = 0) -> None:
+    """A tiny Fashion-MNIST-format IDX pair: images with a class-dependent bright square."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    imgs = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        r, c = 2 * (y % 5) + 2, 12 * (y // 5) + 2
+        imgs[i, r : r + 10, c : c + 10] = 220
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+@pytest.fixture()
+def fmnist(tmp_path):
+    d = tmp_path / "fmnist"
+    d.mkdir()
+    write_idx(d, "train", 96, seed=0)
+    write_idx(d, "t10k", 40, seed=1)
+    return d
+
+
+def tiny_args(data_dir, out_dir, epochs: int = 2) -> list[str]:
+    return [
+        "pretrain", "--data.path", str(data_dir), "--run.output_dir", str(out_dir), "--run.no_progress",
+        "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2",
+        "--model.decoder_embed_dim", "16", "--model.decoder_depth", "1", "--model.decoder_num_heads", "2",
+        "--optim.epochs", str(epochs), "--optim.warmup_epochs", "1", "--optim.batch_size", "32",
+        "--run.save_every", "1", "--run.precision", "fp32", "--knn_every", "1",
+    ]
+
+
+def tiny_cfg(data_dir, out_dir, epochs: int = 2) -> PretrainConfig:
+    import tyro
+
+    return tyro.cli(PretrainConfig, args=tiny_args(data_dir, out_dir, epochs)[1:], use_underscores=True)
+
+
+def test_pretrain_end_to_end_outputs(fmnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(fmnist, out)) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint" in printed and "reconstruction.png" in printed and "kNN top-1" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optim"]["epochs"] == 2 and cfg["model"]["embed_dim"] == 32
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [e for e in log if "epoch" in e and "loss" in e]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(np.isfinite(e["loss"]) for e in epochs)
+    assert "knn_top1" in epochs[-1]
+    assert (out / "reconstruction.png").stat().st_size > 0
+    assert list((out / "tensorboard").iterdir())
+    state, meta = load_checkpoint(out)
+    assert meta["kind"] == "mae" and meta["model_kwargs"]["in_chans"] == 1 and state["epoch"] == 2
+    assert set(state) >= {"model", "optimizer", "rng", "step", "epoch", "batch"}
+
+
+def _final_weights(out):
+    state, _ = load_checkpoint(out)
+    return state["model"]
+
+
+# 3 batches per epoch; the stop flag is read after every batch but an epoch's last
+@pytest.mark.parametrize("stop_after,where", [(2, (0, 2)), (3, (1, 1))])
+def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkeypatch, stop_after, where):
+    import fastmae.trainer as trainer
+
+    full = tmp_path / "full"
+    run_pretrain(tiny_cfg(fmnist, full, epochs=3))
+
+    part = tmp_path / "part"
+    calls = {"n": 0}
+
+    def fake_stop(self):  # behave as if SIGTERM arrived after `stop_after` steps
+        calls["n"] += 1
+        if calls["n"] >= stop_after:
+            self.signal = 15
+        return self.signal is not None
+
+    monkeypatch.setattr(trainer.StopFlag, "__call__", fake_stop)
+    run_pretrain(tiny_cfg(fmnist, part, epochs=3))
+    state, _ = load_checkpoint(part)
+    assert (state["epoch"], state["batch"]) == where  # saved mid-epoch, where it stopped
+    monkeypatch.undo()
+    run_pretrain(tiny_cfg(fmnist, part, epochs=3))  # the same command resumes
+    a, b = _final_weights(full), _final_weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_other_architecture(fmnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(fmnist, out, epochs=1)) == 0
+    args = tiny_args(fmnist, out, epochs=2)
+    args[args.index("--model.depth") + 1] = "3"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not match this model's architecture" in err and "blocks.2" in err
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(fmnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(fmnist, out, epochs=1)) == 0
+    before = list_checkpoints(out)
+    args = tiny_args(fmnist, out, epochs=3) + ["--optim.lr", "1e30"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at step" in err
+    assert list_checkpoints(out) == before
+    assert torch.isfinite(torch.cat([v.flatten().float() for v in _final_weights(out).values()])).all()
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, capsys):
+    assert main(tiny_args(tmp_path / "nowhere", tmp_path / "run")) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_help_lists_sections(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "--data.path" in out and "--optim.blr" in out and "--model.mask_ratio" in out
