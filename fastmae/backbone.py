@@ -1,0 +1,114 @@
+"""Turn a checkpoint (MAE, encoder or classifier; any supported format) or `random` into a classification ViT.
+
+Shapes: D width, h, w patch grid. Encoder weights are copied strictly: the only keys a new classifier
+may lack are its head (and `fc_norm` for average pooling, which the MAE encoder does not have).
+Position embeddings are resampled (bicubic) when the target grid differs from the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import DataConfig, ViTModelConfig
+from .mae import MaskedAutoencoderViT
+from .pos_embed import resample_pos_embed
+from .vit import VARIANTS, VisionTransformer, variant_kwargs
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
+
+
+@dataclass
+class Backbone:
+    """Encoder architecture and weights taken from a checkpoint (weights None for random init)."""
+
+    kwargs: dict  # img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio
+    state: dict[str, torch.Tensor] | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    source: str
+
+
+def _arch(model: nn.Module) -> dict:
+    """Encoder constructor kwargs of an MAE or ViT instance."""
+    blk = model.blocks[0]
+    D = model.cls_token.shape[-1]
+    return dict(img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+                in_chans=model.patch_embed.in_chans, embed_dim=D, depth=len(model.blocks),
+                num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / D)
+
+
+def load_backbone(init: str, model_cfg: ViTModelConfig) -> Backbone:
+    """Architecture + encoder weights from `init` (a checkpoint path/run folder, or 'random')."""
+    if init == "random":
+        kw = variant_kwargs(model_cfg.name, VARIANTS)
+        kw["img_size"] = tuple(model_cfg.img_size) if model_cfg.img_size[0] else (28, 28)
+        kw["in_chans"] = 0  # decided by the data
+        return Backbone(kw, None, None, None, "random")
+    from .api import load
+
+    model = load(init)
+    if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
+        raise ValueError(f"{init} does not hold a ViT or MAE (got {type(model).__name__})")
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    mean, std = getattr(model, "data_mean", None), getattr(model, "data_std", None)
+    return Backbone(_arch(model), state, tuple(mean) if mean else None, tuple(std) if std else None, str(init))
+
+
+def data_for(bb: Backbone, data_cfg: DataConfig) -> DataConfig:
+    """Feed the encoder its own channel count and (unless given) the normalisation it was pretrained with."""
+    changes: dict = {}
+    if data_cfg.channels == 0 and bb.kwargs.get("in_chans"):
+        changes["channels"] = bb.kwargs["in_chans"]
+    if not data_cfg.mean and bb.mean and bb.std:
+        changes.update(mean=tuple(bb.mean), std=tuple(bb.std))
+    return dataclasses.replace(data_cfg, **changes)
+
+
+def build_classifier(bb: Backbone, model_cfg: ViTModelConfig, num_classes: int, in_chans: int) -> VisionTransformer:
+    """A VisionTransformer with the backbone's encoder weights, a fresh head (std 2e-5), and the requested pooling."""
+    kw = dict(bb.kwargs)
+    if not kw.get("in_chans"):
+        kw["in_chans"] = in_chans
+    old_hw = tuple(kw["img_size"])
+    if model_cfg.img_size[0]:
+        kw["img_size"] = tuple(model_cfg.img_size)
+    model = VisionTransformer(**kw, num_classes=num_classes, global_pool=model_cfg.global_pool,
+                              drop_path_rate=model_cfg.drop_path)
+    if bb.state is None:
+        return model
+    sd = dict(bb.state)
+    p = kw["patch_size"]
+    old_grid, new_grid = (old_hw[0] // p, old_hw[1] // p), model.grid_size
+    if old_grid != new_grid:
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], new_grid, old_grid, n_prefix=1)
+    own = model.state_dict()
+    # avg pooling has fc_norm instead of norm; a classifier checkpoint's head is replaced
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("norm.", "fc_norm."))}
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd))
+    allowed_missing = {k for k in own if k.startswith(("head.", "fc_norm.", "norm."))}
+    bad_missing = [k for k in missing if k not in allowed_missing]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
+    if unexpected or bad_missing or shapes:
+        raise ValueError(
+            f"cannot initialise the classifier from {bb.source}: missing {bad_missing[:8]}, unexpected "
+            f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
+        )
+    model.load_state_dict(sd, strict=False)  # only head / fc_norm may be left at their fresh init (checked above)
+    return model
+
+
+def pooled_features(model: VisionTransformer, imgs: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, D) features for probing: what the head sees when pool == global_pool; otherwise the
+    encoder's normalised tokens pooled by cls ('token') or patch mean ('avg'), as in the MAE monitor."""
+    if pool == model.global_pool:
+        return model.forward_features(imgs)
+    tokens = model.forward_tokens(imgs)  # (B, 1+L, D)
+    if hasattr(model, "norm"):
+        tokens = model.norm(tokens)
+    return tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)

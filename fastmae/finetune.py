@@ -1,0 +1,107 @@
+"""`fastmae finetune`: end-to-end fine-tuning of the MAE encoder as a classifier (the paper's recipe).
+
+Layer-wise lr decay, drop path, RandAugment + random erasing + mixup/cutmix with label smoothing
+(soft-target cross entropy), warmup then cosine, top-1/top-5 on the evaluation split each epoch,
+best and last checkpoints. Same data sources, output layout, resume and torchrun support as pretrain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.nn as nn
+
+from .augment import FinetuneAugment, soft_target_cross_entropy
+from .backbone import build_classifier, data_for, load_backbone
+from .checkpoint import atomic_save, atomic_write_text
+from .config import FinetuneConfig
+from .data import build_loader
+from .dist import print0
+from .engine import evaluate
+from .optim import build_adamw, lr_at, param_groups_lrd, scaled_lr
+from .trainer import Progress, fit, model_meta, setup
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune from cfg.init ('random' = from scratch); returns the final and best evaluation metrics."""
+    if cfg.optim.epochs <= 0 or cfg.optim.batch_size <= 0:
+        raise ValueError("--optim.epochs and --optim.batch_size must be positive")
+    if not 0 < cfg.layer_decay <= 1:
+        raise ValueError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    rt = setup(cfg.run, cfg)
+    d = rt.dist
+    bb = load_backbone(cfg.init, cfg.model)
+    data_cfg = data_for(bb, cfg.data)
+    img_size = tuple(cfg.model.img_size) if cfg.model.img_size[0] else tuple(bb.kwargs["img_size"])
+    train = build_loader(data_cfg, "train", img_size, cfg.optim.batch_size, train=True, seed=cfg.run.seed,
+                         rank=d.rank, world_size=d.world_size)
+    val = build_loader(data_cfg, "eval", img_size, cfg.optim.batch_size, train=False, seed=cfg.run.seed,
+                       rank=d.rank, world_size=d.world_size, drop_last=False)
+    if train.num_classes == 0:
+        raise ValueError("fine-tuning needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
+    K = train.num_classes
+    model = build_classifier(bb, cfg.model, K, train.channels).to(rt.device)
+    eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * d.world_size
+    peak = scaled_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
+    groups = param_groups_lrd(model, cfg.optim.weight_decay, cfg.layer_decay)
+    optimizer = build_adamw(groups, peak, cfg.optim.betas, rt.device)
+    steps = len(train)
+    total, warmup = cfg.optim.epochs * steps, int(round(cfg.optim.warmup_epochs * steps))
+    augment = FinetuneAugment(cfg.aug, K, train.mean, train.std)
+    print0(d, f"fine-tune {bb.source} -> ViT {model.embed_dim}x{len(model.blocks)} ({model.global_pool} pool) on "
+              f"{train.num_samples} images, {K} classes | effective batch {eff_batch}, lr {peak:.3g}, layer decay "
+              f"{cfg.layer_decay} | {rt.precision} on {rt.device} x{d.world_size}")
+
+    def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # augmentation randomness comes from the global RNG (saved in checkpoints) so resume is exact
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        with torch.autocast(rt.device.type, enabled=False):
+            x, targets = augment(imgs, labels, g)
+        return soft_target_cross_entropy(m(x), targets)
+
+    best_path = rt.out_dir / "best.pt"
+    history: list[dict] = []
+
+    def on_epoch_end(epoch: int, m: nn.Module, prog: Progress) -> dict:
+        metrics = evaluate(m, val, rt.device, rt.precision, d)
+        out = {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_loss": metrics["loss"]}
+        best = prog.extra.get("best_top1", -1.0)
+        if metrics["top1"] > best:
+            prog.extra.update(best_top1=metrics["top1"], best_epoch=epoch + 1)
+            if d.is_main:
+                atomic_save(m.state_dict(), best_path)
+                atomic_write_text(json.dumps({**meta, "epoch": epoch + 1, **out}, indent=2), best_path.with_suffix(".json"))
+        out["best_top1"] = prog.extra["best_top1"]
+        history.append(out)
+        m.train()
+        return out
+
+    meta = model_meta("vit", _vit_kwargs(model), cfg, mean=list(train.mean), std=list(train.std), init=cfg.init)
+    t0 = time.perf_counter()
+    prog, last = fit(rt, model, optimizer, train, epochs=cfg.optim.epochs, loss_fn=loss_fn,
+                     lr_fn=lambda s: lr_at(s, total, warmup, peak, cfg.optim.min_lr), meta=meta,
+                     accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
+    result = {"init": cfg.init, "epochs_done": prog.epoch, "best_top1": prog.extra.get("best_top1"),
+              "best_epoch": prog.extra.get("best_epoch"), "seconds": time.perf_counter() - t0,
+              "last_checkpoint": str(last) if last else None, "best_checkpoint": str(best_path)}
+    if history:
+        result.update(top1=history[-1]["eval_top1"], top5=history[-1]["eval_top5"])
+    if d.is_main and prog.epoch >= cfg.optim.epochs:
+        atomic_write_text(json.dumps(result, indent=2, sort_keys=True), rt.out_dir / "finetune.json")
+        print0(d, f"fine-tuned {prog.epoch} epochs in {result['seconds']:.0f}s: last top-1 "
+                  f"{result.get('top1', float('nan')):.2f}%, best top-1 {result['best_top1']:.2f}% (epoch "
+                  f"{result['best_epoch']}) | best {best_path}, last {last}")
+    return result
+
+
+def _vit_kwargs(model) -> dict:
+    """Constructor kwargs that rebuild this classifier (stored in checkpoint metadata)."""
+    blk = model.blocks[0]
+    return dict(img_size=list(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+                in_chans=model.patch_embed.in_chans, num_classes=model.num_classes, embed_dim=model.embed_dim,
+                depth=len(model.blocks), num_heads=blk.attn.num_heads,
+                mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, global_pool=model.global_pool)
+
+

@@ -1,0 +1,107 @@
+"""End-to-end `fastmae finetune | linprobe | knn` on tiny data, from a tiny pretraining run and from random init."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmae.backbone import Backbone, build_classifier, load_backbone
+from fastmae.cli import main
+from fastmae.config import ViTModelConfig
+from fastmae.mae import MaskedAutoencoderViT
+from fastmae.vit import VisionTransformer
+
+from .test_cli_pretrain import tiny_args, write_idx
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny 1-epoch MAE run on a tiny IDX dataset: (data folder, run folder)."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "fmnist"
+    data.mkdir()
+    write_idx(data, "train", 96, seed=0)
+    write_idx(data, "t10k", 40, seed=1)
+    run = root / "pre"
+    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
+    return data, run
+
+
+TINY_VIT = ["--model.name", "vit_tiny_patch4", "--model.img_size", "28", "28"]
+
+
+def common(data, out) -> list[str]:
+    return ["--data.path", str(data), "--run.output_dir", str(out), "--run.no_progress", "--run.precision", "fp32"]
+
+
+def test_knn_from_pretrained_and_random(pretrained, tmp_path, capsys):
+    data, run = pretrained
+    assert main(["knn", "--init", str(run), *common(data, tmp_path / "k1")]) == 0
+    res = json.loads((tmp_path / "k1" / "knn.json").read_text())
+    assert 0 <= res["knn_top1"] <= 100 and res["train"] == 96 and res["eval"] == 40
+    assert "kNN" in capsys.readouterr().out
+    assert main(["knn", "--init", "random", *TINY_VIT, *common(data, tmp_path / "k2")]) == 0
+    assert (tmp_path / "k2" / "knn.json").exists()
+
+
+def test_linprobe_cached_and_augmented(pretrained, tmp_path):
+    data, run = pretrained
+    args = ["linprobe", "--init", str(run), "--optim.epochs", "3", "--optim.warmup_epochs", "1",
+            "--optim.batch_size", "32"]
+    assert main(args + common(data, tmp_path / "lp")) == 0
+    res = json.loads((tmp_path / "lp" / "linprobe.json").read_text())
+    assert 0 <= res["top1"] <= 100 and res["augment"] is False
+    assert main(args + ["--augment"] + common(data, tmp_path / "lpa")) == 0
+    res = json.loads((tmp_path / "lpa" / "linprobe.json").read_text())
+    assert res["augment"] is True and 0 <= res["top1"] <= 100
+
+
+def test_finetune_from_pretrained_writes_best_and_last(pretrained, tmp_path):
+    data, run = pretrained
+    out = tmp_path / "ft"
+    args = ["finetune", "--init", str(run), "--optim.epochs", "2", "--optim.warmup_epochs", "1",
+            "--optim.batch_size", "32", "--run.save_every", "1", *common(data, out)]
+    assert main(args) == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["epochs_done"] == 2 and 0 <= res["best_top1"] <= 100
+    assert (out / "best.pt").exists() and list(out.glob("checkpoint-*.pt"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("eval_top1" in e for e in log if "epoch" in e)
+    # the best checkpoint rebuilds a classifier that loads strictly
+    meta = json.loads((out / "best.json").read_text())
+    kw = meta["model_kwargs"]
+    vit = VisionTransformer(**{**kw, "img_size": tuple(kw["img_size"])})
+    vit.load_state_dict(torch.load(out / "best.pt", weights_only=True), strict=True)
+
+
+def test_finetune_from_random_init(pretrained, tmp_path):
+    data, _ = pretrained
+    args = ["finetune", "--init", "random", *TINY_VIT, "--optim.epochs", "1", "--optim.batch_size", "32",
+            "--aug.randaug_ops", "0", "--aug.mixup", "0", "--aug.cutmix", "0", *common(data, tmp_path / "ftr")]
+    assert main(args) == 0
+
+
+def test_backbone_resamples_position_embeddings(pretrained):
+    _, run = pretrained
+    bb = load_backbone(str(run), ViTModelConfig())
+    assert tuple(bb.kwargs["img_size"]) == (28, 28)
+    vit = build_classifier(bb, ViTModelConfig(img_size=(36, 44)), num_classes=3, in_chans=1)
+    assert vit.pos_embed.shape == (1, 1 + 9 * 11, 32)
+    # copied weights are the checkpoint's; the cls slot of the position embedding is kept
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, bb.state["blocks.0.attn.qkv.weight"])
+    assert torch.equal(vit.pos_embed[:, :1], bb.state["pos_embed"][:, :1])
+    out = vit(torch.randn(2, 1, 36, 44))
+    assert out.shape == (2, 3)
+
+
+def test_backbone_refuses_mismatched_weights():
+    mae = MaskedAutoencoderViT(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2,
+                               decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
+    state = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
+    bb = Backbone(dict(img_size=(8, 8), patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2), state,
+                  None, None, "test")
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight"):
+        build_classifier(bb, ViTModelConfig(), num_classes=2, in_chans=1)
