@@ -1,9 +1,11 @@
 """fastmae: Masked Autoencoders (He et al., 2021) for your own images."""
 
+from .api import encode, load, require_decoder
 from .mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
 from .masking import random_masking
 from .patches import patchify, unpatchify
 from .pos_embed import resample_pos_embed, sincos_2d
+from .visualize import reconstruct
 from .vit import VARIANTS, VisionTransformer, build_vit
 
 __version__ = "0.1.0"
@@ -15,8 +17,12 @@ __all__ = [
     "VisionTransformer",
     "build_mae",
     "build_vit",
+    "encode",
+    "load",
     "patchify",
     "random_masking",
+    "reconstruct",
+    "require_decoder",
     "resample_pos_embed",
     "sincos_2d",
     "unpatchify",

@@ -1,36 +1,49 @@
-"""`fastmae {pretrain, ...}`: one subcommand per config dataclass; flags and --help come from the fields."""
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert}`: one subcommand per config dataclass.
+
+Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import tyro
 
-from .config import PretrainConfig
+from .config import (
+    ConvertConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    VisualizeConfig,
+)
 from .engine import NonFiniteLossError
 
-
-def _commands() -> dict[str, tuple[type, Callable]]:
-    from .pretrain import run_pretrain
-
-    return {
-        "pretrain": (PretrainConfig, run_pretrain),
-    }
+COMMANDS: dict[str, tuple[type, str]] = {
+    "pretrain": (PretrainConfig, "fastmae.pretrain:run_pretrain"),
+    "finetune": (FinetuneConfig, "fastmae.finetune:run_finetune"),
+    "linprobe": (LinprobeConfig, "fastmae.evaluate:run_linprobe"),
+    "knn": (KnnConfig, "fastmae.evaluate:run_knn"),
+    "visualize": (VisualizeConfig, "fastmae.visualize:run_visualize"),
+    "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, turn user errors into one clear line and exit code 2."""
-    commands = _commands()
     cfg = tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (cls, _) in commands.items()},
+        {name: cls for name, (cls, _) in COMMANDS.items()},
         prog="fastmae",
         description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, visualize, convert.",
         args=argv,
         use_underscores=True,
     )
-    run = next(fn for cls, fn in commands.values() if isinstance(cfg, cls))
+    target = next(t for cls, t in COMMANDS.values() if type(cfg) is cls)
+    module, fn = target.split(":")
+    run = getattr(importlib.import_module(module), fn)
     try:
         run(cfg)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, NonFiniteLossError) as e:

@@ -125,6 +125,138 @@ class PretrainConfig:
     """Run the kNN monitor on the evaluation split every N epochs (0 = never)."""
 
 
+@dataclass(frozen=True)
+class ViTModelConfig:
+    """The classification ViT built for fine-tuning / probing (its sizes come from the MAE checkpoint)."""
+
+    name: str = "vit_tiny_patch4"
+    """Variant from fastmae.vit.VARIANTS, used only with --init random (else the checkpoint decides)."""
+    img_size: tuple[int, int] = (0, 0)
+    """Input height and width (0, 0 = the checkpoint's; else position embeddings are resampled)."""
+    global_pool: Literal["avg", "token"] = "avg"
+    """avg: mean of patch tokens + fc_norm (the MAE fine-tuning default); token: cls token + norm."""
+    drop_path: float = 0.1
+    """Stochastic depth rate of the last block (linearly increasing from 0)."""
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """Fine-tuning regularisation (the paper's ViT-B values are 0.8 / 1.0 / 0.1 / rand-m9 / 0.25)."""
+
+    mixup: float = 0.8
+    """Mixup alpha (0 = off)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0 = off); when both are on, each batch picks one with probability 0.5."""
+    mix_prob: float = 1.0
+    """Probability of applying mixup/cutmix to a batch."""
+    smoothing: float = 0.1
+    """Label smoothing."""
+    randaug_ops: int = 2
+    """RandAugment operations per image (0 = off)."""
+    randaug_magnitude: int = 9
+    """RandAugment magnitude (0-10)."""
+    reprob: float = 0.25
+    """Random erasing probability (0 = off)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tune a classification ViT from an MAE checkpoint (or from random init) and evaluate it each epoch."""
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder to start from, or 'random' for training from scratch."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
+    model: ViTModelConfig = field(default_factory=ViTModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=100, warmup_epochs=5.0, batch_size=64, blr=5e-4, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i gets lr x layer_decay^(depth + 1 - i)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune"))
+
+
+@dataclass(frozen=True)
+class LinprobeConfig:
+    """Linear probe: frozen encoder, BatchNorm without affine, then a linear head trained with LARS."""
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
+    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(global_pool="token", drop_path=0.0))
+    augment: bool = False
+    """True: the paper's RandomResizedCrop + flip every epoch (the encoder runs each epoch); False: features
+    of the unaugmented images are extracted once and cached (much faster on a CPU)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=90, warmup_epochs=10.0, batch_size=256, blr=0.1, weight_decay=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/linprobe"))
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """Weighted kNN (cosine similarity, temperature-weighted vote) on encoder features of train/eval splits."""
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/knn"))
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """Save the MAE demo figure (original / masked / reconstruction / reconstruction + visible) as PNG."""
+
+    checkpoint: str = "runs/pretrain"
+    """MAE checkpoint (fastmae, official *_full.pth / visualize, or Hugging Face ViTMAEForPreTraining)."""
+    images: tuple[str, ...] = ()
+    """Image files or folders; empty = the first --num samples of the data's evaluation split."""
+    data: DataConfig = field(default_factory=DataConfig)
+    num: int = 8
+    """Images to show when taking dataset samples."""
+    mask_ratio: float = 0.75
+    seed: int = 0
+    """Masking seed: the same seed gives the same mask."""
+    output: str = "reconstruction.png"
+    """Output PNG (a grid); with --per_image, a folder with one PNG per image."""
+    per_image: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_heads: int = 0
+    """Encoder heads for checkpoints that do not record them (0 = metadata, else the standard width table)."""
+    decoder_num_heads: int = 0
+    """Decoder heads for checkpoints that do not record them (0 = metadata, else the standard width table)."""
+    norm_pix_loss: bool | None = None
+    """Whether the checkpoint predicts per-patch normalised pixels (None = its metadata; official *_full.pth
+    and visualize checkpoints do not record it: the official pretraining used True)."""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Convert a checkpoint between fastmae, the official MAE release, Hugging Face and timm.
+
+    fastmae convert --src mae_visualize_vit_base.pth --dst vit-mae-base --to hf
+    fastmae convert --src vit-mae-base --dst mae_base --to fastmae   (writes mae_base.safetensors + .json)
+    """
+
+    src: str
+    """Input: a .pth/.pt/.bin/.safetensors file (official, fastmae, timm or HF weights) or a Hugging Face
+    model folder (config.json + model.safetensors or pytorch_model.bin)."""
+    dst: str
+    """Output. fastmae: a path without extension (X.safetensors + X.json); hf: a folder; timm: a .safetensors
+    or .pth file; official: a .pth file holding {'model': state_dict}."""
+    to: Literal["fastmae", "hf", "timm", "official"] = "fastmae"
+    """Target format. hf: MAE -> ViTMAEForPreTraining, encoder -> ViTMAEModel, cls-token classifier ->
+    ViTForImageClassification. timm/official keep the official names (timm drops an MAE's decoder)."""
+    num_heads: int = 0
+    """Encoder attention heads (0 = from the source's config/metadata, else the standard width table)."""
+    decoder_num_heads: int = 0
+    """Decoder attention heads (0 = from the source's config/metadata, else the standard width table)."""
+    img_size: tuple[int, int] = (0, 0)
+    """Image height and width (0, 0 = square, from the position embedding); needed for non-square grids."""
+
+
 def to_dict(cfg) -> dict:
     """A dataclass config as plain JSON-able data."""
     return dataclasses.asdict(cfg)

@@ -37,7 +37,6 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import atomic_write, torch_load
+from .config import ConvertConfig
 from .mae import DECODER_PAPER, DECODER_SMALL
 from .pos_embed import sincos_2d
 from .vit import ENCODER_SIZES, LN_EPS
@@ -58,31 +58,6 @@ HFStyle = Literal["auto", "legacy", "modular"]
 Target = Literal["fastmae", "hf", "timm", "official"]
 Table = list[tuple[str, Any]]  # (fastmae pattern, foreign pattern or tuple of patterns)
 StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ConvertConfig:
-    """Convert a checkpoint between fastmae, the official MAE release, Hugging Face and timm.
-
-    fastmae convert --src mae_visualize_vit_base.pth --dst vit-mae-base --to hf
-    fastmae convert --src vit-mae-base --dst mae_base --to fastmae   (writes mae_base.safetensors + .json)
-    """
-
-    src: str
-    """Input: a .pth/.pt/.bin/.safetensors file (official, fastmae, timm or HF weights) or a Hugging Face
-    model folder (config.json + model.safetensors or pytorch_model.bin)."""
-    dst: str
-    """Output. fastmae: a path without extension (X.safetensors + X.json); hf: a folder; timm: a .safetensors
-    or .pth file; official: a .pth file holding {'model': state_dict}."""
-    to: Target = "fastmae"
-    """Target format. hf: MAE -> ViTMAEForPreTraining, encoder -> ViTMAEModel, cls-token classifier ->
-    ViTForImageClassification. timm/official keep the official names (timm drops an MAE's decoder)."""
-    num_heads: int = 0
-    """Encoder attention heads (0 = from the source's config/metadata, else the standard width table)."""
-    decoder_num_heads: int = 0
-    """Decoder attention heads (0 = from the source's config/metadata, else the standard width table)."""
-    img_size: tuple[int, int] = (0, 0)
-    """Image height and width (0, 0 = square, from the position embedding); needed for non-square grids."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -763,15 +738,30 @@ def save_fastmae(path_without_ext: str | Path, sd: Mapping[str, torch.Tensor], m
     return out
 
 
-def save_hf(directory: str | Path, hf_sd: Mapping[str, torch.Tensor], hf_config) -> Path:
+def save_hf(directory: str | Path, hf_sd: Mapping[str, torch.Tensor], hf_config,
+            preprocessor: Mapping[str, Any] | None = None) -> Path:
     """A Hugging Face model folder: config.json + model.safetensors (keys written as given: pass
-    style='legacy' state dicts so that every transformers version loads them)."""
+    style='legacy' state dicts so that every transformers version loads them), and
+    preprocessor_config.json when `preprocessor` is given (see hf_preprocessor_config)."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise ValueError(f"{d} exists and is not a folder; a Hugging Face model is a folder")
     _save_safetensors(d / "model.safetensors", hf_sd)
     _save_text(d / "config.json", json.dumps(_cfg_dict(hf_config), indent=2, sort_keys=True) + "\n")
+    if preprocessor:
+        _save_text(d / HF_PREPROCESSOR, json.dumps(dict(preprocessor), indent=2, sort_keys=True) + "\n")
     return d
+
+
+HF_PREPROCESSOR = "preprocessor_config.json"
+
+
+def hf_preprocessor_config(img_size, mean, std) -> dict:
+    """A ViTImageProcessor config with the model's data normalisation (bicubic resize to img_size)."""
+    H, W = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": H, "width": W},
+            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [float(m) for m in mean], "image_std": [float(s) for s in std]}
 
 
 def save_timm(path: str | Path, sd: Mapping[str, torch.Tensor]) -> Path:
@@ -825,6 +815,9 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
     mask_ratio = config.get("mask_ratio", ((config.get("config") or {}).get("model") or {}).get("mask_ratio"))
     if mask_ratio is not None:  # fastmae metadata: top level, or the pretraining config's model section
         extra["mask_ratio"] = float(mask_ratio)
+    for key in ("mean", "std"):  # the data normalisation the model was trained with (fastmae metadata)
+        if isinstance(config.get(key), (list, tuple)) and config[key]:
+            extra[key] = [float(v) for v in config[key]]
     check_state_dict(sd, kind, kw)
     return kind, sd, kw, extra
 
@@ -847,7 +840,9 @@ def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads:
             hf_sd, hf_config = fastmae_to_hf_mae(sd, kw, mask_ratio, style="legacy")
         else:
             hf_sd, hf_config = fastmae_to_hf_vit(sd, kw, style="legacy", mask_ratio=mask_ratio)
-        return save_hf(dst, hf_sd, hf_config)
+        pre = (hf_preprocessor_config(kw.get("img_size", 224), extra["mean"], extra["std"])
+               if "mean" in extra and "std" in extra else None)
+        return save_hf(dst, hf_sd, hf_config, pre)
     raise ValueError(f"unknown target format {to!r}; choose fastmae, hf, timm or official")
 
 

@@ -1,4 +1,4 @@
-"""The MAE demo picture: original / masked / reconstruction / reconstruction + visible.
+"""The MAE demo picture: original / masked / reconstruction / reconstruction + visible; `fastmae visualize`.
 
 Shapes: B batch, C channels, H, W image, p patch, L patches. Images come in normalised as the
 model saw them and go out in [0, 1] pixel space (denormalised with the data's mean/std).
@@ -6,16 +6,24 @@ model saw them and go out in [0, 1] pixel space (denormalised with the data's me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+from .config import DataConfig, VisualizeConfig
 from .mae import MaskedAutoencoderViT
 from .patches import patchify
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    """ValueError unless 0 <= mask_ratio < 1 (at least one patch must stay visible)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1) (the fraction of patches removed), got {mask_ratio}")
 
 
 def seeded_noise(batch: int, num_patches: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -34,17 +42,22 @@ def reconstruct(
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
 ) -> dict[str, torch.Tensor]:
-    """Run the MAE and return the four panels, each (B, C, H, W) in [0, 1], plus 'mask' (B, L).
+    """Run the MAE and return the four panels, each (B, C, H, W) in [0, 1], plus 'mask' (B, L) and 'loss' ().
+
+    imgs are normalised as the model saw them in training; mean/std map them back to pixels (pass the
+    model's `data_mean` / `data_std` for a model from `fastmae.load`). seed: the mask comes from a private
+    generator (the same seed gives the same mask); seed=None draws it as the official code does.
 
     With norm_pix_loss the predictions are per-patch normalised; they are mapped back with each
     patch's own mean and variance (from the input), so colours and contrast are right.
     """
+    check_mask_ratio(mask_ratio)
     was_training = model.training
     model.eval()
     B = imgs.shape[0]
     if noise is None and seed is not None:
         noise = seeded_noise(B, model.patch_embed.num_patches, seed, imgs.device)
-    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)  # (B, L, p*p*C), (B, L)
+    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)  # (), (B, L, p*p*C), (B, L)
     pred = pred.float()
     if model.norm_pix_loss:
         target = patchify(imgs.float(), model.patch_size)  # (B, L, p*p*C)
@@ -66,6 +79,7 @@ def reconstruct(
         "reconstruction": to_pixels(rec),
         "reconstruction + visible": to_pixels(x * (1 - m) + rec * m),
         "mask": mask,
+        "loss": loss.detach().float(),  # the training loss of this batch (MSE on the removed patches)
     }
 
 
@@ -96,3 +110,116 @@ def save_figure(panels: dict[str, torch.Tensor], path: str | Path, max_rows: int
     grid.save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# `fastmae visualize`: a checkpoint and some images -> the figure.
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly, or found recursively in the folders named (sorted per folder)."""
+    from .data import IMAGE_EXTENSIONS, find_images
+
+    files: list[Path] = []
+    for entry in paths:
+        p = Path(entry).expanduser()
+        if p.is_dir():
+            found = find_images(p)
+            if not found:
+                raise ValueError(f"no images under {p} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"image {p} does not exist")
+    if not files:
+        raise ValueError("no images given")
+    return files
+
+
+def load_images(
+    paths: Sequence[str | Path], img_size: tuple[int, int], channels: int, mean: Sequence[float],
+    std: Sequence[float],
+) -> tuple[torch.Tensor, list[str]]:
+    """Files and/or folders -> (images (B, C, H, W) normalised with the eval transform, unique names)."""
+    from .data import load_image
+
+    files = image_files(paths)
+    imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False) for f in files])  # (B, C, H, W)
+    names, seen = [], {}
+    for f in files:  # a/x.png and b/x.jpg -> x, x-1
+        n = seen.get(f.stem, 0)
+        seen[f.stem] = n + 1
+        names.append(f.stem if n == 0 else f"{f.stem}-{n}")
+    return imgs, names
+
+
+def has_eval_split(data: DataConfig) -> bool:
+    """Fashion-MNIST always has its test split; folder/list/unlabelled sources need --data.eval_path."""
+    return data.source == "fashion-mnist" or bool(data.eval_path)
+
+
+def dataset_images(data: DataConfig, num: int, img_size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+    """The first `num` samples of the evaluation split (the training split, untransformed, when there is
+    none), with the eval transform: (images (B, C, H, W), names 'sample-0000', ...)."""
+    from .data import build_loader
+
+    if num <= 0:
+        raise ValueError(f"--num must be positive, got {num}")
+    # a handful of images: no worker processes, and only the first `num` files are listed
+    data = dataclasses.replace(data, num_workers=0, limit=num if data.limit <= 0 else min(num, data.limit))
+    split = "eval" if has_eval_split(data) else "train"
+    loader = build_loader(data, split, img_size, batch_size=num, train=False)
+    loader.set_epoch(0)
+    imgs = next(iter(loader), (None,))[0]
+    if imgs is None or len(imgs) == 0:
+        raise ValueError(f"the {split} split of {data.path} holds no images")
+    return imgs[:num], [f"sample-{i:04d}" for i in range(len(imgs[:num]))]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def run_visualize(cfg: VisualizeConfig) -> Path:
+    """Load the MAE, reconstruct the images, write the figure; returns the PNG (or the folder with --per_image).
+
+    Images are normalised with the checkpoint's data statistics unless --data.mean/--data.std are given.
+    """
+    from .api import load, require_decoder
+
+    check_mask_ratio(cfg.mask_ratio)
+    device = _device(cfg.device)
+    model = load(cfg.checkpoint, num_heads=cfg.num_heads, decoder_num_heads=cfg.decoder_num_heads,
+                 norm_pix_loss=cfg.norm_pix_loss, map_location=device)
+    model = require_decoder(model, cfg.checkpoint)
+    C, img_size = model.patch_embed.in_chans, tuple(model.patch_embed.img_size)
+    if cfg.data.channels and cfg.data.channels != C:
+        raise ValueError(f"--data.channels {cfg.data.channels} but the model takes {C}-channel images")
+    mean = tuple(cfg.data.mean) or model.data_mean
+    std = tuple(cfg.data.std) or model.data_std
+    if len(mean) != C or len(std) != C:
+        raise ValueError(f"--data.mean/--data.std need {C} values each (one per channel), got {mean} / {std}")
+    if cfg.images:
+        imgs, names = load_images(cfg.images, img_size, C, mean, std)
+    else:
+        data = dataclasses.replace(cfg.data, channels=C, mean=mean, std=std)
+        imgs, names = dataset_images(data, cfg.num, img_size)
+    panels = reconstruct(model, imgs.to(device), cfg.mask_ratio, seed=cfg.seed, mean=mean, std=std)
+    panels = {k: v.cpu() for k, v in panels.items()}
+    out = Path(cfg.output).expanduser()
+    info = f"{len(names)} images, mask ratio {cfg.mask_ratio}, seed {cfg.seed}, loss {panels['loss'].item():.4f}"
+    if not cfg.per_image:
+        if out.is_dir():
+            raise ValueError(f"{out} is a folder; pass a .png file, or --per_image to write one PNG per image there")
+        save_figure(panels, out, max_rows=len(names))
+        print(f"{info}: {out}", flush=True)
+        return out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; with --per_image --output names a folder")
+    print(info, flush=True)
+    for i, name in enumerate(names):
+        one = {k: v[i : i + 1] for k, v in panels.items() if k in PANELS}
+        print(save_figure(one, out / f"{name}.png"), flush=True)
+    return out
