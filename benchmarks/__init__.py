@@ -1,0 +1,1 @@
+"""Benchmarks: model train-step throughput (`bench_model`) against the Hugging Face reference."""

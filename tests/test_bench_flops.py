@@ -1,0 +1,18 @@
+"""The benchmark's analytic FLOP count agrees with torch's FlopCounterMode (benchmarks/bench_model.py)."""
+
+from __future__ import annotations
+
+from benchmarks.bench_model import CASES, mae_forward_flops, mae_train_flops, selfcheck
+
+
+def test_flops_match_flop_counter_on_tiny_mae():
+    selfcheck(impls=("fastmae",), verbose=False)  # raises on a mismatch; the script's --selfcheck adds HF
+
+
+def test_flops_scale_with_batch_and_training_is_three_forwards():
+    kw = CASES["A"].flop_kwargs()
+    one = mae_forward_flops(**kw)
+    assert mae_forward_flops(**kw, batch=16)["total"] == 16 * one["total"]
+    assert mae_train_flops(**kw) == 3 * one["total"]
+    # ViT-B/16 MAE at 75% masking: 12 blocks on 50 visible tokens cost less than 8 decoder blocks on 197
+    assert round(one["encoder"] / 1e9, 2) == 8.59 and round(one["decoder"] / 1e9, 2) == 10.55
