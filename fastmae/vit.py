@@ -71,6 +71,21 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
 
+# On CPU in bf16, PyTorch's flash-attention kernel has a slow backward; for short sequences explicit
+# matmuls + an fp32 softmax are 2-4x faster per attention call (measured in BENCHMARKS.md). Above this
+# many tokens the two are even and SDPA's lower memory wins.
+MATH_ATTENTION_MAX_TOKENS = 128
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for (B, heads, N, hd) inputs; SDPA except short bf16 sequences on CPU."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= MATH_ATTENTION_MAX_TOKENS:
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
+        attn = attn.float().softmax(dim=-1).to(v.dtype)
+        return attn @ v  # (B, heads, N, hd)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and F.scaled_dot_product_attention."""
 
@@ -85,7 +100,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, heads, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+        x = attention(q, k, v)  # (B, heads, N, hd)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(x)
 

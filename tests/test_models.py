@@ -123,3 +123,15 @@ def test_bad_input_errors():
 def test_unknown_variant_lists_valid_names():
     with pytest.raises(ValueError, match="vit_base_patch16"):
         build_vit("vit_gigantic_patch16")
+
+
+def test_cpu_bf16_attention_path_matches_sdpa():
+    import torch.nn.functional as F
+
+    from fastmae.vit import attention
+
+    q, k, v = (torch.randn(2, 3, 17, 16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()  # the explicit-matmul path
+    assert (out - ref).abs().max() < 0.05
+    assert torch.equal(attention(q, k, v), ref)  # fp32 keeps SDPA, so fp32 parity is untouched
