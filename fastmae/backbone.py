@@ -45,6 +45,7 @@ def load_backbone(init: str, model_cfg: ViTModelConfig) -> Backbone:
     """Architecture + encoder weights from `init` (a checkpoint path/run folder, or 'random')."""
     if init == "random":
         kw = variant_kwargs(model_cfg.name, VARIANTS)
+        kw.update({k: getattr(model_cfg, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model_cfg, k)})
         kw["img_size"] = tuple(model_cfg.img_size) if model_cfg.img_size[0] else (28, 28)
         kw["in_chans"] = 0  # decided by the data
         return Backbone(kw, None, None, None, "random")

@@ -185,6 +185,8 @@ PATCH_SIZES = (2, 4, 8, 14, 16)
 VARIANTS: dict[str, dict[str, int]] = {
     f"vit_{size}_patch{p}": dict(kw, patch_size=p) for size, kw in ENCODER_SIZES.items() for p in PATCH_SIZES
 }
+# The small-data default (Fashion-MNIST, 28x28): ViT-Ti width with half its depth, patch 4 -> 7x7 tokens.
+VARIANTS["vit_tiny_d6_patch4"] = dict(ENCODER_SIZES["tiny"], depth=6, patch_size=4)
 
 
 def variant_kwargs(name: str, table: dict[str, dict], kind: str = "ViT") -> dict:

@@ -29,7 +29,8 @@ def pretrained(tmp_path_factory):
     return data, run
 
 
-TINY_VIT = ["--model.name", "vit_tiny_patch4", "--model.img_size", "28", "28"]
+TINY_VIT = ["--model.name", "vit_tiny_patch4", "--model.img_size", "28", "28", "--model.embed_dim", "32", "--model.depth", "2",
+            "--model.num_heads", "2"]
 
 
 def common(data, out) -> list[str]:

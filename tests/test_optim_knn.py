@@ -98,3 +98,21 @@ def test_knn_exact_on_toy_problem():
     assert acc["knn_top1"] == 100.0
     acc = knn_accuracy(train, labels, test, torch.tensor([1, 0]), num_classes=2, k=2)
     assert acc["knn_top1"] == 0.0
+
+
+def test_two_adamw_steps_lower_the_loss_on_a_fixed_batch():
+    from fastmae.optim import build_adamw
+
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY_MAE, norm_pix_loss=True)
+    x = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 64)  # the same mask every step: only the weights change
+    opt = build_adamw(param_groups_weight_decay(m, 0.05), 1e-3, (0.9, 0.95), torch.device("cpu"))
+    losses = []
+    for _ in range(3):
+        loss = m(x, 0.75, noise=noise)[0]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[2] < losses[1] < losses[0]
