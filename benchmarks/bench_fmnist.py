@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastmae.cli import main as fastmae_main
-from fastmae.config import DataConfig
+from fastmae.config import DataConfig, LinprobeConfig
 from fastmae.data import build_loader
 from fastmae.evaluate import LinearHead, head_accuracy, train_head_on_features
 from fastmae.knn import knn_accuracy
@@ -43,7 +43,7 @@ def cli(args: list[str]) -> None:
 
 
 def raw_pixels(data: DataConfig) -> dict:
-    """kNN (k=20, T=0.07, cosine) and a BN+linear head (LARS, 90 epochs) on normalised raw pixels."""
+    """kNN (k=20, T=0.07, cosine) and the `fastmae linprobe` head and schedule on normalised raw pixels."""
     feats = {}
     for split in ("train", "eval"):
         loader = build_loader(data, split, (28, 28), 1024, train=False, drop_last=False)
@@ -52,8 +52,10 @@ def raw_pixels(data: DataConfig) -> dict:
         feats[split] = (torch.cat(xs).flatten(1), torch.cat(ys))  # (N, 784), (N,)
     knn, knn_s = timed(lambda: knn_accuracy(*feats["train"], *feats["eval"], num_classes=10))
     head = LinearHead(784, 10)
-    _, lin_s = timed(lambda: train_head_on_features(head, *feats["train"], epochs=90, batch_size=256, lr=0.1,
-                                                    warmup_epochs=10, min_lr=0.0, weight_decay=0.0, seed=0))
+    o = LinprobeConfig().optim  # the linprobe command's defaults: same head, LARS, lr and schedule
+    _, lin_s = timed(lambda: train_head_on_features(head, *feats["train"], epochs=o.epochs, batch_size=o.batch_size,
+                                                    lr=o.blr * o.batch_size / 256, warmup_epochs=o.warmup_epochs,
+                                                    min_lr=o.min_lr, weight_decay=o.weight_decay, seed=0))
     lin = head_accuracy(head, *feats["eval"])
     return {"raw kNN": (knn["knn_top1"], knn_s), "raw linear": (lin["top1"], lin_s)}
 
@@ -71,7 +73,7 @@ def main() -> None:
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--finetune_epochs", type=int, default=10)
     p.add_argument("--probe_epochs", type=int, default=90)
-    p.add_argument("--arch", default="vit_tiny_patch4", help="ViT variant for the random-init rows")
+    p.add_argument("--arch", default="vit_tiny_d6_patch4", help="ViT variant for the random-init rows (= the pretrain default)")
     p.add_argument("--arch_flags", default="", help="extra --model.* flags for random-init rows (comma separated)")
     args = p.parse_args(argv)
     out = Path(args.out)

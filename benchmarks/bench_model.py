@@ -88,6 +88,8 @@ CASES: dict[str, Case] = {
     "A": Case("A", "ViT-B/16 + 512x8 dec, 224px, B16", 224, 16, 768, 12, 12, 512, 8, 16, batch=16),
     "T": Case("T", "ViT-Ti/16 + 128x4 dec, 224px, B64", 224, 16, 192, 12, 3, 128, 4, 4, batch=64),
     "C": Case("C", "ViT-Ti/4 + 128x4 dec, 32px, B256", 32, 4, 192, 12, 3, 128, 4, 4, batch=256),
+    # `fastmae pretrain`'s Fashion-MNIST default (mae_vit_tiny_d6_patch4), grayscale 28px
+    "F": Case("F", "ViT-Ti-d6/4 + 128x2 dec, 28px gray, B256", 28, 4, 192, 6, 3, 128, 2, 4, batch=256, in_chans=1),
 }
 SELFCHECK_CASE = Case("tiny", "tiny", 32, 4, 64, 2, 4, 32, 2, 4, batch=3)
 
