@@ -90,8 +90,13 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: int = 0) -> Path:
-    """Write checkpoint-{step}.pt and its .json atomically; then prune older ones beyond keep_last."""
+    """Write checkpoint-{step}.pt and its .json atomically; then prune older ones beyond keep_last.
+
+    Temp files a killed writer left behind are removed first (only rank 0 writes into a run folder).
+    """
     path = checkpoint_path(output_dir, int(state["step"]))
+    for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)
     atomic_save(state, path)
     meta = {**meta, "step": int(state["step"]), "epoch": int(state["epoch"]), "saved_at": time.time()}
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), path.with_suffix(".json"))
@@ -126,9 +131,9 @@ def torch_load(path: str | Path) -> Any:
         raise ValueError(
             f"{path} contains pickled Python objects besides tensors, which fastmae will not execute "
             f"(unpickling them could run arbitrary code; torch.load(weights_only=True) refused: {first}). "
-            f"If you trust the file, re-save only the weights: ckpt = torch.load(path, weights_only=False); "
-            f"torch.save(ckpt['model'], 'weights.pth'), or safetensors.torch.save_file(ckpt['model'], "
-            f"'weights.safetensors')."
+            f"If you trust the file and its source, unpickle it yourself in a separate session (weights_only "
+            f"off) and re-save only the weights: torch.save(ckpt['model'], 'weights.pth'), or "
+            f"safetensors.torch.save_file(ckpt['model'], 'weights.safetensors')."
         ) from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); it may be truncated") from None
