@@ -30,13 +30,18 @@ def write_idx(folder, prefix: str, n: int, seed: int = 0) -> None:
         f.write(struct.pack(">II", 2049, n) + labels.tobytes())
 
 
+def make_fmnist(root, n_train: int = 96, n_test: int = 40):
+    """A folder `root/fmnist` holding a tiny Fashion-MNIST-format train/t10k pair; returns it."""
+    d = root / "fmnist"
+    d.mkdir()
+    write_idx(d, "train", n_train, seed=0)
+    write_idx(d, "t10k", n_test, seed=1)
+    return d
+
+
 @pytest.fixture()
 def fmnist(tmp_path):
-    d = tmp_path / "fmnist"
-    d.mkdir()
-    write_idx(d, "train", 96, seed=0)
-    write_idx(d, "t10k", 40, seed=1)
-    return d
+    return make_fmnist(tmp_path)
 
 
 def tiny_args(data_dir, out_dir, epochs: int = 2) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .test_cli_pretrain import tiny_args, write_idx
+from .test_cli_pretrain import make_fmnist, tiny_args
 
 
 def _epoch_losses(out) -> list[float]:
@@ -18,10 +18,7 @@ def _epoch_losses(out) -> list[float]:
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path):
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    write_idx(data, "train", 128, seed=0)
-    write_idx(data, "t10k", 32, seed=1)
+    data = make_fmnist(tmp_path, 128, 32)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def run(nproc: int, batch: int, out):

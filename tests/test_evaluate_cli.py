@@ -13,17 +13,14 @@ from fastmae.config import ViTModelConfig
 from fastmae.mae import MaskedAutoencoderViT
 from fastmae.vit import VisionTransformer
 
-from .test_cli_pretrain import tiny_args, write_idx
+from .test_cli_pretrain import make_fmnist, tiny_args
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny 1-epoch MAE run on a tiny IDX dataset: (data folder, run folder)."""
     root = tmp_path_factory.mktemp("eval")
-    data = root / "fmnist"
-    data.mkdir()
-    write_idx(data, "train", 96, seed=0)
-    write_idx(data, "t10k", 40, seed=1)
+    data = make_fmnist(root)
     run = root / "pre"
     assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
     return data, run

@@ -15,7 +15,7 @@ import torch
 
 from fastmae.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
-from .test_cli_pretrain import tiny_args, write_idx
+from .test_cli_pretrain import make_fmnist, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,10 +66,7 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_failing_rank_ends_the_ddp_job_with_its_error(tmp_path):
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    write_idx(data, "train", 64, seed=0)
-    write_idx(data, "t10k", 16, seed=1)
+    data = make_fmnist(tmp_path, 64, 16)
     args = tiny_args(data, tmp_path / "run", epochs=2) + ["--run.num_threads", "1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "helpers" / "ddp_fault_worker.py"), *args]

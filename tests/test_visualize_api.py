@@ -23,7 +23,7 @@ from fastmae.pretrain import run_pretrain
 from fastmae.visualize import reconstruct
 from fastmae.vit import VisionTransformer
 
-from .test_cli_pretrain import tiny_cfg, write_idx
+from .test_cli_pretrain import make_fmnist, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 28 * 4  # save_figure enlarges 28-pixel images 4x (to at least 112 pixels)
@@ -39,10 +39,7 @@ def grid_size(rows: int) -> tuple[int, int]:
 def tiny(tmp_path_factory):
     """A 1-epoch norm-pix MAE pretrained on a tiny IDX dataset, and its checkpoint."""
     root = tmp_path_factory.mktemp("viz")
-    data = root / "fmnist"
-    data.mkdir()
-    write_idx(data, "train", 64, seed=0)
-    write_idx(data, "t10k", 16, seed=1)
+    data = make_fmnist(root, 64, 16)
     run = root / "run"
     ckpt = run_pretrain(tiny_cfg(data, run, epochs=1))
     state, meta = load_checkpoint(run)
