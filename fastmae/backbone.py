@@ -32,7 +32,7 @@ class Backbone:
     source: str
 
 
-def _arch(model: nn.Module) -> dict:
+def encoder_kwargs(model: nn.Module) -> dict:
     """Encoder constructor kwargs of an MAE or ViT instance."""
     blk = model.blocks[0]
     D = model.cls_token.shape[-1]
@@ -56,7 +56,7 @@ def load_backbone(init: str, model_cfg: ViTModelConfig) -> Backbone:
         raise ValueError(f"{init} does not hold a ViT or MAE (got {type(model).__name__})")
     state = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
     mean, std = getattr(model, "data_mean", None), getattr(model, "data_std", None)
-    return Backbone(_arch(model), state, tuple(mean) if mean else None, tuple(std) if std else None, str(init))
+    return Backbone(encoder_kwargs(model), state, tuple(mean) if mean else None, tuple(std) if std else None, str(init))
 
 
 def data_for(bb: Backbone, data_cfg: DataConfig) -> DataConfig:

@@ -6,6 +6,7 @@ Shapes: B batch, C channels, H, W image, D feature width, K classes.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def train_one_epoch(
         images += imgs.shape[0] * dist.world_size
         if steps % check_every == 0 or i + 1 == num_batches:
             value = loss.detach().float().item()
-            if not torch.isfinite(torch.tensor(value)):
+            if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"non-finite loss ({value}) at step {step}; nothing was checkpointed after it. Lower the learning "
                     f"rate (--optim.blr), enable gradient clipping (--optim.clip_grad 1.0) or train in fp32."

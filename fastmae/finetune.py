@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .augment import FinetuneAugment, soft_target_cross_entropy
-from .backbone import build_classifier, data_for, load_backbone
+from .backbone import build_classifier, data_for, encoder_kwargs, load_backbone
 from .checkpoint import atomic_save, atomic_write_text
 from .config import FinetuneConfig
 from .data import build_loader
@@ -98,10 +98,5 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 def _vit_kwargs(model) -> dict:
     """Constructor kwargs that rebuild this classifier (stored in checkpoint metadata)."""
-    blk = model.blocks[0]
-    return dict(img_size=list(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
-                in_chans=model.patch_embed.in_chans, num_classes=model.num_classes, embed_dim=model.embed_dim,
-                depth=len(model.blocks), num_heads=blk.attn.num_heads,
-                mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, global_pool=model.global_pool)
-
-
+    kw = encoder_kwargs(model)
+    return {**kw, "img_size": list(kw["img_size"]), "num_classes": model.num_classes, "global_pool": model.global_pool}
