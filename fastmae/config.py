@@ -123,7 +123,8 @@ class PretrainConfig:
     figure_every: int = 1
     """Save a reconstruction figure every N epochs (0 = never)."""
     knn_every: int = 0
-    """Run the kNN monitor on the evaluation split every N epochs (0 = never)."""
+    """kNN monitor (k=20, T=0.07, mean-pooled encoder features) on the evaluation split every N epochs and at the
+    end (0 = only at the end, -1 = never; needs a labelled source with an evaluation split)."""
 
 
 @dataclass(frozen=True)
