@@ -104,26 +104,25 @@ class MaskedAutoencoderViT(nn.Module):
         h, w = self.grid_size
         return unpatchify(x, self.patch_size, h, w, self.in_chans)
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with positions (B, N, D) -> cls prepended, blocks, `norm`: (B, 1+N, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches only: latent (B, 1+K, D), mask (B, L), ids_restore (B, L)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D)
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, K, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self._encode(x), mask, ids_restore
 
     def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encode every patch without masking, in grid order: (B, 1+L, D) after `norm` (for features)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1+L, D)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self._encode(self.patch_embed(imgs) + self.pos_embed[:, 1:])
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent (B, 1+K, D) -> per-patch pixel predictions (B, L, p*p*C)."""
