@@ -20,6 +20,7 @@ from .config import (
     PretrainConfig,
     VisualizeConfig,
 )
+from .dist import cleanup
 from .engine import NonFiniteLossError
 
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastmae: interrupted", file=sys.stderr)
         return 130
+    finally:
+        cleanup()
     return 0
 
 

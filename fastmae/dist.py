@@ -62,8 +62,9 @@ def barrier(info: DistInfo) -> None:
         tdist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.distributed and tdist.is_initialized():
+def cleanup() -> None:
+    """Leave the process group a command joined (a no-op in one process)."""
+    if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import sys
@@ -368,7 +370,7 @@ def test_convert_config_fields():
     fields = {f.name for f in cv.ConvertConfig.__dataclass_fields__.values()}
     assert {"src", "dst", "to", "num_heads", "decoder_num_heads"} <= fields
     c = cv.ConvertConfig(src="a", dst="b")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.to = "hf"  # frozen
 
 
