@@ -26,6 +26,22 @@ import torch.nn as nn
 CKPT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 
 
+def safe_join(folder: str | Path, name: str | Path, what: str = "name") -> Path:
+    """folder / name, or a ValueError when name would land outside folder (absolute, or climbing with '..').
+
+    For names that come from user input or from a file's content (a shard list, metadata): they may
+    never write or read outside their folder; the folder itself can be anywhere. The check is on the
+    name's text, so symlinks inside the folder still work (a Hugging Face cache folder is made of them).
+    """
+    rel = Path(name)
+    if str(name) in ("", ".") or rel.is_absolute() or rel.anchor or ".." in rel.parts:
+        raise ValueError(
+            f"refusing {what} {str(name)!r}: it points outside the folder {folder}; "
+            f"only relative names without '..' are allowed there"
+        )
+    return Path(folder) / rel
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """write(tmp) to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)

@@ -1,16 +1,19 @@
 """Typed, frozen configuration per command; field docstrings become `fastmae CMD --help`.
 
 Nested sections turn into `--section.field` flags (tyro). Presets are plain functions below.
-The resolved config is written as JSON next to the checkpoints (`config.json`).
+The resolved config is written as JSON next to the checkpoints (`config.json`). `validate` checks
+the ranges of every field before a command starts work, naming the flag as the user types it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -41,6 +44,9 @@ class DataConfig:
     """DataLoader worker processes for file-based sources (in-memory sources need none)."""
     skip_corrupt: bool = False
     """Skip unreadable/corrupt image files (counted and listed in the log) instead of stopping."""
+    max_image_pixels: int = 0
+    """Largest image (width x height) decoded; bigger files are refused as possible decompression bombs
+    (0 = Pillow's limit, 178,956,970 pixels)."""
     limit: int = 0
     """Use only the first N samples of each split (0 = all): for quick runs."""
 
@@ -110,6 +116,9 @@ class RunConfig:
     """Show a progress bar on rank 0."""
     resume: str = ""
     """Checkpoint to resume from ('' = auto-resume from output_dir if it holds one)."""
+    dist_timeout: float = 1800.0
+    """Seconds a collective (all-reduce, barrier) of a torchrun job waits for the other ranks before the job
+    fails with an error instead of hanging."""
 
 
 @dataclass(frozen=True)
@@ -293,3 +302,115 @@ def replace(cfg, **changes):
     for section, sub in nested.items():
         flat[section] = replace(getattr(cfg, section), **sub)
     return dataclasses.replace(cfg, **flat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks: one table of rules per config class, so a bad flag fails before any work starts.
+
+Rule = tuple[Callable[[Any], bool], str]  # (value is fine, what the value must be)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(lo: float, note: str = "") -> Rule:
+    return (lambda v: _finite(v) and v >= lo), f">= {lo}{note}"
+
+
+def _above(lo: float) -> Rule:
+    return (lambda v: _finite(v) and v > lo), f"> {lo}"
+
+
+def _within(lo: float, hi: float, open_hi: bool = False) -> Rule:
+    return (lambda v: _finite(v) and lo <= v and (v < hi if open_hi else v <= hi)), (
+        f"in [{lo}, {hi}{')' if open_hi else ']'}")
+
+
+def _each(rule: Rule) -> Rule:
+    ok, text = rule
+    return (lambda v: all(ok(x) for x in v)), f"all {text}"
+
+
+def _size(zero_ok: bool) -> Rule:
+    def ok(v: Any) -> bool:
+        return len(v) == 2 and (all(_finite(x) and x >= 1 for x in v) or (zero_ok and tuple(v) == (0, 0)))
+
+    return ok, "two positive integers H W" + (" (or 0 0 for the checkpoint's)" if zero_ok else "")
+
+
+_NON_NEGATIVE = _at_least(0)
+_POSITIVE_INT = _at_least(1)
+_FRACTION = _within(0, 1, open_hi=True)
+
+RULES: dict[type, dict[str, Rule]] = {
+    DataConfig: {
+        "channels": _at_least(0, " (0 = the source's own)"), "num_workers": _NON_NEGATIVE, "limit": _NON_NEGATIVE,
+        "max_image_pixels": _at_least(0, " (0 = Pillow's limit)"), "mean": _each((_finite, "finite")),
+        "std": _each(_above(0)),
+        "crop_scale": ((lambda v: len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1] <= 1),
+                       "(min, max) with 0 < min <= max <= 1"),
+    },
+    MAEModelConfig: {
+        "img_size": _size(zero_ok=False), "mask_ratio": _FRACTION,
+        **dict.fromkeys(("in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                         "decoder_num_heads"), _at_least(0, " (0 = the variant's)")),
+    },
+    OptimConfig: {
+        "epochs": _POSITIVE_INT, "warmup_epochs": _NON_NEGATIVE, "batch_size": _POSITIVE_INT,
+        "accum_iter": _POSITIVE_INT, "blr": _above(0), "lr": _at_least(0, " (0 = from --optim.blr)"),
+        "min_lr": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "betas": _each(_FRACTION),
+        "clip_grad": _at_least(0, " (0 = off)"),
+    },
+    RunConfig: {"save_every": _POSITIVE_INT, "keep_last": _NON_NEGATIVE, "num_threads": _NON_NEGATIVE,
+                "dist_timeout": _above(0)},
+    PretrainConfig: {"figure_every": _at_least(0, " (0 = never)"), "knn_every": _at_least(-1, " (-1 = never)")},
+    ViTModelConfig: {"img_size": _size(zero_ok=True), "embed_dim": _NON_NEGATIVE, "depth": _NON_NEGATIVE,
+                     "num_heads": _NON_NEGATIVE, "drop_path": _FRACTION},
+    AugConfig: {"mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "mix_prob": _within(0, 1),
+                "smoothing": _FRACTION, "randaug_ops": _NON_NEGATIVE, "randaug_magnitude": _within(0, 10),
+                "reprob": _within(0, 1)},
+    FinetuneConfig: {"layer_decay": ((lambda v: _finite(v) and 0 < v <= 1), "in (0, 1]")},
+    KnnConfig: {"k": _POSITIVE_INT, "temperature": _above(0), "batch_size": _POSITIVE_INT},
+    VisualizeConfig: {"num": _POSITIVE_INT, "mask_ratio": _FRACTION, "num_heads": _NON_NEGATIVE,
+                      "decoder_num_heads": _NON_NEGATIVE},
+    ConvertConfig: {"num_heads": _NON_NEGATIVE, "decoder_num_heads": _NON_NEGATIVE, "img_size": _size(zero_ok=True)},
+}
+
+
+def validate(cfg, prefix: str = "--") -> None:
+    """A ValueError naming the flag as typed (`--optim.epochs must be >= 1, got 0`) for the first bad value.
+
+    Commands call it first, so a typo fails in a second instead of after the data is indexed.
+    """
+    rules = RULES.get(type(cfg), {})
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            validate(value, flag + ".")
+        elif f.name in rules and not rules[f.name][0](value):
+            raise ValueError(f"{flag} must be {rules[f.name][1]}, got {_show(value)}")
+    _check_relations(cfg, prefix)
+
+
+def _show(value: Any) -> str:
+    """A value as the user typed it: tuples space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _check_relations(cfg, prefix: str) -> None:
+    """Rules between fields, and model names against the variant tables."""
+    if isinstance(cfg, OptimConfig) and cfg.lr > 0 and cfg.min_lr > cfg.lr:
+        raise ValueError(f"{prefix}min_lr must be <= {prefix}lr ({cfg.lr}), got {cfg.min_lr}")
+    if isinstance(cfg, (MAEModelConfig, ViTModelConfig)):
+        from .mae import MAE_VARIANTS
+        from .vit import VARIANTS, variant_kwargs
+
+        mae = isinstance(cfg, MAEModelConfig)
+        try:
+            kw = variant_kwargs(cfg.name, MAE_VARIANTS if mae else VARIANTS, kind="MAE" if mae else "ViT")
+        except ValueError as e:
+            raise ValueError(f"{prefix}name: {e}") from None
+        if mae and any(s % kw["patch_size"] for s in cfg.img_size):  # a ViT's patch comes from its checkpoint
+            raise ValueError(f"{prefix}img_size must be a multiple of {cfg.name}'s patch size {kw['patch_size']}, "
+                             f"got {_show(cfg.img_size)}")

@@ -43,8 +43,8 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import atomic_write, torch_load
-from .config import ConvertConfig
+from .checkpoint import atomic_write, safe_join, torch_load
+from .config import ConvertConfig, validate
 from .mae import DECODER_PAPER, DECODER_SMALL
 from .pos_embed import sincos_2d
 from .vit import ENCODER_SIZES, LN_EPS
@@ -683,8 +683,8 @@ def _load_hf_dir(path: Path) -> tuple[StateDict, dict]:
             if name.endswith(".index.json"):
                 shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
                 sd: StateDict = {}
-                for shard in shards:
-                    sd.update(_load_weights(path / shard))
+                for shard in shards:  # names from a downloaded file: never outside the folder
+                    sd.update(_load_weights(safe_join(path, shard, what=f"shard named in {f}")))
                 return sd, config
             return _load_weights(f), config
     raise FileNotFoundError(f"{path} has config.json but no weights ({', '.join(HF_WEIGHT_FILES)})")
@@ -848,5 +848,6 @@ def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads:
 
 def convert_from_config(cfg: ConvertConfig) -> Path:
     """convert() with the fields of a ConvertConfig (what `fastmae convert` runs)."""
+    validate(cfg)
     img = cfg.img_size if tuple(cfg.img_size) != (0, 0) else None
     return convert(cfg.src, cfg.dst, cfg.to, cfg.num_heads, cfg.decoder_num_heads, img)

@@ -20,6 +20,7 @@ uninterrupted run, whatever the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
@@ -33,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
@@ -60,7 +61,14 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 class UnreadableImageError(ValueError):
-    """An image file Pillow cannot decode: empty, truncated, or not an image at all."""
+    """An image file Pillow cannot decode: empty, truncated, not an image at all, or over the pixel limit.
+
+    `reason` is the short why (without the advice), for the log of files --data.skip_corrupt skipped.
+    """
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,22 +382,70 @@ def _single_band(img: Image.Image, path: str) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
-def _decode_planes(path: str, channels: int) -> list[Image.Image]:
+@contextlib.contextmanager
+def _pillow_pixel_check(enabled: bool) -> Iterator[None]:
+    """Pillow's own decompression-bomb check on or off for one decode (off: fastmae checks its own limit).
+
+    Pillow reads its limit from a module global, so it is swapped only around the decode (one thread
+    per process decodes: DataLoader workers are processes).
+    """
+    if enabled:
+        yield
+        return
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _unreadable(path: str, e: BaseException) -> UnreadableImageError:
+    """The error for a file Pillow cannot decode: what is wrong with it and how to get past it."""
+    if isinstance(e, Image.DecompressionBombError):
+        return UnreadableImageError(
+            f"image {path} is too large to decode safely: {e} If you trust the file, raise the limit with "
+            f"`--data.max_image_pixels N` (N >= its pixel count) or downscale it; or pass --data.skip_corrupt "
+            f"to skip such files",
+            reason=str(e),
+        )
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        why = "the file is empty (0 bytes)"
+    elif isinstance(e, UnidentifiedImageError):
+        why = "not an image in a format Pillow reads (a renamed or non-image file?)"
+    else:
+        why = str(e)
+    return UnreadableImageError(
+        f"cannot read image {path}: {why}; fix or remove the file, or pass --data.skip_corrupt to skip "
+        f"unreadable files",
+        reason=why,
+    )
+
+
+def _decode_planes(path: str, channels: int, max_pixels: int = 0) -> list[Image.Image]:
     """Decode (EXIF-rotated) and convert to `channels` channels, as Pillow images of mode 'L', 'RGB' or 'F'.
 
     1 channel: grey; 3: RGB (RGBA, P, CMYK, L, 16-bit grey are converted); other counts: the
     image's own bands (e.g. RGBA for 4) or the pages of a multi-page TIFF, one band each.
+    Files over max_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
     """
-    try:
-        img = Image.open(path)
-        img.load()  # decode now, so a truncated file fails here
-        pages = getattr(img, "n_frames", 1)
-        first = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise UnreadableImageError(
-            f"cannot read image {path}: {e}; fix or remove the file, "
-            f"or pass --data.skip_corrupt to skip unreadable files"
-        ) from e
+    with _pillow_pixel_check(enabled=max_pixels <= 0):
+        try:
+            img = Image.open(path)  # reads the header only
+            if 0 < max_pixels < img.width * img.height:
+                raise Image.DecompressionBombError(
+                    f"Image size ({img.width * img.height} pixels) exceeds the limit of {max_pixels} pixels."
+                )
+            img.load()  # decode now, so a truncated file fails here
+            pages = getattr(img, "n_frames", 1)
+            first = ImageOps.exif_transpose(img)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise _unreadable(path, e) from e
+        return _to_channels(img, first, pages, channels, path)
+
+
+def _to_channels(img: Image.Image, first: Image.Image, pages: int, channels: int, path: str) -> list[Image.Image]:
+    """The decoded image (first: its first page, EXIF-rotated) as `channels` planes; see _decode_planes."""
     if channels in (1, 3):
         if first.mode in _HIGH_BIT_MODES:
             return [_single_band(first, path)] * channels  # 16-bit grey, replicated to RGB if needed
@@ -425,9 +481,9 @@ def _planes_to_tensor(planes: list[Image.Image]) -> torch.Tensor:
     return torch.cat(parts).clamp_(0.0, 1.0)  # (C, h, w)
 
 
-def decode_image(path: str | Path, channels: int) -> torch.Tensor:
+def decode_image(path: str | Path, channels: int, max_pixels: int = 0) -> torch.Tensor:
     """An image file at full size as (C, h, w) float32 in [0, 1], EXIF-rotated, converted to `channels`."""
-    return _planes_to_tensor(_decode_planes(str(path), channels))
+    return _planes_to_tensor(_decode_planes(str(path), channels, max_pixels))
 
 
 def load_image(
@@ -440,13 +496,15 @@ def load_image(
     crop_scale: tuple[float, float] = (0.2, 1.0),
     hflip: bool = True,
     generator: torch.Generator | None = None,
+    max_pixels: int = 0,
 ) -> torch.Tensor:
     """Decode one file and apply the train or eval transform: (C, H, W) float32, normalised.
 
-    Any size works: an image smaller than the crop is upscaled by the resize.
+    Any size works: an image smaller than the crop is upscaled by the resize. Files over max_pixels
+    pixels (0 = Pillow's limit) raise UnreadableImageError.
     """
     H, W = img_size
-    planes = _decode_planes(str(path), channels)
+    planes = _decode_planes(str(path), channels, max_pixels)
     w0, h0 = planes[0].size
     flip = False
     if train:
@@ -657,11 +715,17 @@ class MemoryLoader(Loader):
             yield x, y
 
 
+_Item = tuple[torch.Tensor | None, int, tuple[tuple[str, str], ...], ValueError | None]  # image, label, skipped, error
+_Batch = tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]], ValueError | None]
+
+
 class ImageFiles(Dataset):
-    """Image files with labels; item (index, augmentation seed) -> (image (C, H, W), label, skipped files).
+    """Image files with labels; item (index, augmentation seed) -> (image (C, H, W), label, skipped files, error).
 
     With skip_corrupt an unreadable file is replaced by the next readable one (deterministically)
-    and reported in the third element, so the main process learns of it even from a worker.
+    and reported in the third element, so the main process learns of it even from a worker. A file
+    that stops the run comes back as the error (image None) for the main process to raise: raised
+    in a worker, it would reach the user wrapped in the worker's traceback instead of one clear line.
     """
 
     def __init__(
@@ -676,17 +740,19 @@ class ImageFiles(Dataset):
         crop_scale: tuple[float, float],
         hflip: bool,
         skip_corrupt: bool,
+        max_pixels: int = 0,
     ):
         self.samples = list(samples)
         self.img_size, self.train, self.channels = img_size, train, channels
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_scale, self.hflip, self.skip_corrupt = crop_scale, hflip, skip_corrupt
+        self.max_pixels = max_pixels
         self._bad: set[int] = set()  # per process: files already found unreadable
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[tuple[str, str], ...]]:
+    def __getitem__(self, key: tuple[int, int]) -> _Item:
         index, seed = key
         skipped = []
         n = len(self.samples)
@@ -698,25 +764,31 @@ class ImageFiles(Dataset):
             try:
                 x = load_image(
                     path, self.img_size, self.channels, self.mean, self.std, self.train,
-                    self.crop_scale, self.hflip, g,
+                    self.crop_scale, self.hflip, g, self.max_pixels,
                 )
-            except UnreadableImageError as e:
-                if not self.skip_corrupt:
-                    raise
+            except ValueError as e:  # UnreadableImageError, or a file the model cannot take (band count)
+                if not (self.skip_corrupt and isinstance(e, UnreadableImageError)):
+                    return None, label, tuple(skipped), e
                 self._bad.add(i)
-                skipped.append((path, str(e.__cause__ or e)))
+                skipped.append((path, e.reason))
                 continue
-            return x, label, tuple(skipped)
-        raise ValueError(f"none of the {n} image files could be read (first: {self.samples[0][0]})")
+            return x, label, tuple(skipped), None
+        error = ValueError(
+            f"none of the {n} image files could be read (first: {self.samples[0][0]}); "
+            f"the warnings above list them: fix or replace the files"
+        )
+        return None, -1, tuple(skipped), error
 
 
-def _collate(
-    items: list[tuple[torch.Tensor, int, tuple[tuple[str, str], ...]]],
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """Stack images (B, C, H, W) and labels (B,); gather the skipped files."""
-    images = torch.stack([x for x, _, _ in items])  # (B, C, H, W)
-    labels = torch.tensor([y for _, y, _ in items], dtype=torch.int64)  # (B,)
-    return images, labels, [s for _, _, skipped in items for s in skipped]
+def _collate(items: list[_Item]) -> _Batch:
+    """Stack images (B, C, H, W) and labels (B,); gather the skipped files and the first error (then no batch)."""
+    skipped = [s for _, _, sk, _ in items for s in sk]
+    error = next((e for _, _, _, e in items if e is not None), None)
+    if error is not None:
+        return None, None, skipped, error
+    images = torch.stack([x for x, _, _, _ in items])  # (B, C, H, W)
+    labels = torch.tensor([y for _, y, _, _ in items], dtype=torch.int64)  # (B,)
+    return images, labels, skipped, None
 
 
 class _EpochBatches:
@@ -758,6 +830,7 @@ class FileLoader(Loader):
         hflip: bool = True,
         num_workers: int = 0,
         skip_corrupt: bool = False,
+        max_image_pixels: int = 0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -777,7 +850,7 @@ class FileLoader(Loader):
         )
         self.dataset = ImageFiles(
             samples, img_size=img_size, train=train, channels=channels, mean=self.mean, std=self.std,
-            crop_scale=crop_scale, hflip=hflip, skip_corrupt=skip_corrupt,
+            crop_scale=crop_scale, hflip=hflip, skip_corrupt=skip_corrupt, max_pixels=max_image_pixels,
         )
         self.num_workers = num_workers
         self._batches = _EpochBatches(sampler, seed)
@@ -797,8 +870,10 @@ class FileLoader(Loader):
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.num_workers > 0,
             )
-        for images, labels, skipped in self._loader:
+        for images, labels, skipped, error in self._loader:
             self._note_skipped(skipped)
+            if error is not None:
+                raise error
             yield images, labels
 
 
@@ -851,7 +926,10 @@ def _file_samples(cfg: DataConfig, split: str) -> tuple[list[tuple[str, int]], l
         root = _check_dir(where, flag)
         files = find_images(root)
         if not files:
-            raise ValueError(f"no images found under {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"no images found under {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}); "
+                f"add images there or pass `{flag} DIR` pointing at your images"
+            )
         return [(str(p), -1) for p in files], [], 0, []
     if cfg.source == "list":
         samples = read_list(where)
@@ -920,7 +998,8 @@ def build_loader(
     )
     loader = FileLoader(
         samples, channels=channels, mean=mean, std=std, num_workers=cfg.num_workers,
-        skip_corrupt=cfg.skip_corrupt, num_classes=num_classes, classes=classes, **common,
+        skip_corrupt=cfg.skip_corrupt, max_image_pixels=cfg.max_image_pixels, num_classes=num_classes,
+        classes=classes, **common,
     )
     loader._note_skipped([(p, "file does not exist") for p in missing])
     return loader

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .backbone import build_classifier, data_for, load_backbone, pooled_features
 from .checkpoint import atomic_write_text, save_checkpoint
-from .config import DataConfig, KnnConfig, LinprobeConfig, ViTModelConfig
+from .config import DataConfig, KnnConfig, LinprobeConfig, ViTModelConfig, validate
 from .data import build_loader
 from .dist import print0
 from .engine import evaluate, extract_features
@@ -56,6 +56,7 @@ def _write_result(out_dir: Path, name: str, result: dict) -> Path:
 
 def run_knn(cfg: KnnConfig) -> dict:
     """Weighted kNN top-1/top-5 of the encoder's features; writes knn.json to the output folder."""
+    validate(cfg)
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
     encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.batch_size)
@@ -144,6 +145,7 @@ def head_accuracy(head: LinearHead, feats: torch.Tensor, labels: torch.Tensor) -
 
 def run_linprobe(cfg: LinprobeConfig) -> dict:
     """Linear probe with LARS; cached features by default, the paper's augmented crops with --augment."""
+    validate(cfg)
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
     encoder, train, val, data_cfg = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.optim.batch_size)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from .augment import FinetuneAugment, soft_target_cross_entropy
 from .backbone import build_classifier, data_for, encoder_kwargs, load_backbone
 from .checkpoint import atomic_save, atomic_write_text
-from .config import FinetuneConfig
+from .config import FinetuneConfig, validate
 from .data import build_loader
 from .dist import print0
 from .engine import evaluate
@@ -26,10 +26,7 @@ from .trainer import Progress, fit, model_meta, setup
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune from cfg.init ('random' = from scratch); returns the final and best evaluation metrics."""
-    if cfg.optim.epochs <= 0 or cfg.optim.batch_size <= 0:
-        raise ValueError("--optim.epochs and --optim.batch_size must be positive")
-    if not 0 < cfg.layer_decay <= 1:
-        raise ValueError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    validate(cfg)
     rt = setup(cfg.run, cfg)
     d = rt.dist
     bb = load_backbone(cfg.init, cfg.model)

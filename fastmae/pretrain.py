@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .api import encode
-from .config import MAEModelConfig, PretrainConfig
+from .config import MAEModelConfig, PretrainConfig, validate
 from .data import build_loader
 from .dist import print0
 from .engine import extract_features
@@ -36,8 +36,7 @@ def has_eval_split(cfg: PretrainConfig) -> bool:
 
 def run_pretrain(cfg: PretrainConfig) -> Path | None:
     """Pretrain an MAE; returns the last checkpoint path. Re-running the same command resumes."""
-    if cfg.optim.epochs <= 0 or cfg.optim.batch_size <= 0 or cfg.optim.accum_iter <= 0:
-        raise ValueError("--optim.epochs, --optim.batch_size and --optim.accum_iter must be positive")
+    validate(cfg)
     rt = setup(cfg.run, cfg)
     d = rt.dist
     img_size = tuple(cfg.model.img_size)

@@ -49,7 +49,7 @@ def setup(run: RunConfig, cfg) -> Runtime:
     precision = resolve_precision(run.precision, device)
     if run.num_threads > 0:
         torch.set_num_threads(run.num_threads)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, run.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(run.seed + dist.rank)  # masks and drop-path differ per rank; DDP syncs the weights

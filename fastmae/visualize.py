@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .config import DataConfig, VisualizeConfig
+from .checkpoint import safe_join
+from .config import DataConfig, VisualizeConfig, validate
 from .mae import MaskedAutoencoderViT
 from .patches import patchify
 
@@ -138,13 +139,17 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_images(
     paths: Sequence[str | Path], img_size: tuple[int, int], channels: int, mean: Sequence[float],
-    std: Sequence[float],
+    std: Sequence[float], max_pixels: int = 0,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Files and/or folders -> (images (B, C, H, W) normalised with the eval transform, unique names)."""
+    """Files and/or folders -> (images (B, C, H, W) normalised with the eval transform, unique names).
+
+    Files over max_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
+    """
     from .data import load_image
 
     files = image_files(paths)
-    imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False) for f in files])  # (B, C, H, W)
+    imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False, max_pixels=max_pixels)
+                        for f in files])  # (B, C, H, W)
     names, seen = [], {}
     for f in files:  # a/x.png and b/x.jpg -> x, x-1
         n = seen.get(f.stem, 0)
@@ -189,7 +194,7 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     """
     from .api import load, require_decoder
 
-    check_mask_ratio(cfg.mask_ratio)
+    validate(cfg)
     device = _device(cfg.device)
     model = load(cfg.checkpoint, num_heads=cfg.num_heads, decoder_num_heads=cfg.decoder_num_heads,
                  norm_pix_loss=cfg.norm_pix_loss, map_location=device)
@@ -202,7 +207,7 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     if len(mean) != C or len(std) != C:
         raise ValueError(f"--data.mean/--data.std need {C} values each (one per channel), got {mean} / {std}")
     if cfg.images:
-        imgs, names = load_images(cfg.images, img_size, C, mean, std)
+        imgs, names = load_images(cfg.images, img_size, C, mean, std, cfg.data.max_image_pixels)
     else:
         data = dataclasses.replace(cfg.data, channels=C, mean=mean, std=std)
         imgs, names = dataset_images(data, cfg.num, img_size)
@@ -221,5 +226,5 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     print(info, flush=True)
     for i, name in enumerate(names):
         one = {k: v[i : i + 1] for k, v in panels.items() if k in PANELS}
-        print(save_figure(one, out / f"{name}.png"), flush=True)
+        print(save_figure(one, safe_join(out, f"{name}.png")), flush=True)
     return out

@@ -252,7 +252,7 @@ def test_visualize_image_files_mixed_sizes_and_modes(tiny, tmp_path, capsys):
 def test_visualize_rejects_bad_mask_ratio(tiny, tmp_path, capsys):
     for ratio in ("1.0", "-0.1"):
         assert main(viz(tiny, tmp_path / "x.png", "--mask_ratio", ratio)) == 2
-        assert "mask ratio must be in [0, 1)" in capsys.readouterr().err
+        assert "--mask_ratio must be in [0, 1)" in capsys.readouterr().err
     assert main(viz(tiny, tmp_path / "x.png", "--mask_ratio", "0", "--num", "1")) == 0
 
 

@@ -1,0 +1,178 @@
+"""Bad input fails early with one line that names the problem and the fix: flags, image files, paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from fastmae import trainer
+from fastmae.checkpoint import safe_join
+from fastmae.cli import main
+from fastmae.config import DataConfig, OptimConfig, PretrainConfig, RunConfig, validate
+from fastmae.convert import load_state_dict_file
+from fastmae.data import UnreadableImageError, build_loader, decode_image
+
+from .test_cli_pretrain import tiny_args
+
+# (extra flags for a tiny pretraining run, text the error must contain): each fails before any work starts.
+BAD_FLAGS = [
+    (["--optim.epochs", "0"], "--optim.epochs must be >= 1, got 0"),
+    (["--optim.batch_size", "-4"], "--optim.batch_size must be >= 1, got -4"),
+    (["--optim.accum_iter", "0"], "--optim.accum_iter must be >= 1"),
+    (["--optim.blr", "nan"], "--optim.blr must be > 0, got nan"),
+    (["--optim.blr", "0"], "--optim.blr must be > 0"),
+    (["--optim.lr", "-1"], "--optim.lr must be >= 0"),
+    (["--optim.lr", "1e-4", "--optim.min_lr", "1e-3"], "--optim.min_lr must be <= --optim.lr"),
+    (["--optim.weight_decay", "-0.05"], "--optim.weight_decay must be >= 0"),
+    (["--optim.warmup_epochs", "inf"], "--optim.warmup_epochs must be >= 0, got inf"),
+    (["--optim.betas", "0.9", "1.5"], "--optim.betas must be all in [0, 1)"),
+    (["--model.mask_ratio", "1.0"], "--model.mask_ratio must be in [0, 1), got 1.0"),
+    (["--model.mask_ratio", "-0.1"], "--model.mask_ratio must be in [0, 1)"),
+    (["--model.img_size", "30", "30"], "--model.img_size must be a multiple of"),
+    (["--model.img_size", "0", "28"], "--model.img_size must be two positive integers"),
+    (["--model.name", "mae_vit_gigantic"], "--model.name"),
+    (["--data.num_workers", "-1"], "--data.num_workers must be >= 0"),
+    (["--data.crop_scale", "0.8", "0.2"], "--data.crop_scale must be (min, max) with 0 < min <= max <= 1"),
+    (["--data.std", "0"], "--data.std must be all > 0"),
+    (["--data.limit", "-5"], "--data.limit must be >= 0"),
+    (["--run.save_every", "0"], "--run.save_every must be >= 1"),
+    (["--run.dist_timeout", "0"], "--run.dist_timeout must be > 0"),
+    (["--knn_every", "-2"], "--knn_every must be >= -1"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_pretrain_flag_is_refused_before_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main([*tiny_args(tmp_path / "no-data-needed", out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert not out.exists()  # refused before the output folder (or the data) was touched
+
+
+BAD_OTHER = [
+    (["finetune", "--init", "random", "--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
+    (["finetune", "--init", "random", "--model.drop_path", "1.0"], "--model.drop_path must be in [0, 1)"),
+    (["finetune", "--init", "random", "--aug.smoothing", "-0.1"], "--aug.smoothing must be in [0, 1)"),
+    (["finetune", "--init", "random", "--aug.mix_prob", "2"], "--aug.mix_prob must be in [0, 1]"),
+    (["finetune", "--init", "random", "--aug.randaug_magnitude", "11"], "--aug.randaug_magnitude must be in [0, 10]"),
+    (["knn", "--init", "random", "--k", "0"], "--k must be >= 1, got 0"),
+    (["knn", "--init", "random", "--temperature", "0"], "--temperature must be > 0"),
+    (["linprobe", "--init", "random", "--optim.epochs", "0"], "--optim.epochs must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OTHER, ids=[" ".join(a) for a, _ in BAD_OTHER])
+def test_bad_evaluation_flag_is_refused(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main([*argv, "--run.output_dir", str(out), "--data.path", str(tmp_path / "nothing")]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_validate_accepts_every_default():
+    from fastmae.config import ConvertConfig, FinetuneConfig, KnnConfig, LinprobeConfig, VisualizeConfig
+
+    for cls in (PretrainConfig, FinetuneConfig, LinprobeConfig, KnnConfig):
+        validate(cls())
+    validate(VisualizeConfig(checkpoint="x.pt"))
+    validate(ConvertConfig(src="a", dst="b"))
+
+
+def test_warmup_longer_than_training_is_allowed():
+    """A one-epoch try of the fine-tuning recipe (warmup 5) must not need a second flag."""
+    validate(OptimConfig(epochs=1, warmup_epochs=5))
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_init(device_type, timeout_s):
+        seen["timeout"] = timeout_s
+        return trainer.DistInfo()
+
+    monkeypatch.setattr(trainer, "init_distributed", fake_init)
+    cfg = PretrainConfig(run=RunConfig(output_dir=str(tmp_path / "o"), dist_timeout=42.0, device="cpu"))
+    trainer.setup(cfg.run, cfg)
+    assert seen == {"timeout": 42.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files: what is wrong with a file, said plainly, from the main process even with workers.
+
+def test_empty_and_non_image_files_say_what_is_wrong(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(UnreadableImageError, match=r"empty\.png: the file is empty \(0 bytes\).*--data\.skip_corrupt"):
+        decode_image(tmp_path / "empty.png", 3)
+    with pytest.raises(UnreadableImageError, match=r"notes\.png: not an image in a format Pillow reads"):
+        decode_image(tmp_path / "notes.png", 3)
+
+
+def test_pixel_limit_refuses_large_images_and_can_be_raised(tmp_path):
+    Image.new("RGB", (120, 100), (10, 20, 30)).save(tmp_path / "big.png")
+    with pytest.raises(UnreadableImageError, match=r"too large to decode safely.*--data\.max_image_pixels"):
+        decode_image(tmp_path / "big.png", 3, max_pixels=5000)
+    x = decode_image(tmp_path / "big.png", 3, max_pixels=12000)  # exactly its 12,000 pixels: allowed
+    assert x.shape == (3, 100, 120)
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's global limit is restored after the decode
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_file_in_a_worker_is_one_clear_error(tmp_path, workers):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i, i, i)).save(root / f"ok{i}.png")
+    Image.new("RGB", (200, 200)).save(root / "huge.png")
+    cfg = DataConfig(source="unlabelled", path=str(root), num_workers=workers, max_image_pixels=1000)
+    with pytest.raises(UnreadableImageError, match=r"huge\.png is too large") as info:
+        list(build_loader(cfg, "train", (8, 8), 4, train=False))
+    assert "Traceback" not in str(info.value)  # not a worker's wrapped traceback
+
+    skip = DataConfig(source="unlabelled", path=str(root), num_workers=workers, max_image_pixels=1000,
+                      skip_corrupt=True)
+    ld = build_loader(skip, "train", (8, 8), 4, train=False)
+    assert sum(len(y) for _, y in ld) == 4 and [p.rsplit("/", 1)[1] for p in ld.skipped] == ["huge.png"]
+
+
+def test_pretrain_on_a_folder_of_unreadable_files_stops_with_the_file_name(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "a.jpg").write_text("text, not JPEG")
+    args = tiny_args(tmp_path, tmp_path / "run")
+    args[args.index("--data.path") + 1] = str(root)
+    assert main([*args, "--data.source", "unlabelled", "--knn_every", "-1", "--data.num_workers", "0",
+                 "--model.img_size", "8", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "a.jpg" in err and "--data.skip_corrupt" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Names that come from users or from files never reach outside their folder.
+
+@pytest.mark.parametrize("name", ["../escape.png", "/etc/passwd", "a/../../b", "", "."])
+def test_safe_join_refuses_names_outside_the_folder(tmp_path, name):
+    with pytest.raises(ValueError, match="outside the folder"):
+        safe_join(tmp_path, name)
+
+
+def test_safe_join_allows_nested_names(tmp_path):
+    assert safe_join(tmp_path, "a/b.png") == tmp_path / "a" / "b.png"
+    assert safe_join(tmp_path, "x..y.png") == tmp_path / "x..y.png"  # '..' inside a name is fine
+
+
+def test_hf_shard_index_pointing_outside_is_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    torch.save({"w": torch.ones(1)}, secret)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "../secret.bin"}}))
+    with pytest.raises(ValueError, match=r"refusing shard named in .*'\.\./secret\.bin'"):
+        load_state_dict_file(model)
+
