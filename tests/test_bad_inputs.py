@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,9 +18,12 @@ from fastmae.checkpoint import safe_join
 from fastmae.cli import main
 from fastmae.config import DataConfig, OptimConfig, PretrainConfig, RunConfig, validate
 from fastmae.convert import load_state_dict_file
-from fastmae.data import UnreadableImageError, build_loader, decode_image
+from fastmae import data as D
+from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
 
 from .test_cli_pretrain import tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (extra flags for a tiny pretraining run, text the error must contain): each fails before any work starts.
 BAD_FLAGS = [
@@ -176,3 +184,111 @@ def test_hf_shard_index_pointing_outside_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"refusing shard named in .*'\.\./secret\.bin'"):
         load_state_dict_file(model)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The table: one messy file each, into a model of `channels` channels at 16x16. Expected: the
+# (C, H, W) it becomes, or a regex the error must match (naming the file and the fix).
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _rgb(w: int = 40, h: int = 30) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _palette_gif() -> bytes:
+    buf = io.BytesIO()
+    _rgb().convert("P").save(buf, "GIF")
+    return buf.getvalue()
+
+
+def _exif_rotated() -> bytes:
+    img = _rgb(40, 20)
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 20 wide, 40 high
+    return _jpeg(img, exif=exif)
+
+
+SKIP_HINT = r".*--data\.skip_corrupt"
+FILE_CASES: list[tuple[str, str, Callable[[], bytes], int, tuple[int, int, int] | str]] = [
+    ("zero-byte file", "empty.jpg", lambda: b"", 3, r"empty\.jpg: the file is empty \(0 bytes\)" + SKIP_HINT),
+    ("truncated JPEG", "cut.jpg", lambda: _jpeg(_rgb(64, 64))[:300], 3, r"cannot read image .*cut\.jpg" + SKIP_HINT),
+    ("truncated PNG", "cut.png", lambda: _png(_rgb(64, 64))[:200], 3, r"cannot read image .*cut\.png" + SKIP_HINT),
+    ("text named .jpg", "text.jpg", lambda: b"hello, I am not a JPEG", 3,
+     r"text\.jpg: not an image in a format Pillow reads" + SKIP_HINT),
+    ("CMYK into RGB", "cmyk.jpg", lambda: _jpeg(Image.new("CMYK", (33, 21), (10, 200, 30, 40))), 3, (3, 16, 16)),
+    ("RGBA into RGB", "rgba.png", lambda: _png(_rgb().convert("RGBA")), 3, (3, 16, 16)),
+    ("16-bit grey into RGB", "deep.png",
+     lambda: _png(Image.fromarray((np.arange(600, dtype=np.uint16) * 100).reshape(20, 30))), 3, (3, 16, 16)),
+    ("palette into RGB", "pal.gif", _palette_gif, 3, (3, 16, 16)),
+    ("grayscale into RGB", "grey.png", lambda: _png(_rgb().convert("L")), 3, (3, 16, 16)),
+    ("RGB into 1 channel", "rgb.png", lambda: _png(_rgb()), 1, (1, 16, 16)),
+    ("RGBA into 2 channels", "rgba2.png", lambda: _png(_rgb().convert("RGBA")), 2,
+     r"rgba2\.png.*expects 2 channels"),
+    ("smaller than the crop", "tiny.png", lambda: _png(_rgb(5, 3)), 3, (3, 16, 16)),
+    ("over the pixel limit", "huge.png", lambda: _png(Image.new("L", (300, 300))), 1,
+     r"huge\.png is too large to decode safely.*--data\.max_image_pixels"),
+    ("EXIF rotation", "rot.jpg", _exif_rotated, 3, (3, 16, 16)),
+]
+
+
+@pytest.mark.parametrize(("case", "name", "make", "channels", "expected"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
+@pytest.mark.parametrize("train", [False, True])
+def test_messy_image_file(tmp_path, case, name, make, channels, expected, train):
+    path = tmp_path / name
+    path.write_bytes(make())
+    load = lambda: load_image(path, (16, 16), channels, [0.5] * channels, [0.25] * channels, train=train,  # noqa: E731
+                              generator=torch.Generator().manual_seed(0), max_pixels=50_000)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            load()
+    else:
+        x = load()
+        assert x.shape == expected and torch.isfinite(x).all()
+
+
+def _class_folder_without_images(root: Path) -> DataConfig:
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+    _rgb().save(root / "cat" / "a.png")
+    (root / "dog" / "notes.txt").write_text("no pictures here")
+    return DataConfig(source="folder", path=str(root))
+
+
+FOLDER_CASES: list[tuple[str, Callable[[Path], DataConfig], type, str]] = [
+    ("empty folder", lambda r: (r.mkdir(), DataConfig(source="unlabelled", path=str(r)))[1], ValueError,
+     r"no images found under .*add images there or pass `--data\.path DIR`"),
+    ("missing path", lambda r: DataConfig(source="folder", path=str(r / "nope")), FileNotFoundError,
+     r"nope.*--data\.path"),
+    ("folder without permission", lambda r: (r.mkdir(), _rgb().save(r / "a.png"),
+                                             DataConfig(source="unlabelled", path=str(r)))[2],
+     PermissionError, r"cannot read folder .*\(permission denied\)"),
+    ("class folder with no images", _class_folder_without_images, ValueError,
+     r"class folder .*dog contains no images"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "error", "message"), FOLDER_CASES, ids=[c[0] for c in FOLDER_CASES])
+def test_messy_folder(tmp_path, monkeypatch, case, make, error, message):
+    cfg = make(tmp_path / "data")
+    if case == "folder without permission":  # tests may run as root, which reads anything
+        monkeypatch.setattr(D.os, "access", lambda *a, **k: False)
+    with pytest.raises(error, match=message):
+        build_loader(cfg, "train", (8, 8), 2, train=True)
+
+
+def test_readme_states_the_number_of_bad_input_cases():
+    """The README's count is the size of the tables above (files, folders, flags)."""
+    n = len(FILE_CASES) + len(FOLDER_CASES) + len(BAD_FLAGS) + len(BAD_OTHER)
+    found = re.search(r"(\d+) bad-input cases", (REPO / "README.md").read_text())
+    assert found and int(found.group(1)) == n, f"README should say '{n} bad-input cases'"
