@@ -72,6 +72,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_fmnist")
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--finetune_epochs", type=int, default=10)
+    p.add_argument("--finetune_warmup", type=float, default=1.0, help="warmup epochs of both fine-tune rows")
+    p.add_argument("--finetune_flags", default="",
+                   help="extra flags for both fine-tune rows, space separated, e.g. '--aug.mixup 0 --aug.cutmix 0'")
     p.add_argument("--probe_epochs", type=int, default=90)
     p.add_argument("--arch", default="vit_tiny_d6_patch4", help="ViT variant for the random-init rows (= the pretrain default)")
     p.add_argument("--arch_flags", default="", help="extra --model.* flags for random-init rows (comma separated)")
@@ -85,7 +88,8 @@ def main() -> None:
         rows.update({k: tuple(v) for k, v in json.loads(results_path.read_text()).items()})
     pre = out / "pretrain"
     probe = ["--optim.epochs", str(args.probe_epochs), "--run.no_progress"]
-    ft = ["--optim.epochs", str(args.finetune_epochs), "--optim.warmup_epochs", "1", "--run.no_progress"]
+    ft = ["--optim.epochs", str(args.finetune_epochs), "--optim.warmup_epochs", str(args.finetune_warmup),
+          "--run.no_progress", *args.finetune_flags.split()]
     rand = ["--init", "random", "--model.name", args.arch] + [f for f in args.arch_flags.split(",") if f]
 
     def save() -> None:

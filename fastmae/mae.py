@@ -175,7 +175,7 @@ MAE_VARIANTS: dict[str, dict[str, int]] = {
     for size, kw in ENCODER_SIZES.items()
     for p in PATCH_SIZES
 }
-# `fastmae pretrain`'s default: 6 blocks of ViT-Ti width and a 2-block decoder, sized so that ~12 epochs of
+# `fastmae pretrain`'s default: 6 blocks of ViT-Ti width and a 2-block decoder, sized so that 20 epochs of
 # Fashion-MNIST fit in about 20 minutes on 2 CPU cores (BENCHMARKS.md).
 MAE_VARIANTS["mae_vit_tiny_d6_patch4"] = dict(VARIANTS["vit_tiny_d6_patch4"], decoder_embed_dim=128, decoder_depth=2,
                                               decoder_num_heads=4)

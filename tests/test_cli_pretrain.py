@@ -50,7 +50,7 @@ def tiny_args(data_dir, out_dir, epochs: int = 2) -> list[str]:
         "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2",
         "--model.decoder_embed_dim", "16", "--model.decoder_depth", "1", "--model.decoder_num_heads", "2",
         "--optim.epochs", str(epochs), "--optim.warmup_epochs", "1", "--optim.batch_size", "32",
-        "--run.save_every", "1", "--run.precision", "fp32", "--knn_every", "1",
+        "--run.save_every", "1", "--run.precision", "fp32", "--knn_every", "1", "--model.norm_pix_loss",
     ]
 
 
