@@ -1,4 +1,5 @@
-"""Throughput of one MAE pretraining train step: fastmae against Hugging Face ViTMAE.
+"""Throughput of one MAE pretraining train step: fastmae against Hugging Face ViTMAE (and of one fine-tuning
+step: fastmae's VisionTransformer against transformers' ViTForImageClassification, cases AF and CF).
 
 One step = forward (fp32, or under bf16 autocast) + backward + AdamW step + zero_grad(set_to_none).
 All implementations of a (case, precision) live in one process and are timed in interleaved rounds
@@ -15,7 +16,9 @@ CPU for >= 90% of the wall time (process CPU time / (wall x threads)); rounds ar
     python benchmarks/bench_model.py --cases C --precisions bf16 --impls fastmae --profile
 
 Cases: A = ViT-B/16 + 512x8 decoder, 224 px, B 16; T = ViT-Ti/16 + 128x4 decoder, 224 px, B 64;
-C = ViT-Ti/4 + 128x4 decoder, 32 px, B 256. Mask ratio 0.75, norm_pix_loss on.
+C = ViT-Ti/4 + 128x4 decoder, 32 px, B 256; F = the Fashion-MNIST default. Mask ratio 0.75, norm_pix_loss on.
+Fine-tuning: AF = ViT-B/16, 224 px, B 16, 1000 classes; CF = ViT-Ti/4, 32 px, B 256, 100 classes; cls-token
+pooling (as HF's ViTForImageClassification), cross entropy on fixed labels (`vit_forward_flops`: all 1+L tokens).
 
 FLOPs are counted analytically (`mae_forward_flops`: 2 per multiply-add of every linear, conv and
 attention matmul; encoder on the 1+K visible tokens, decoder on 1+L tokens; training = 3 x forward)
@@ -68,20 +71,32 @@ class Case:
     batch: int
     in_chans: int = 3
     mlp_ratio: float = 4.0
+    task: str = "pretrain"
+    """'pretrain': MAE train step (masking, decoder, pixel loss); 'finetune': classification ViT on all tokens."""
+    num_classes: int = 1000
 
     def model_kwargs(self) -> dict:
-        """Keyword arguments of fastmae's MaskedAutoencoderViT."""
+        """Keyword arguments of fastmae's MaskedAutoencoderViT (pretrain) or VisionTransformer (finetune)."""
         kw = dataclasses.asdict(self)
-        for k in ("name", "title", "batch"):
+        for k in ("name", "title", "batch", "task", "num_classes"):
             kw.pop(k)
+        if self.task == "finetune":
+            for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+                kw.pop(k)
+            kw.update(num_classes=self.num_classes, global_pool="token")  # cls token + norm, as HF's ViT
         return kw
 
     def flop_kwargs(self) -> dict:
-        """Keyword arguments of mae_forward_flops (heads do not change the count)."""
+        """Keyword arguments of mae_forward_flops / vit_forward_flops (heads and pooling do not change the count)."""
         kw = self.model_kwargs()
-        kw.pop("num_heads")
-        kw.pop("decoder_num_heads")
+        for k in ("num_heads", "decoder_num_heads", "global_pool"):
+            kw.pop(k, None)
         return kw
+
+    def forward_flops(self) -> dict[str, int]:
+        """Matmul FLOPs of one forward pass over the batch, by part, plus 'total'."""
+        count = vit_forward_flops if self.task == "finetune" else mae_forward_flops
+        return count(**self.flop_kwargs(), batch=self.batch)
 
 
 CASES: dict[str, Case] = {
@@ -90,8 +105,14 @@ CASES: dict[str, Case] = {
     "C": Case("C", "ViT-Ti/4 + 128x4 dec, 32px, B256", 32, 4, 192, 12, 3, 128, 4, 4, batch=256),
     # `fastmae pretrain`'s Fashion-MNIST default (mae_vit_tiny_d6_patch4), grayscale 28px
     "F": Case("F", "ViT-Ti-d6/4 + 128x2 dec, 28px gray, B256", 28, 4, 192, 6, 3, 128, 2, 4, batch=256, in_chans=1),
+    # fine-tuning steps: the classification ViT on all 1+L tokens against transformers' ViTForImageClassification
+    "AF": Case("AF", "fine-tune ViT-B/16, 224px, B16, 1000 classes", 224, 16, 768, 12, 12, 0, 0, 0, batch=16,
+               task="finetune"),
+    "CF": Case("CF", "fine-tune ViT-Ti/4, 32px, B256, 100 classes", 32, 4, 192, 12, 3, 0, 0, 0, batch=256,
+               task="finetune", num_classes=100),
 }
 SELFCHECK_CASE = Case("tiny", "tiny", 32, 4, 64, 2, 4, 32, 2, 4, batch=3)
+SELFCHECK_FT_CASE = Case("tiny-ft", "tiny fine-tune", 32, 4, 64, 2, 4, 0, 0, 0, batch=3, task="finetune", num_classes=7)
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
@@ -123,8 +144,7 @@ def mae_forward_flops(
     P = patch_size**2 * in_chans  # pixels per patch
 
     def block(n: int, d: int) -> int:
-        hidden = int(d * mlp_ratio)
-        return 2 * n * d * (4 * d + 2 * hidden) + 2 * 2 * n * n * d
+        return block_flops(n, d, mlp_ratio)
 
     parts = {
         "patch_embed": 2 * L * P * embed_dim,
@@ -133,9 +153,35 @@ def mae_forward_flops(
         "decoder": decoder_depth * block(1 + L, decoder_embed_dim),
         "decoder_pred": 2 * (1 + L) * decoder_embed_dim * P,
     }
+    return _per_batch(parts, batch)
+
+
+def block_flops(n: int, d: int, mlp_ratio: float = 4.0) -> int:
+    """One transformer block on n tokens of width d: qkv, proj, fc1, fc2 linears and QK^T, AV."""
+    hidden = int(d * mlp_ratio)
+    return 2 * n * d * (4 * d + 2 * hidden) + 2 * 2 * n * n * d
+
+
+def _per_batch(parts: dict[str, int], batch: int) -> dict[str, int]:
     parts = {k: v * batch for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def vit_forward_flops(
+    img_size: int, patch_size: int, embed_dim: int, depth: int, in_chans: int = 3, mlp_ratio: float = 4.0,
+    num_classes: int = 1000, batch: int = 1,
+) -> dict[str, int]:
+    """Matmul FLOPs of one classification-ViT forward (fine-tuning): every block on all N = 1+L tokens."""
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+    L = (img_size // patch_size) ** 2
+    parts = {
+        "patch_embed": 2 * L * patch_size**2 * in_chans * embed_dim,
+        "encoder": depth * block_flops(1 + L, embed_dim, mlp_ratio),
+        "head": 2 * embed_dim * num_classes,
+    }
+    return _per_batch(parts, batch)
 
 
 def mae_train_flops(**kwargs) -> int:
@@ -156,12 +202,33 @@ def hf_available() -> bool:
 
 def build_fastmae(case: Case) -> torch.nn.Module:
     from fastmae.mae import MaskedAutoencoderViT
+    from fastmae.vit import VisionTransformer
 
+    if case.task == "finetune":
+        return VisionTransformer(**case.model_kwargs())
     return MaskedAutoencoderViT(**case.model_kwargs(), norm_pix_loss=True)
+
+
+def build_hf_classifier(case: Case) -> torch.nn.Module:
+    """transformers' ViTForImageClassification of the case's size (cls token + LayerNorm + linear head)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=case.img_size, patch_size=case.patch_size, num_channels=case.in_chans,
+        hidden_size=case.embed_dim, num_hidden_layers=case.depth, num_attention_heads=case.num_heads,
+        intermediate_size=int(case.embed_dim * case.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
+        qkv_bias=True, num_labels=case.num_classes, attn_implementation="sdpa",
+    )
+    model = ViTForImageClassification(cfg)
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    return model
 
 
 def build_hf(case: Case) -> torch.nn.Module:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    if case.task == "finetune":
+        return build_hf_classifier(case)
 
     cfg = ViTMAEConfig(
         image_size=case.img_size,
@@ -195,9 +262,18 @@ def build(impl: str, case: Case) -> torch.nn.Module:
     return build_hf(case) if base_impl(impl) == "hf" else build_fastmae(case)
 
 
-def loss_fn(impl: str, model: torch.nn.Module):
-    """imgs (B, C, H, W) -> scalar loss, for either implementation (each draws its own mask noise)."""
-    if base_impl(impl) == "hf":
+def loss_fn(impl: str, model: torch.nn.Module, case: Case):
+    """imgs (B, C, H, W) -> scalar loss, for either implementation (each draws its own mask noise).
+
+    Fine-tuning: cross entropy against fixed seeded labels (B,).
+    """
+    hf = base_impl(impl) == "hf"
+    if case.task == "finetune":
+        labels = torch.randint(0, case.num_classes, (case.batch,), generator=torch.Generator().manual_seed(1))
+        if hf:
+            return lambda imgs: model(pixel_values=imgs, labels=labels.to(imgs.device)).loss
+        return lambda imgs: torch.nn.functional.cross_entropy(model(imgs), labels.to(imgs.device))
+    if hf:
         return lambda imgs: model(pixel_values=imgs).loss
     return lambda imgs: model(imgs, MASK_RATIO)[0]
 
@@ -222,7 +298,7 @@ class Runner:
         self.model = build(impl, case).to(device).train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         fwd_model = torch.compile(self.model) if impl == COMPILED else self.model
-        self.forward = loss_fn(impl, fwd_model)
+        self.forward = loss_fn(impl, fwd_model, case)
         opt_kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optim_impl]
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **opt_kw)
@@ -315,7 +391,7 @@ def bench_case(case: Case, precision: str, impls: list[str], args, device: torch
     contended = len(use) < args.rounds
     if contended:
         use = list(range(len(clean)))
-    train_flops = mae_train_flops(**case.flop_kwargs(), batch=case.batch)
+    train_flops = 3 * case.forward_flops()["total"]
     rows = []
     for impl in impls:
         ts = [times[impl][k] for k in use]
@@ -458,27 +534,28 @@ def selfcheck(impls: tuple[str, ...] = IMPLS, verbose: bool = True) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    case = SELFCHECK_CASE
-    expected = mae_forward_flops(**case.flop_kwargs(), batch=case.batch)
-    for impl in (i for i in impls if i != "hf" or hf_available()):
-        torch.manual_seed(0)
-        model = build(impl, case).train()
-        forward = loss_fn(impl, model)
-        imgs = make_images(case, torch.device("cpu"))
-        with sdpa_kernel(SDPBackend.MATH):
-            with FlopCounterMode(display=False) as fc:
-                loss = forward(imgs)
-            fwd = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                loss.backward()
-            bwd = fc.get_total_flops()
-        want_bwd = 2 * expected["total"] - expected["patch_embed"]
-        if fwd != expected["total"] or bwd != want_bwd:
-            raise AssertionError(
-                f"{impl}: FlopCounterMode forward {fwd} / backward {bwd}, analytic {expected['total']} / {want_bwd}"
-            )
-        if verbose:
-            print(f"selfcheck {impl}: forward {fwd} FLOPs, backward {bwd} FLOPs == analytic count: ok")
+    for case in (SELFCHECK_CASE, SELFCHECK_FT_CASE):
+        expected = case.forward_flops()
+        for impl in (i for i in impls if i != "hf" or hf_available()):
+            torch.manual_seed(0)
+            model = build(impl, case).train()
+            forward = loss_fn(impl, model, case)
+            imgs = make_images(case, torch.device("cpu"))
+            with sdpa_kernel(SDPBackend.MATH):
+                with FlopCounterMode(display=False) as fc:
+                    loss = forward(imgs)
+                fwd = fc.get_total_flops()
+                with FlopCounterMode(display=False) as fc:
+                    loss.backward()
+                bwd = fc.get_total_flops()
+            want_bwd = 2 * expected["total"] - expected["patch_embed"]
+            if fwd != expected["total"] or bwd != want_bwd:
+                raise AssertionError(
+                    f"{impl} {case.task}: FlopCounterMode forward {fwd} / backward {bwd}, "
+                    f"analytic {expected['total']} / {want_bwd}"
+                )
+            if verbose:
+                print(f"selfcheck {impl} {case.task}: forward {fwd} FLOPs, backward {bwd} FLOPs == analytic count: ok")
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -526,7 +603,7 @@ def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="A,T,C", help="comma list of A, T, C")
+    p.add_argument("--cases", default="A,T,C", help="comma list of " + ", ".join(CASES) + " (AF, CF: fine-tuning)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
     p.add_argument("--impls", default="fastmae,hf", help="comma list of fastmae, hf (hf skipped if not installed)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fastmae model)")
@@ -604,7 +681,7 @@ def main(argv=None) -> None:
         measure_peaks()
         rows = []
         for case in cases:
-            flops = mae_forward_flops(**case.flop_kwargs())
+            flops = {k: v // case.batch for k, v in case.forward_flops().items()}
             print(f"# case {case.name}: {case.title}; {3 * flops['total'] / 1e9:.2f} GFLOP/image per train step")
             for precision in precisions:
                 rows += bench_case(case, precision, impls, args, device)["rows"]
