@@ -13,12 +13,23 @@ import pytest
 import torch
 from PIL import Image
 
+from fastmae import data as D
 from fastmae import trainer
 from fastmae.checkpoint import safe_join
 from fastmae.cli import main
-from fastmae.config import DataConfig, OptimConfig, PretrainConfig, RunConfig, validate
+from fastmae.config import (
+    ConvertConfig,
+    DataConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    VisualizeConfig,
+    validate,
+)
 from fastmae.convert import load_state_dict_file
-from fastmae import data as D
 from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
 
 from .test_cli_pretrain import tiny_args
@@ -83,8 +94,6 @@ def test_bad_evaluation_flag_is_refused(tmp_path, capsys, argv, message):
 
 
 def test_validate_accepts_every_default():
-    from fastmae.config import ConvertConfig, FinetuneConfig, KnnConfig, LinprobeConfig, VisualizeConfig
-
     for cls in (PretrainConfig, FinetuneConfig, LinprobeConfig, KnnConfig):
         validate(cls())
     validate(VisualizeConfig(checkpoint="x.pt"))
@@ -111,15 +120,6 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Image files: what is wrong with a file, said plainly, from the main process even with workers.
-
-def test_empty_and_non_image_files_say_what_is_wrong(tmp_path):
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "notes.png").write_text("not a picture")
-    with pytest.raises(UnreadableImageError, match=r"empty\.png: the file is empty \(0 bytes\).*--data\.skip_corrupt"):
-        decode_image(tmp_path / "empty.png", 3)
-    with pytest.raises(UnreadableImageError, match=r"notes\.png: not an image in a format Pillow reads"):
-        decode_image(tmp_path / "notes.png", 3)
-
 
 def test_pixel_limit_refuses_large_images_and_can_be_raised(tmp_path):
     Image.new("RGB", (120, 100), (10, 20, 30)).save(tmp_path / "big.png")
@@ -247,8 +247,10 @@ FILE_CASES: list[tuple[str, str, Callable[[], bytes], int, tuple[int, int, int] 
 def test_messy_image_file(tmp_path, case, name, make, channels, expected, train):
     path = tmp_path / name
     path.write_bytes(make())
-    load = lambda: load_image(path, (16, 16), channels, [0.5] * channels, [0.25] * channels, train=train,  # noqa: E731
-                              generator=torch.Generator().manual_seed(0), max_pixels=50_000)
+    def load() -> torch.Tensor:
+        return load_image(path, (16, 16), channels, [0.5] * channels, [0.25] * channels, train=train,
+                          generator=torch.Generator().manual_seed(0), max_pixels=50_000)
+
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
             load()
