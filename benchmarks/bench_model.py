@@ -143,14 +143,11 @@ def mae_forward_flops(
     K = int(L * (1 - mask_ratio))  # = fastmae.masking.num_kept, the official count
     P = patch_size**2 * in_chans  # pixels per patch
 
-    def block(n: int, d: int) -> int:
-        return block_flops(n, d, mlp_ratio)
-
     parts = {
         "patch_embed": 2 * L * P * embed_dim,
-        "encoder": depth * block(1 + K, embed_dim),
+        "encoder": depth * block_flops(1 + K, embed_dim, mlp_ratio),
         "decoder_embed": 2 * (1 + K) * embed_dim * decoder_embed_dim,
-        "decoder": decoder_depth * block(1 + L, decoder_embed_dim),
+        "decoder": decoder_depth * block_flops(1 + L, decoder_embed_dim, mlp_ratio),
         "decoder_pred": 2 * (1 + L) * decoder_embed_dim * P,
     }
     return _per_batch(parts, batch)
@@ -681,8 +678,8 @@ def main(argv=None) -> None:
         measure_peaks()
         rows = []
         for case in cases:
-            flops = {k: v // case.batch for k, v in case.forward_flops().items()}
-            print(f"# case {case.name}: {case.title}; {3 * flops['total'] / 1e9:.2f} GFLOP/image per train step")
+            step_flops = 3 * case.forward_flops()["total"] / case.batch  # per image
+            print(f"# case {case.name}: {case.title}; {step_flops / 1e9:.2f} GFLOP/image per train step")
             for precision in precisions:
                 rows += bench_case(case, precision, impls, args, device)["rows"]
                 r = rows[-1]

@@ -16,15 +16,10 @@ from PIL import Image, ImageDraw
 from .checkpoint import safe_join
 from .config import DataConfig, VisualizeConfig, validate
 from .mae import MaskedAutoencoderViT
+from .masking import check_mask_ratio
 from .patches import patchify
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
-
-
-def check_mask_ratio(mask_ratio: float) -> None:
-    """ValueError unless 0 <= mask_ratio < 1 (at least one patch must stay visible)."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1) (the fraction of patches removed), got {mask_ratio}")
 
 
 def seeded_noise(batch: int, num_patches: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
