@@ -103,7 +103,8 @@ class RunConfig:
     output_dir: str = "runs/pretrain"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto = bf16 autocast where supported (CUDA with bf16, CPU), fp32 otherwise; fp16 needs CUDA."""
+    """auto = bf16 autocast on CUDA with bf16 (else fp16 + scaler) and on CPUs with native bf16 (AVX512_BF16 or
+    AMX), fp32 on other CPUs (emulated bf16 is many times slower there); fp16 needs CUDA."""
     compile: bool = False
     """torch.compile the model (faster steps after a one-off compile)."""
     seed: int = 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import autocast
 from .dist import DistInfo, all_gather_cat, all_reduce_mean
 from .log import progress
 from .optim import set_lr
@@ -22,39 +23,6 @@ from .optim import set_lr
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; raised before anything is checkpointed."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--run.device cuda was asked for but no CUDA device is available; use --run.device cpu")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CPU and on bf16-capable GPUs, fp16 on older GPUs; fp16 needs CUDA."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs a CUDA device (it uses a gradient scaler); use bf16 or fp32 on CPU")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a precision ('fp32' -> no autocast)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """A gradient scaler for fp16 on CUDA, None otherwise."""
-    return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
 
 
 @dataclass

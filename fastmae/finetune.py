@@ -49,7 +49,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     augment = FinetuneAugment(cfg.aug, K, train.mean, train.std)
     print0(d, f"fine-tune {bb.source} -> ViT {model.embed_dim}x{len(model.blocks)} ({model.global_pool} pool) on "
               f"{train.num_samples} images, {K} classes | effective batch {eff_batch}, lr {peak:.3g}, layer decay "
-              f"{cfg.layer_decay} | {rt.precision} on {rt.device} x{d.world_size}")
+              f"{cfg.layer_decay} | {rt.precision_label} on {rt.device} x{d.world_size}")
 
     def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # augmentation randomness comes from the global RNG (saved in checkpoints) so resume is exact

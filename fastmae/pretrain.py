@@ -51,7 +51,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
     total, warmup = cfg.optim.epochs * steps, int(round(cfg.optim.warmup_epochs * steps))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(d, f"MAE {cfg.model.name} {kwargs} | {n_params / 1e6:.2f}M trainable params | {train.num_samples} "
-              f"images, {steps} steps/epoch | effective batch {eff_batch}, lr {peak:.3g} | {rt.precision} on "
+              f"images, {steps} steps/epoch | effective batch {eff_batch}, lr {peak:.3g} | {rt.precision_label} on "
               f"{rt.device} x{d.world_size} | output {rt.out_dir}")
 
     split = "eval" if has_eval_split(cfg) else "train"

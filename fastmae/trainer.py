@@ -27,7 +27,8 @@ from .checkpoint import (
 )
 from .config import RunConfig, save_json, to_dict
 from .dist import DistInfo, barrier, init_distributed, print0
-from .engine import EpochResult, make_scaler, resolve_device, resolve_precision, train_one_epoch
+from .device import make_scaler, resolve_device, resolve_precision
+from .engine import EpochResult, train_one_epoch
 from .log import RunLogger
 
 
@@ -36,7 +37,8 @@ class Runtime:
     """Resolved device, precision, process group, output folder and logger of one run."""
 
     device: torch.device
-    precision: str
+    precision: str  # 'bf16', 'fp16' or 'fp32'
+    precision_label: str  # for the startup line: 'fp32 (no native bf16 on this CPU)' when auto fell back
     dist: DistInfo
     out_dir: Path
     logger: RunLogger
@@ -59,7 +61,8 @@ def setup(run: RunConfig, cfg) -> Runtime:
         save_json(cfg, out / "config.json")
     barrier(dist)
     logger = RunLogger(out, enabled=dist.is_main)
-    return Runtime(device=device, precision=precision, dist=dist, out_dir=out, logger=logger, run=run)
+    return Runtime(device=device, precision=precision.name, precision_label=str(precision), dist=dist, out_dir=out,
+                   logger=logger, run=run)
 
 
 class StopFlag:

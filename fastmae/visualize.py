@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from .checkpoint import safe_join
 from .config import DataConfig, VisualizeConfig, validate
+from .device import resolve_device
 from .mae import MaskedAutoencoderViT
 from .masking import check_mask_ratio
 from .patches import patchify
@@ -176,12 +177,6 @@ def dataset_images(data: DataConfig, num: int, img_size: tuple[int, int]) -> tup
     return imgs[:num], [f"sample-{i:04d}" for i in range(len(imgs[:num]))]
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def run_visualize(cfg: VisualizeConfig) -> Path:
     """Load the MAE, reconstruct the images, write the figure; returns the PNG (or the folder with --per_image).
 
@@ -190,7 +185,7 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     from .api import load, require_decoder
 
     validate(cfg)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, "--device")
     model = load(cfg.checkpoint, num_heads=cfg.num_heads, decoder_num_heads=cfg.decoder_num_heads,
                  norm_pix_loss=cfg.norm_pix_loss, map_location=device)
     model = require_decoder(model, cfg.checkpoint)

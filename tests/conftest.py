@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(os.environ.get("FASTMAE_FIXTURES", REPO.parent / "shared" / "fixtures")) / "official_mae_small.pt"
+FIXTURE = REPO / "tests" / "fixtures" / "official_mae_small.pt"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
 def official():
-    """The official-implementation parity fixture (see shared/fixtures/README.md)."""
-    if not FIXTURE.exists():
-        pytest.skip(f"parity fixture not found at {FIXTURE}")
+    """The official-implementation parity fixture (tests/fixtures/README.md): part of the repository, so a
+    missing file fails the parity tests instead of skipping them."""
+    assert FIXTURE.exists(), f"parity fixture missing: {FIXTURE} (it is committed with the tests; restore it)"
     return torch.load(FIXTURE, weights_only=True)
 
 
