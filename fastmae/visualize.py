@@ -135,16 +135,16 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_images(
     paths: Sequence[str | Path], img_size: tuple[int, int], channels: int, mean: Sequence[float],
-    std: Sequence[float], max_pixels: int = 0,
+    std: Sequence[float], max_image_pixels: int = 0,
 ) -> tuple[torch.Tensor, list[str]]:
     """Files and/or folders -> (images (B, C, H, W) normalised with the eval transform, unique names).
 
-    Files over max_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
+    Files over max_image_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
     """
     from .data import load_image
 
     files = image_files(paths)
-    imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False, max_pixels=max_pixels)
+    imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False, max_image_pixels=max_image_pixels)
                         for f in files])  # (B, C, H, W)
     names, seen = [], {}
     for f in files:  # a/x.png and b/x.jpg -> x, x-1

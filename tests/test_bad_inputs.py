@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae import data as D
+from fastmae.data import sources as D
 from fastmae import trainer
 from fastmae.checkpoint import safe_join
 from fastmae.cli import main
@@ -124,8 +124,8 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch, tmp_path):
 def test_pixel_limit_refuses_large_images_and_can_be_raised(tmp_path):
     Image.new("RGB", (120, 100), (10, 20, 30)).save(tmp_path / "big.png")
     with pytest.raises(UnreadableImageError, match=r"too large to decode safely.*--data\.max_image_pixels"):
-        decode_image(tmp_path / "big.png", 3, max_pixels=5000)
-    x = decode_image(tmp_path / "big.png", 3, max_pixels=12000)  # exactly its 12,000 pixels: allowed
+        decode_image(tmp_path / "big.png", 3, max_image_pixels=5000)
+    x = decode_image(tmp_path / "big.png", 3, max_image_pixels=12000)  # exactly its 12,000 pixels: allowed
     assert x.shape == (3, 100, 120)
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's global limit is restored after the decode
 
@@ -249,7 +249,7 @@ def test_messy_image_file(tmp_path, case, name, make, channels, expected, train)
     path.write_bytes(make())
     def load() -> torch.Tensor:
         return load_image(path, (16, 16), channels, [0.5] * channels, [0.25] * channels, train=train,
-                          generator=torch.Generator().manual_seed(0), max_pixels=50_000)
+                          generator=torch.Generator().manual_seed(0), max_image_pixels=50_000)
 
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):

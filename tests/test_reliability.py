@@ -77,3 +77,38 @@ def test_failing_rank_ends_the_ddp_job_with_its_error(tmp_path):
     assert "injected fault on rank 1" in res.stdout + res.stderr
     assert time.time() - t0 < 200  # ended, not hung until the collective timeout
     assert not list((tmp_path / "run").glob("checkpoint-*.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_saves_a_checkpoint(tmp_path):
+    """`kill -TERM -- -PGID` (torchrun, Slurm) reaches the DataLoader workers too: they must leave the signal to
+    the main process, which saves mid-epoch and exits cleanly; the same command then resumes."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(64):
+        a = torch.randint(0, 255, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(a).save(imgs / f"{i:03d}.png")
+    args = tiny_args(imgs, tmp_path / "run", epochs=500)[1:] + [
+        "--data.source", "unlabelled", "--data.num_workers", "2", "--model.img_size", "16", "16",
+        "--knn_every", "-1", "--figure_every", "0", "--optim.batch_size", "8", "--run.save_every", "1000",
+        "--run.num_threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastmae", "pretrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    seen = []
+    for line in proc.stdout:  # training has started once the first epoch line is printed
+        seen.append(line)
+        if line.startswith("{") and '"epoch"' in line:
+            break
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its worker processes alike
+    out, _ = proc.communicate(timeout=120)
+    text = "".join(seen) + out
+    assert proc.returncode == 0, text
+    assert "signal 15: saved" in text and "killed by signal" not in text, text
+    ckpt = find_latest(tmp_path / "run")
+    state, _ = load_checkpoint(ckpt)
+    assert state["batch"] > 0 or state["epoch"] > 0

@@ -1,0 +1,86 @@
+"""The loader interface every source shares: batches for one rank, epochs that resume at any batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .sampler import EpochSampler
+
+log = logging.getLogger(__name__)
+
+
+def check_norm(channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    """ValueError unless mean and std have one positive-std entry per channel."""
+    if len(mean) != channels:
+        raise ValueError(f"--data.mean has {len(mean)} values but the model takes {channels} channels")
+    if len(std) != channels:
+        raise ValueError(f"--data.std has {len(std)} values but the model takes {channels} channels")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"--data.std must be positive, got {tuple(std)}")
+
+
+class Loader:
+    """Iterable of (images (B, C, H, W) float32 normalised, labels (B,) int64; -1 = unlabelled) for one rank.
+
+    Call `set_epoch(epoch)` before each epoch (as with DistributedSampler); `set_epoch(epoch, k)`
+    resumes an epoch at batch k with exactly the batches an uninterrupted run would see. The one
+    constructor of every loader: subclasses add their samples and pass these keywords through.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        img_size: tuple[int, int],
+        batch_size: int,
+        train: bool,
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        hflip: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+        num_classes: int = 0,
+        classes: Sequence[str] = (),
+    ):
+        check_norm(channels, mean, std)
+        self._sampler = EpochSampler(
+            num_samples, batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
+            drop_last=train if drop_last is None else drop_last,
+        )
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.batch_size = batch_size
+        self.train = train
+        self.channels = channels
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.crop_scale, self.hflip, self.seed = tuple(crop_scale), hflip, seed
+        self.num_classes = num_classes
+        self.classes = list(classes)
+        self.num_samples = num_samples
+        self.skipped: list[str] = []
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (order and augmentation) and the batch to start from for the next iterations."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self._sampler.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _note_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Record files a dataset skipped, warning once per file."""
+        for path, reason in skipped:
+            if path not in self.skipped:
+                self.skipped.append(path)
+                log.warning("skipped unreadable image %s (--data.skip_corrupt): %s", path, reason)
