@@ -19,6 +19,13 @@ Cases: A = ViT-B/16 + 512x8 decoder, 224 px, B 16; T = ViT-Ti/16 + 128x4 decoder
 C = ViT-Ti/4 + 128x4 decoder, 32 px, B 256; F = the Fashion-MNIST default. Mask ratio 0.75, norm_pix_loss on.
 Fine-tuning: AF = ViT-B/16, 224 px, B 16, 1000 classes; CF = ViT-Ti/4, 32 px, B 256, 100 classes; cls-token
 pooling (as HF's ViTForImageClassification), cross entropy on fixed labels (`vit_forward_flops`: all 1+L tokens).
+GPU cases: B / L = ViT-B/16 / ViT-L/16 + 512x8 decoder, 224 px, B 256; BF / LF = their fine-tuning steps, B 256.
+
+On CUDA (`--device cuda`, see benchmarks/gpu_check.sh): every step is timed between synchronisations, the
+contention filter is off (CPU share means nothing there), each implementation's peak GPU memory is
+torch.cuda.max_memory_allocated over its build and warm-up minus what was allocated before it (its weights,
+gradients, AdamW state and activations), a case that runs out of memory is retried at half the batch, and
+the matmul peak is an 8192^3 product (10 per timing) on the GPU, measured in the same process.
 
 FLOPs are counted analytically (`mae_forward_flops`: 2 per multiply-add of every linear, conv and
 attention matmul; encoder on the 1+K visible tokens, decoder on 1+L tokens; training = 3 x forward)
@@ -110,6 +117,13 @@ CASES: dict[str, Case] = {
                task="finetune"),
     "CF": Case("CF", "fine-tune ViT-Ti/4, 32px, B256, 100 classes", 32, 4, 192, 12, 3, 0, 0, 0, batch=256,
                task="finetune", num_classes=100),
+    # GPU cases (benchmarks/gpu_check.sh): the paper's ViT-B and ViT-L at a GPU-sized batch (halved on OOM)
+    "B": Case("B", "ViT-B/16 + 512x8 dec, 224px, B256", 224, 16, 768, 12, 12, 512, 8, 16, batch=256),
+    "L": Case("L", "ViT-L/16 + 512x8 dec, 224px, B256", 224, 16, 1024, 24, 16, 512, 8, 16, batch=256),
+    "BF": Case("BF", "fine-tune ViT-B/16, 224px, B256, 1000 classes", 224, 16, 768, 12, 12, 0, 0, 0, batch=256,
+               task="finetune"),
+    "LF": Case("LF", "fine-tune ViT-L/16, 224px, B256, 1000 classes", 224, 16, 1024, 24, 16, 0, 0, 0, batch=256,
+               task="finetune"),
 }
 SELFCHECK_CASE = Case("tiny", "tiny", 32, 4, 64, 2, 4, 32, 2, 4, batch=3)
 SELFCHECK_FT_CASE = Case("tiny-ft", "tiny fine-tune", 32, 4, 64, 2, 4, 0, 0, 0, batch=3, task="finetune", num_classes=7)
@@ -333,42 +347,113 @@ class Runner:
 # ------------------------------------------------------------------------------------ measuring
 
 
-def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 7) -> float:
-    """Median TFLOP/s of an n x n x n matmul in `dtype`: the machine's practical matmul peak."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device, dtype)
-    b = torch.randn(n, n, generator=g).to(device, dtype)
+def peak_matmul_size(device: torch.device) -> int:
+    """Side n of the square matmul that measures the peak: 2048 on a CPU, 8192 on a GPU (big enough to fill it)."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 0, reps: int = 7) -> float:
+    """Median TFLOP/s of an n x n x n matmul in `dtype` on random data: the machine's practical matmul peak.
+
+    n = 0 picks `peak_matmul_size`. On a GPU each timing covers 10 products between synchronisations, so
+    launch and synchronisation overhead stay out of the figure; the operands are drawn on the device.
+    """
+    n = n or peak_matmul_size(device)
+    inner = 10 if device.type == "cuda" else 1
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
     for _ in range(2):
         a @ b
     times = []
     for _ in range(reps):
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        for _ in range(inner):
+            a @ b
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / inner)
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def bench_case(case: Case, precision: str, impls: list[str], args, device: torch.device) -> dict:
-    """Warm up every implementation, then time them in interleaved rounds; medians per impl."""
-    runners = {impl: Runner(impl, case, precision, device, args.optim_impl) for impl in impls}
-    warm = {}
-    for impl, r in runners.items():
-        sync(device)
+def gpu_memory_mark(device: torch.device) -> int:
+    """On a GPU: reset the peak-memory counter and return the bytes allocated now; 0 on a CPU."""
+    if device.type != "cuda":
+        return 0
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def free_gpu_memory(device: torch.device) -> None:
+    """Drop compiled graphs and cached blocks, so the next case (or a retry at a smaller batch) starts clean."""
+    if device.type != "cuda":
+        return
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def build_and_warm_up(impl: str, case: Case, precision: str, args, device: torch.device) -> tuple[Runner, dict]:
+    """Build one implementation and run its warm-up steps (the compiled one compiles in its first step).
+
+    Returns the runner and its warm-up record: first and last warm-up step times and, on a GPU, the peak
+    memory this implementation allocated ('peak_mem_gib'). Runners built earlier sit idle meanwhile, so
+    their memory is the constant taken off as `before`.
+    """
+    before = gpu_memory_mark(device)
+    r = Runner(impl, case, precision, device, args.optim_impl)
+    sync(device)
+    t0 = time.perf_counter()
+    loss = r.step()  # for the compiled model this step includes compiling forward and backward
+    sync(device)
+    first = last = time.perf_counter() - t0
+    n_warm = max(args.warmup, 2) + (args.compile_warmup if impl == COMPILED else 0)
+    for _ in range(n_warm - 1):
         t0 = time.perf_counter()
-        loss = r.step()  # for the compiled model this step includes compiling forward and backward
+        loss = r.step()
         sync(device)
-        first = time.perf_counter() - t0
-        n_warm = max(args.warmup, 2) + (args.compile_warmup if impl == COMPILED else 0)
-        for _ in range(n_warm - 1):
-            t0 = time.perf_counter()
-            loss = r.step()
-            sync(device)
-            last = time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"{impl} case {case.name} {precision}: loss is {loss.item()}")
-        warm[impl] = {"first_step_s": first, "last_warmup_step_s": last, "warmup_steps": n_warm}
+        last = time.perf_counter() - t0
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"{impl} case {case.name} {precision}: loss is {loss.item()}")
+    warm = {"first_step_s": first, "last_warmup_step_s": last, "warmup_steps": n_warm}
+    if device.type == "cuda":
+        warm["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+    return r, warm
+
+
+def bench_case_fitting(case: Case, precision: str, impls: list[str], args, device: torch.device,
+                       min_batch: int = 8) -> dict:
+    """`bench_case` at the case's batch; after a CUDA out-of-memory error, again at half the batch.
+
+    Rows record the batch that ran ('batch') and the one asked for ('batch_requested').
+    """
+    batch = case.batch
+    while True:
+        oom = False
+        try:
+            res = bench_case(dataclasses.replace(case, batch=batch), precision, impls, args, device)
+        except torch.OutOfMemoryError:
+            oom = True  # handled below, outside the except block, so the failed runners' frames are freed first
+        free_gpu_memory(device)
+        if not oom:
+            for row in res["rows"]:
+                row["batch_requested"] = case.batch
+            return res
+        if batch // 2 < min_batch:
+            raise RuntimeError(f"case {case.name} {precision}: out of memory even at batch {batch}")
+        print(f"# case {case.name} {precision}: out of memory at batch {batch}; retrying at batch {batch // 2}",
+              flush=True)
+        batch //= 2
+
+
+def bench_case(case: Case, precision: str, impls: list[str], args, device: torch.device) -> dict:
+    """Build and warm up every implementation, then time them in interleaved rounds; medians per impl."""
+    runners, warm = {}, {}
+    for impl in impls:
+        runners[impl], warm[impl] = build_and_warm_up(impl, case, precision, args, device)
     steps = args.steps or max(1, round(args.round_seconds / max(w["last_warmup_step_s"] for w in warm.values())))
     # Rounds A, B then B, A, ... until `rounds` of them are clean (every implementation kept
     # its threads busy for >= --min-cpu-share of the wall time, i.e. no other process took a
@@ -575,7 +660,9 @@ def machine_info(device: torch.device) -> dict:
     except (OSError, StopIteration):
         pass
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, gpu_sms=props.multi_processor_count,
+                    gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
     if hf_available():
         import transformers
 
@@ -584,23 +671,87 @@ def machine_info(device: torch.device) -> dict:
 
 
 def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
-    """Medians over the clean rounds; 'best' is the fastest of them; 'clean' = clean rounds / rounds run."""
+    """Medians over the clean rounds; 'best' is the fastest of them; 'clean' = clean rounds / rounds run.
+
+    GPU rows add the batch that ran (it may have been halved after running out of memory) and the
+    implementation's peak allocated memory.
+    """
+    gpu = any("peak_mem_gib" in r for r in rows)
     head = "| case | precision | impl | img/s | step ms | best ms | spread | clean | TFLOP/s | % of peak | vs HF |"
-    lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    align = "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if gpu:
+        head, align = head + " batch | peak GiB |", align + " ---: | ---: |"
+    lines = [head, align]
     for r in rows:
         vs = f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-"
-        lines.append(
+        line = (
             f"| {r['case']} | {r['precision']} | {r['impl']} | {r['img_per_s']:.1f} | {1e3 * r['step_s_median']:.0f} "
             f"| {1e3 * r['step_s_best']:.0f} | {100 * r['spread']:.0f}% "
             f"| {r['rounds_clean']}/{r['rounds_run']}{' (!)' if r['contended'] else ''} | {r['tflops']:.3f} "
             f"| {100 * r['tflops'] / peaks[r['precision']]:.0f}% | {vs} |"
         )
+        if gpu:
+            line += f" {r['batch']} | {r.get('peak_mem_gib', float('nan')):.1f} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    """Write the results so far (also after every case, so a run cut short by a time limit keeps its cases)."""
+    Path(path).write_text(json.dumps(result, indent=2))
+
+
+def add_peak_shares(rows: list[dict], peaks: dict[str, float]) -> None:
+    """Each row's achieved TFLOP/s as a share of the measured matmul peak of its precision ('mfu')."""
+    for r in rows:
+        r["mfu"] = r["tflops"] / peaks[r["precision"]]
+
+
+def run_speed(cases: list[Case], precisions: list[str], impls: list[str], args, device: torch.device,
+              result: dict) -> None:
+    """The throughput table: every case x precision timed in interleaved rounds, with the matmul peak."""
+    # Contention only ever lowers a measurement, so the peak is the best of several medians,
+    # measured at the start and again after every case.
+    peak_runs: dict[str, list[float]] = {p: [] for p in precisions}
+
+    def measure_peaks() -> dict[str, float]:
+        for p in precisions:
+            peak_runs[p].append(matmul_peak_tflops(torch.float32 if p == "fp32" else torch.bfloat16, device))
+        return {p: max(v) for p, v in peak_runs.items()}
+
+    peaks = measure_peaks()
+    rows: list[dict] = []
+    for case in cases:
+        step_flops = 3 * case.forward_flops()["total"] / case.batch  # per image
+        print(f"# case {case.name}: {case.title}; {step_flops / 1e9:.2f} GFLOP/image per train step", flush=True)
+        for precision in precisions:
+            rows += bench_case_fitting(case, precision, impls, args, device)["rows"]
+            r = rows[-1]
+            print(f"#   {precision}: {r['steps_per_round']} steps/round, {r['rounds_clean']} clean of "
+                  f"{r['rounds_run']} rounds, waited {r['waited_for_quiet_s']:.0f} s for quiet; params "
+                  + ", ".join(f"{x['impl']} {x['params'] / 1e6:.2f}M" for x in rows[-len(impls):]), flush=True)
+        peaks = measure_peaks()
+        add_peak_shares(rows, peaks)
+        result.update(peaks_tflops=peaks, peak_runs_tflops=peak_runs, rows=rows)
+        if args.json:
+            write_json(result, args.json)
+    n = peak_matmul_size(device)
+    print(f"# matmul peak ({n}^3, best of the medians of 7 reps, measured before/after each case): "
+          + "; ".join(f"{p} {peaks[p]:.3f} TFLOP/s (runs: {', '.join(f'{t:.3f}' for t in v)})"
+                      for p, v in peak_runs.items()))
+    print()
+    print(markdown_table(rows, peaks))
+    for r in rows:
+        if r["impl"] == COMPILED:
+            print(f"\ncompile: case {r['case']} {r['precision']}: first step (compile + run) "
+                  f"{r['first_step_s']:.1f} s; steady step {1e3 * r['step_s_median']:.0f} ms")
+    result.update(peaks_tflops=peaks, peak_runs_tflops=peak_runs, rows=rows)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="A,T,C", help="comma list of " + ", ".join(CASES) + " (AF, CF: fine-tuning)")
+    p.add_argument("--cases", default="A,T,C",
+                   help="comma list of " + ", ".join(CASES) + " (AF, CF, BF, LF: fine-tuning; B, L, BF, LF: GPU-sized)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
     p.add_argument("--impls", default="fastmae,hf", help="comma list of fastmae, hf (hf skipped if not installed)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fastmae model)")
@@ -634,6 +785,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_model: --device cuda, but no CUDA device is visible (torch.cuda.is_available() is False)")
     device = torch.device(args.device)
     cases = [CASES[c.strip()] for c in args.cases.split(",") if c.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -667,37 +820,7 @@ def main(argv=None) -> None:
         return
 
     if not args.no_speed:
-        # Contention only ever lowers a measurement, so the peak is the best of several medians,
-        # measured at the start and again after every case.
-        peak_runs: dict[str, list[float]] = {p: [] for p in precisions}
-
-        def measure_peaks() -> None:
-            for p in precisions:
-                peak_runs[p].append(matmul_peak_tflops(torch.float32 if p == "fp32" else torch.bfloat16, device))
-
-        measure_peaks()
-        rows = []
-        for case in cases:
-            step_flops = 3 * case.forward_flops()["total"] / case.batch  # per image
-            print(f"# case {case.name}: {case.title}; {step_flops / 1e9:.2f} GFLOP/image per train step")
-            for precision in precisions:
-                rows += bench_case(case, precision, impls, args, device)["rows"]
-                r = rows[-1]
-                print(f"#   {precision}: {r['steps_per_round']} steps/round, {r['rounds_clean']} clean of "
-                      f"{r['rounds_run']} rounds, waited {r['waited_for_quiet_s']:.0f} s for quiet; params "
-                      + ", ".join(f"{x['impl']} {x['params'] / 1e6:.2f}M" for x in rows[-len(impls):]), flush=True)
-            measure_peaks()
-        peaks = {p: max(v) for p, v in peak_runs.items()}
-        print("# matmul peak (2048^3, best of the medians of 7 reps, measured before/after each case): "
-              + "; ".join(f"{p} {peaks[p]:.3f} TFLOP/s (runs: {', '.join(f'{t:.3f}' for t in v)})"
-                          for p, v in peak_runs.items()))
-        print()
-        print(markdown_table(rows, peaks))
-        for r in rows:
-            if r["impl"] == COMPILED:
-                print(f"\ncompile: case {r['case']} {r['precision']}: first step (compile + run) "
-                      f"{r['first_step_s']:.1f} s; steady step {1e3 * r['step_s_median']:.0f} ms")
-        result.update(peaks_tflops=peaks, peak_runs_tflops=peak_runs, rows=rows)
+        run_speed(cases, precisions, impls, args, device, result)
 
     if args.memory:
         mem = run_memory(cases, precisions, impls, args)
@@ -709,7 +832,7 @@ def main(argv=None) -> None:
         result["memory"] = mem
 
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(result, args.json)
         print(f"\nwrote {args.json}")
 
 

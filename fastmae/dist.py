@@ -25,10 +25,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_by_torchrun() -> bool:
+    """True when torchrun's rendezvous variables are set (RANK and MASTER_ADDR), whatever the world size."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def init_distributed(device_type: str, timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    """Join the process group when launched by torchrun; a no-op for a plain `python`/`fastmae` process.
+
+    A one-process torchrun job (WORLD_SIZE=1) joins a group too, so that NCCL/gloo setup is exercised on a
+    machine with one GPU; with world size 1 nothing is wrapped in DDP and every collective helper is an identity.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not launched_by_torchrun():
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not tdist.is_initialized():

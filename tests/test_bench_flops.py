@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import benchmarks.bench_model as bm
 from benchmarks.bench_model import CASES, mae_forward_flops, mae_train_flops, selfcheck, vit_forward_flops
 
 
@@ -25,3 +34,40 @@ def test_finetune_flops_cover_all_tokens():
     # and about 4x the MAE encoder on its 50 visible tokens
     assert round(ft["total"] / 16 / 1e9, 1) == 35.1
     assert 4 < ft["encoder"] / 16 / mae_forward_flops(**CASES["A"].flop_kwargs())["encoder"] < 4.2
+
+
+@pytest.mark.parametrize("name", ["B", "L"])
+def test_gpu_pretrain_cases_match_flop_counter_on_meta(name):
+    """The GPU cases' analytic count equals FlopCounterMode on the real model, built on the meta device (no compute)."""
+    case = dataclasses.replace(CASES[name], batch=2)
+    with torch.device("meta"):
+        model = bm.build_fastmae(case).train()
+        imgs = torch.empty(2, 3, case.img_size, case.img_size)  # (B, C, H, W)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        bm.loss_fn("fastmae", model, case)(imgs)
+    assert fc.get_total_flops() == case.forward_flops()["total"]
+
+
+def test_gpu_finetune_cases_are_vit_b_and_vit_l():
+    per_image = {n: CASES[n].forward_flops()["total"] / CASES[n].batch for n in ("AF", "BF", "LF")}
+    assert per_image["BF"] == per_image["AF"]  # the same ViT-B/16, a bigger batch
+    assert round(per_image["LF"] / 2e9, 1) == 61.6  # ViT-L/16 at 224 px: the usual 61.6 G multiply-adds
+
+
+def test_out_of_memory_halves_the_batch(monkeypatch):
+    """bench_case_fitting retries a case at half the batch after torch.OutOfMemoryError, and says which ran."""
+    tried = []
+
+    def fake_bench_case(case, precision, impls, args, device):
+        tried.append(case.batch)
+        if case.batch > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"rows": [{"case": case.name, "batch": case.batch}]}
+
+    monkeypatch.setattr(bm, "bench_case", fake_bench_case)
+    res = bm.bench_case_fitting(CASES["B"], "bf16", ["fastmae"], argparse.Namespace(), torch.device("cpu"))
+    assert tried == [256, 128, 64]
+    assert res["rows"] == [{"case": "B", "batch": 64, "batch_requested": 256}]
+    with pytest.raises(RuntimeError, match="out of memory even at batch 128"):  # 64 would be under min_batch
+        bm.bench_case_fitting(CASES["B"], "bf16", ["fastmae"], argparse.Namespace(), torch.device("cpu"),
+                              min_batch=128)

@@ -1,4 +1,4 @@
-"""2-process gloo DDP under torchrun: it finishes, and its loss matches a 1-process run of the same global batch."""
+"""torchrun: 2-process gloo DDP matches a 1-process run of the same global batch; a 1-process torchrun joins a group."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as tdist
 
+from fastmae.dist import cleanup, init_distributed
+
+from .conftest import set_torchrun_env
 from .test_cli_pretrain import make_fmnist, tiny_args
 
 
@@ -41,3 +46,21 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         assert abs(a - b) / b < 0.02, (l2, l1)
     # only rank 0 writes: one set of checkpoints, one log
     assert len(list((tmp_path / "two").glob("checkpoint-*.pt"))) == 2
+
+
+def test_one_process_torchrun_env_joins_a_gloo_group(monkeypatch):
+    """torchrun --nproc_per_node=1 joins a real (gloo) group; a plain process stays out of one."""
+    for k in ("RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    assert not init_distributed("cpu", 60).distributed and not tdist.is_initialized()
+    set_torchrun_env(monkeypatch)
+    try:
+        info = init_distributed("cpu", 60)
+        assert tdist.is_initialized() and tdist.get_backend() == "gloo"
+        assert (info.rank, info.world_size, info.distributed) == (0, 1, False)
+        x = torch.arange(3.0)
+        tdist.all_reduce(x)
+        assert x.tolist() == [0.0, 1.0, 2.0]
+    finally:
+        cleanup()
+    assert not tdist.is_initialized()
