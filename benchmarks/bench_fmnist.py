@@ -53,11 +53,9 @@ def raw_pixels(data: DataConfig) -> dict:
     knn, knn_s = timed(lambda: knn_accuracy(*feats["train"], *feats["eval"], num_classes=10))
     head = LinearHead(784, 10)
     o = LinprobeConfig().optim  # the linprobe command's defaults: same head, LARS, lr and schedule
-    _, lin_s = timed(lambda: train_head_on_features(head, *feats["train"], epochs=o.epochs, batch_size=o.batch_size,
-                                                    lr=o.blr * o.batch_size / 256, warmup_epochs=o.warmup_epochs,
-                                                    min_lr=o.min_lr, weight_decay=o.weight_decay, seed=0))
+    _, lin_s = timed(lambda: train_head_on_features(head, *feats["train"], o, world_size=1, seed=0))
     lin = head_accuracy(head, *feats["eval"])
-    return {"raw kNN": (knn["knn_top1"], knn_s), "raw linear": (lin["top1"], lin_s)}
+    return {"raw kNN": (knn["top1"], knn_s), "raw linear": (lin["top1"], lin_s)}
 
 
 def read(path: Path, key: str) -> float:
@@ -102,7 +100,7 @@ def main() -> None:
         _, s = timed(cli, ["linprobe", *rand, *probe, "--run.output_dir", str(out / "lp_random")])
         rows["random encoder linear probe"] = (read(out / "lp_random" / "linprobe.json", "top1"), s)
         _, s = timed(cli, ["knn", *rand, "--run.output_dir", str(out / "knn_random")])
-        rows["random encoder kNN"] = (read(out / "knn_random" / "knn.json", "knn_top1"), s)
+        rows["random encoder kNN"] = (read(out / "knn_random" / "knn.json", "top1"), s)
         save()
     if "pretrain" in steps:
         _, s = timed(cli, ["pretrain", "--run.output_dir", str(pre), "--run.no_progress", *extra])
@@ -113,7 +111,7 @@ def main() -> None:
         _, s = timed(cli, ["linprobe", "--init", str(pre), *probe, "--run.output_dir", str(out / "lp_mae")])
         rows["MAE linear probe"] = (read(out / "lp_mae" / "linprobe.json", "top1"), s)
         _, s = timed(cli, ["knn", "--init", str(pre), "--run.output_dir", str(out / "knn_mae")])
-        rows["MAE kNN"] = (read(out / "knn_mae" / "knn.json", "knn_top1"), s)
+        rows["MAE kNN"] = (read(out / "knn_mae" / "knn.json", "top1"), s)
         save()
     if "finetune" in steps:
         _, s = timed(cli, ["finetune", "--init", str(pre), *ft, "--run.output_dir", str(out / "ft_mae")])

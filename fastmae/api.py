@@ -10,18 +10,17 @@ Shapes: B batch, C channels, H, W image, L patches, h, w patch grid, D width.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
-from .vit import VARIANTS, VisionTransformer, build_vit
+from .mae import MAE_VARIANTS, MaskedAutoencoderViT
+from .vit import VARIANTS, VisionTransformer, variant_kwargs
+from .weights import Weights, default_stats, read_weights
 
 Pool = Literal["avg", "token", "dense"]
 
@@ -34,61 +33,20 @@ DECODER_KEYS = ("mask_token", "decoder_pos_embed", "decoder_embed.weight", "deco
 # ---------------------------------------------------------------------------------------------------
 # Loading.
 
-def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation assumed when a checkpoint does not record one: ImageNet's for RGB, 0.5 otherwise."""
-    if channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return (0.5,) * channels, (0.5,) * channels
+def _attach_stats(model: nn.Module, w: Weights) -> nn.Module:
+    """model.data_mean / data_std: the normalisation recorded with the checkpoint, else the defaults."""
+    mean, std = (w.mean, w.std) if w.mean is not None else default_stats(model.patch_embed.in_chans)
+    model.data_mean, model.data_std = tuple(mean), tuple(std)
+    model.data_stats_known = w.stats_known  # False: the checkpoint did not say; the defaults are a guess
+    model.source = w.source
+    return model
 
 
-def _source_file(p: Path) -> Path:
-    """The weights file/folder a path names: a run folder's newest checkpoint, a Hugging Face folder,
-    a file, or `X` for a fastmae export X.safetensors + X.json."""
-    from .checkpoint import find_latest
-    from .convert import HF_WEIGHT_FILES
-
-    if p.is_dir():
-        latest = find_latest(p)
-        if latest is not None:
-            return latest
-        if (p / "config.json").exists() and any((p / f).exists() for f in HF_WEIGHT_FILES):
-            return p
-        raise FileNotFoundError(
-            f"{p} is a folder without training checkpoints (checkpoint-*.pt) or Hugging Face weights "
-            f"(config.json + {' / '.join(HF_WEIGHT_FILES)}); pass a run folder, a checkpoint file or a model folder"
-        )
-    if p.exists():
-        return p
-    export = p.with_name(p.name + ".safetensors")
-    if export.exists():
-        return export
-    names = ", ".join(sorted(MAE_VARIANTS)) + "; " + ", ".join(sorted(VARIANTS))
-    raise FileNotFoundError(f"{p} does not exist, and it is not a variant name (MAE and ViT variants: {names})")
-
-
-def _hf_stats(folder: Path) -> tuple[list[float], list[float]] | None:
-    """image_mean/image_std of a Hugging Face folder's preprocessor_config.json, if it has one."""
-    f = folder / "preprocessor_config.json"
-    if not f.exists():
-        return None
-    try:
-        pre = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    if isinstance(pre.get("image_mean"), list) and isinstance(pre.get("image_std"), list):
-        return pre["image_mean"], pre["image_std"]
-    return None
-
-
-def _attach_stats(model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
-    """Set model.data_mean / model.data_std (tuples of floats; defaults when unknown or the wrong length)."""
-    C = model.patch_embed.in_chans
-    known = mean is not None and std is not None and len(mean) == C and len(std) == C
-    if not known:
-        mean, std = default_stats(C)
-    model.data_mean = tuple(float(m) for m in mean)
-    model.data_std = tuple(float(s) for s in std)
-    model.data_stats_known = known  # False: the checkpoint did not say; the defaults are a guess
+def build_model(w: Weights) -> nn.Module:
+    """The model a `Weights` describes (MAE for kind 'mae', else ViT), with its weights loaded strictly."""
+    model: nn.Module = MaskedAutoencoderViT(**w.model_kwargs) if w.kind == "mae" else VisionTransformer(**w.model_kwargs)
+    if w.state_dict is not None:
+        model.load_state_dict(w.state_dict, strict=True)  # read_weights checked names and shapes with clear errors
     return model
 
 
@@ -122,32 +80,19 @@ def load(
     The model gets `data_mean` / `data_std`: the normalisation recorded with the checkpoint (fastmae metadata,
     HF preprocessor_config.json), else ImageNet's for 3 channels and 0.5 otherwise (`data_stats_known` False).
     """
-    from .convert import load_with_config, to_fastmae
-
     p = Path(path_or_name).expanduser()
     name = str(path_or_name)
-    if not p.exists() and not p.with_name(p.name + ".safetensors").exists() and name in MAE_VARIANTS:
-        model: nn.Module = build_mae(name, **({} if norm_pix_loss is None else {"norm_pix_loss": norm_pix_loss}))
-        return _attach_stats(model.to(map_location).eval(), None, None)
-    if not p.exists() and not p.with_name(p.name + ".safetensors").exists() and name in VARIANTS:
-        return _attach_stats(build_vit(name).to(map_location).eval(), None, None)
-
-    src = _source_file(p)
-    sd, config = load_with_config(src)
-    kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads)
-    if kind == "mae":
-        if norm_pix_loss is not None:
-            kw["norm_pix_loss"] = norm_pix_loss
-        model = MaskedAutoencoderViT(**kw)
+    is_file = p.exists() or p.with_name(p.name + ".safetensors").exists()
+    if not is_file and name in MAE_VARIANTS:
+        w = Weights("mae", None, variant_kwargs(name, MAE_VARIANTS, kind="MAE"), source=name)
+    elif not is_file and name in VARIANTS:
+        w = Weights("vit", None, variant_kwargs(name, VARIANTS), source=name)
     else:
-        model = VisionTransformer(**kw)
-    model.load_state_dict(sd, strict=True)  # to_fastmae checked names and shapes with clear errors
-    stats = (extra.get("mean"), extra.get("std"))
-    if stats[0] is None and src.is_dir():
-        stats = _hf_stats(src) or stats
-    model = _attach_stats(model.to(map_location).eval(), *stats)
-    model.source = str(src)
-    return model
+        w = read_weights(p, num_heads=num_heads, decoder_num_heads=decoder_num_heads,
+                         variant_names=sorted(MAE_VARIANTS) + sorted(VARIANTS))
+    if w.kind == "mae" and norm_pix_loss is not None:
+        w.model_kwargs["norm_pix_loss"] = norm_pix_loss
+    return _attach_stats(build_model(w).to(map_location).eval(), w)
 
 
 def _suggest_full(path: str) -> str:
@@ -191,32 +136,20 @@ def require_decoder(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: s
 # ---------------------------------------------------------------------------------------------------
 # Features.
 
-def encoder_tokens(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-    """All tokens (B, 1+L, D) after the encoder's final norm: an MAE encoder (unmasked, after `norm`), a
-    cls-token ViT (after `norm`: an MAE encoder loaded as a ViT gives the MAE's tokens), or an avg-pool ViT
-    (after its blocks; its `fc_norm` applies after pooling)."""
-    if isinstance(model, MaskedAutoencoderViT):
-        return model.forward_tokens(imgs)
-    if isinstance(model, VisionTransformer):
-        tokens = model.forward_tokens(imgs)  # (B, 1+L, D)
-        return model.norm(tokens) if model.global_pool == "token" else tokens
-    raise TypeError(f"expected a MaskedAutoencoderViT or VisionTransformer, got {type(model).__name__}")
-
-
 def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg") -> torch.Tensor:
     """Images -> features: 'avg' mean of patch tokens (B, D), 'token' the cls token (B, D), 'dense' (B, D, h, w).
 
-    For a classification ViT, 'avg'/'token' matching its global_pool return exactly what its head sees.
+    Tokens come from the model's `forward_features` (after its final `norm`). For a classification ViT, the
+    pool matching its global_pool returns exactly what its head sees (`forward_head(pre_logits=True)`).
     An MAE and its encoder loaded as a cls-token ViT give the same features for every pool.
     """
     if pool not in ("avg", "token", "dense"):
         raise ValueError(f"pool must be 'avg', 'token' or 'dense', got {pool!r}")
-    if isinstance(model, VisionTransformer):
-        if pool == "dense":
-            return model.forward_dense(imgs)
-        if pool == model.global_pool:
-            return model.forward_features(imgs)
-    tokens = encoder_tokens(model, imgs)  # (B, 1+L, D)
+    if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
+        raise TypeError(f"expected a MaskedAutoencoderViT or VisionTransformer, got {type(model).__name__}")
+    tokens = model.forward_features(imgs)  # (B, 1+L, D)
+    if isinstance(model, VisionTransformer) and pool == model.global_pool:
+        return model.forward_head(tokens, pre_logits=True)  # (B, D)
     if pool == "avg":
         return tokens[:, 1:].mean(dim=1)  # (B, D)
     if pool == "token":

@@ -8,28 +8,13 @@ Position embeddings are resampled (bicubic) when the target grid differs from th
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from .config import DataConfig, ViTModelConfig
-from .mae import MaskedAutoencoderViT
 from .pos_embed import resample_pos_embed
 from .vit import VARIANTS, VisionTransformer, variant_kwargs
-
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
-
-
-@dataclass
-class Backbone:
-    """Encoder architecture and weights taken from a checkpoint (weights None for random init)."""
-
-    kwargs: dict  # img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio
-    state: dict[str, torch.Tensor] | None
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    source: str
+from .weights import Weights, read_weights
 
 
 def encoder_kwargs(model: nn.Module) -> dict:
@@ -41,37 +26,31 @@ def encoder_kwargs(model: nn.Module) -> dict:
                 num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / D)
 
 
-def load_backbone(init: str, model_cfg: ViTModelConfig) -> Backbone:
-    """Architecture + encoder weights from `init` (a checkpoint path/run folder, or 'random')."""
+def encoder_init(init: str, model_cfg: ViTModelConfig) -> Weights:
+    """The encoder to start from: `init`'s encoder weights (any checkpoint `read_weights` takes, or a run
+    folder), or 'random' sizes from --model.name and its overrides (in_chans 0: decided by the data)."""
     if init == "random":
         kw = variant_kwargs(model_cfg.name, VARIANTS)
         kw.update({k: getattr(model_cfg, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model_cfg, k)})
         kw["img_size"] = tuple(model_cfg.img_size) if model_cfg.img_size[0] else (28, 28)
-        kw["in_chans"] = 0  # decided by the data
-        return Backbone(kw, None, None, None, "random")
-    from .api import load
-
-    model = load(init)
-    if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
-        raise ValueError(f"{init} does not hold a ViT or MAE (got {type(model).__name__})")
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
-    mean, std = getattr(model, "data_mean", None), getattr(model, "data_std", None)
-    return Backbone(encoder_kwargs(model), state, tuple(mean) if mean else None, tuple(std) if std else None, str(init))
+        kw["in_chans"] = 0
+        return Weights("encoder", None, kw, source="random")
+    return read_weights(init).encoder()
 
 
-def data_for(bb: Backbone, data_cfg: DataConfig) -> DataConfig:
+def data_for(bb: Weights, data_cfg: DataConfig) -> DataConfig:
     """Feed the encoder its own channel count and (unless given) the normalisation it was pretrained with."""
     changes: dict = {}
-    if data_cfg.channels == 0 and bb.kwargs.get("in_chans"):
-        changes["channels"] = bb.kwargs["in_chans"]
+    if data_cfg.channels == 0 and bb.model_kwargs.get("in_chans"):
+        changes["channels"] = bb.model_kwargs["in_chans"]
     if not data_cfg.mean and bb.mean and bb.std:
         changes.update(mean=tuple(bb.mean), std=tuple(bb.std))
     return dataclasses.replace(data_cfg, **changes)
 
 
-def build_classifier(bb: Backbone, model_cfg: ViTModelConfig, num_classes: int, in_chans: int) -> VisionTransformer:
+def build_classifier(bb: Weights, model_cfg: ViTModelConfig, num_classes: int, in_chans: int) -> VisionTransformer:
     """A VisionTransformer with the backbone's encoder weights, a fresh head (std 2e-5), and the requested pooling."""
-    kw = dict(bb.kwargs)
+    kw = dict(bb.model_kwargs)
     if not kw.get("in_chans"):
         kw["in_chans"] = in_chans
     old_hw = tuple(kw["img_size"])
@@ -79,9 +58,9 @@ def build_classifier(bb: Backbone, model_cfg: ViTModelConfig, num_classes: int, 
         kw["img_size"] = tuple(model_cfg.img_size)
     model = VisionTransformer(**kw, num_classes=num_classes, global_pool=model_cfg.global_pool,
                               drop_path_rate=model_cfg.drop_path)
-    if bb.state is None:
+    if bb.state_dict is None:
         return model
-    sd = dict(bb.state)
+    sd = dict(bb.state_dict)
     p = kw["patch_size"]
     old_grid, new_grid = (old_hw[0] // p, old_hw[1] // p), model.grid_size
     if old_grid != new_grid:
@@ -102,14 +81,3 @@ def build_classifier(bb: Backbone, model_cfg: ViTModelConfig, num_classes: int, 
         )
     model.load_state_dict(sd, strict=False)  # only head / fc_norm may be left at their fresh init (checked above)
     return model
-
-
-def pooled_features(model: VisionTransformer, imgs: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, D) features for probing: what the head sees when pool == global_pool; otherwise the
-    encoder's normalised tokens pooled by cls ('token') or patch mean ('avg'), as in the MAE monitor."""
-    if pool == model.global_pool:
-        return model.forward_features(imgs)
-    tokens = model.forward_tokens(imgs)  # (B, 1+L, D)
-    if hasattr(model, "norm"):
-        tokens = model.norm(tokens)
-    return tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)

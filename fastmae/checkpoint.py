@@ -16,12 +16,11 @@ import random
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 
@@ -164,22 +163,35 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise a ValueError naming missing/unexpected keys and shape mismatches before loading strictly."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: {source} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatches: " + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
-        if missing:
-            parts.append("missing keys: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-        if unexpected:
-            parts.append("unexpected keys: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
-        raise ValueError(
-            f"the {source} does not match this model's architecture ({'; '.join(parts)}). "
-            f"Use the same model flags as the run that wrote it, or a fresh output directory."
-        )
+def key_list(keys: Sequence[str], limit: int = 8) -> str:
+    """'a', 'b', 'c' ... and N more: for error messages."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_state_dict(
+    sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str,
+    source_names: Mapping[str, str] | None = None, advice: Callable[[list[str]], str] | str = "",
+) -> None:
+    """Raise one ValueError naming shape mismatches, missing and unexpected keys of `sd` against the
+    expected {name: shape} of a model, before anything loads strictly.
+
+    source_names maps a fastmae key to the checkpoint's own name for it, to name both in the message;
+    advice is the fix to suggest (or a function of the missing keys that returns it).
+    """
+    aka = source_names or {}
+    named = lambda k: f"{k!r}" + (f" ({aka[k]!r} in the checkpoint)" if k in aka else "")  # noqa: E731
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{named(k)} is {tuple(sd[k].shape)} in the checkpoint but {tuple(expected[k])} in the model"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    problems = []
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes[:8]))
+    if missing:
+        problems.append(f"missing keys {key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {key_list(unexpected)}")
+    if problems:
+        fix = advice(missing) if callable(advice) else advice
+        raise ValueError(f"state dict does not fit {what}: " + " | ".join(problems) + (f". {fix}" if fix else ""))

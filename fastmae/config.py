@@ -68,8 +68,7 @@ class MAEModelConfig:
     decoder_depth: int = 0
     decoder_num_heads: int = 0
     norm_pix_loss: bool = False
-    """Regress per-patch normalised pixels (the paper's better target on ImageNet; on Fashion-MNIST's short
-    default run raw pixels gave the better encoder, BENCHMARKS.md). Turn on for natural images."""
+    """Regress per-patch normalised pixels (the paper's target; BENCHMARKS.md compares both on small data)."""
     mask_ratio: float = 0.75
     """Fraction of patches removed."""
 
@@ -211,9 +210,19 @@ class LinprobeConfig:
     of the unaugmented images are extracted once and cached (much faster on a CPU)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         epochs=90, warmup_epochs=10.0, batch_size=256, blr=16.0, weight_decay=0.0))
-    """LARS lr = blr x batch / 256. The paper's blr 0.1 is for batch 16384 on ImageNet; on Fashion-MNIST at batch
-    256 blr 16 reached 81.5% vs 66.7% for 0.1 on the same features (20 epochs, BENCHMARKS.md)."""
+    """LARS lr = blr x batch / 256 (the paper's blr 0.1 is for batch 16384; BENCHMARKS.md has the small-batch
+    search behind the default)."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/linprobe"))
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    """The kNN classifier (the DINO/MAE monitor's): cosine similarity, votes weighted by exp(sim / T)."""
+
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+    """Images per batch when extracting features."""
 
 
 @dataclass(frozen=True)
@@ -224,30 +233,27 @@ class KnnConfig:
     """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256
+    knn: KnnParams = field(default_factory=KnnParams)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/knn"))
 
 
 @dataclass(frozen=True)
-class VisualizeConfig:
-    """Save the MAE demo figure (original / masked / reconstruction / reconstruction + visible) as PNG."""
+class ReadModelConfig:
+    """What a checkpoint may not record: attention heads (not in the weights) and the pixel target."""
 
-    checkpoint: str = "runs/pretrain"
-    """MAE checkpoint (fastmae, official *_full.pth / visualize, or Hugging Face ViTMAEForPreTraining)."""
-    images: tuple[str, ...] = ()
-    """Image files or folders; empty = the first --num samples of the data's evaluation split."""
-    data: DataConfig = field(default_factory=DataConfig)
-    num: int = 8
-    """Images to show when taking dataset samples."""
+    num_heads: int = 0
+    """Encoder heads (0 = from the checkpoint's config/metadata, else the standard width table)."""
+    decoder_num_heads: int = 0
+    """Decoder heads (0 = from the checkpoint's config/metadata, else the standard width table)."""
+    img_size: tuple[int, int] = (0, 0)
+    """Image height and width (0, 0 = square, from the position embedding); needed for non-square grids."""
+
+
+@dataclass(frozen=True)
+class VisualizeModelConfig:
+    """The MAE to reconstruct with, and its masking."""
+
     mask_ratio: float = 0.75
-    seed: int = 0
-    """Masking seed: the same seed gives the same mask."""
-    output: str = "reconstruction.png"
-    """Output PNG (a grid); with --per_image, a folder with one PNG per image."""
-    per_image: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     num_heads: int = 0
     """Encoder heads for checkpoints that do not record them (0 = metadata, else the standard width table)."""
     decoder_num_heads: int = 0
@@ -258,28 +264,49 @@ class VisualizeConfig:
 
 
 @dataclass(frozen=True)
+class VisualizeRunConfig:
+    """Where the figure is computed; the seed picks the mask (the same seed gives the same mask)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """Save the MAE demo figure (original / masked / reconstruction / reconstruction + visible) as PNG."""
+
+    init: str = "runs/pretrain"
+    """MAE checkpoint (fastmae run folder or file, official *_full.pth / visualize, Hugging Face ViTMAEForPreTraining)."""
+    images: tuple[str, ...] = ()
+    """Image files or folders; empty = the first --num samples of the data's evaluation split."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VisualizeModelConfig = field(default_factory=VisualizeModelConfig)
+    run: VisualizeRunConfig = field(default_factory=VisualizeRunConfig)
+    num: int = 8
+    """Images to show when taking dataset samples."""
+    output: str = "reconstruction.png"
+    """Output PNG (a grid); with --per_image, a folder with one PNG per image."""
+    per_image: bool = False
+
+
+@dataclass(frozen=True)
 class ConvertConfig:
     """Convert a checkpoint between fastmae, the official MAE release, Hugging Face and timm.
 
-    fastmae convert --src mae_visualize_vit_base.pth --dst vit-mae-base --to hf
-    fastmae convert --src vit-mae-base --dst mae_base --to fastmae   (writes mae_base.safetensors + .json)
+    fastmae convert --init mae_visualize_vit_base.pth --output vit-mae-base --to hf
+    fastmae convert --init vit-mae-base --output mae_base --to fastmae   (writes mae_base.safetensors + .json)
     """
 
-    src: str
-    """Input: a .pth/.pt/.bin/.safetensors file (official, fastmae, timm or HF weights) or a Hugging Face
-    model folder (config.json + model.safetensors or pytorch_model.bin)."""
-    dst: str
+    init: str
+    """Input: a .pth/.pt/.bin/.safetensors file (official, fastmae, timm or HF weights), a Hugging Face model
+    folder (config.json + model.safetensors or pytorch_model.bin), or a fastmae run folder."""
+    output: str
     """Output. fastmae: a path without extension (X.safetensors + X.json); hf: a folder; timm: a .safetensors
     or .pth file; official: a .pth file holding {'model': state_dict}."""
     to: Literal["fastmae", "hf", "timm", "official"] = "fastmae"
     """Target format. hf: MAE -> ViTMAEForPreTraining, encoder -> ViTMAEModel, cls-token classifier ->
     ViTForImageClassification. timm/official keep the official names (timm drops an MAE's decoder)."""
-    num_heads: int = 0
-    """Encoder attention heads (0 = from the source's config/metadata, else the standard width table)."""
-    decoder_num_heads: int = 0
-    """Decoder attention heads (0 = from the source's config/metadata, else the standard width table)."""
-    img_size: tuple[int, int] = (0, 0)
-    """Image height and width (0, 0 = square, from the position embedding); needed for non-square grids."""
+    model: ReadModelConfig = field(default_factory=ReadModelConfig)
 
 
 def to_dict(cfg) -> dict:
@@ -377,10 +404,10 @@ RULES: dict[type, dict[str, Rule]] = {
                 "smoothing": _FRACTION, "randaug_ops": _NON_NEGATIVE, "randaug_magnitude": _within(0, 10),
                 "reprob": _within(0, 1)},
     FinetuneConfig: {"layer_decay": ((lambda v: _finite(v) and 0 < v <= 1), "in (0, 1]")},
-    KnnConfig: {"k": _POSITIVE_INT, "temperature": _above(0), "batch_size": _POSITIVE_INT},
-    VisualizeConfig: {"num": _POSITIVE_INT, "mask_ratio": _FRACTION, "num_heads": _NON_NEGATIVE,
-                      "decoder_num_heads": _NON_NEGATIVE},
-    ConvertConfig: {"num_heads": _NON_NEGATIVE, "decoder_num_heads": _NON_NEGATIVE, "img_size": _size(zero_ok=True)},
+    KnnParams: {"k": _POSITIVE_INT, "temperature": _above(0), "batch_size": _POSITIVE_INT},
+    ReadModelConfig: {"num_heads": _NON_NEGATIVE, "decoder_num_heads": _NON_NEGATIVE, "img_size": _size(zero_ok=True)},
+    VisualizeModelConfig: {"num_heads": _NON_NEGATIVE, "decoder_num_heads": _NON_NEGATIVE, "mask_ratio": _FRACTION},
+    VisualizeConfig: {"num": _POSITIVE_INT},
 }
 
 

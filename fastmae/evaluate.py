@@ -16,22 +16,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import build_classifier, data_for, load_backbone, pooled_features
+from .api import encode
+from .backbone import build_classifier, data_for, encoder_init
 from .checkpoint import atomic_write_text, save_checkpoint
-from .config import DataConfig, KnnConfig, LinprobeConfig, ViTModelConfig, validate
+from .config import DataConfig, KnnConfig, LinprobeConfig, OptimConfig, ViTModelConfig, validate
 from .data import build_loader
 from .dist import print0
-from .engine import evaluate, extract_features
+from .engine import evaluate, extract_features, topk_correct
 from .knn import knn_accuracy
-from .optim import LARS, lr_at, scaled_lr, set_lr
+from .optim import LARS, schedule, set_lr
 from .trainer import Runtime, fit, model_meta, setup
 
 
 def probe_encoder(init: str, model_cfg: ViTModelConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int):
     """(frozen encoder, train loader without augmentation, eval loader, data config used) for probing."""
-    bb = load_backbone(init, model_cfg)
+    bb = encoder_init(init, model_cfg)
     data_cfg = data_for(bb, data_cfg)
-    img_size = tuple(model_cfg.img_size) if model_cfg.img_size[0] else tuple(bb.kwargs["img_size"])
+    img_size = tuple(model_cfg.img_size) if model_cfg.img_size[0] else tuple(bb.model_kwargs["img_size"])
     d = rt.dist
     loaders = [build_loader(data_cfg, split, img_size, batch_size, train=False, seed=rt.run.seed, rank=d.rank,
                             world_size=d.world_size, drop_last=False) for split in ("train", "eval")]
@@ -45,7 +46,7 @@ def probe_encoder(init: str, model_cfg: ViTModelConfig, data_cfg: DataConfig, rt
 def features_of(encoder: nn.Module, loader, pool: str, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) features and (N,) labels of a whole split (all ranks)."""
     loader.set_epoch(0)
-    return extract_features(lambda x: pooled_features(encoder, x, pool), loader, rt.device, rt.precision, rt.dist)
+    return extract_features(lambda x: encode(encoder, x, pool), loader, rt.device, rt.precision, rt.dist)
 
 
 def _write_result(out_dir: Path, name: str, result: dict) -> Path:
@@ -59,18 +60,18 @@ def run_knn(cfg: KnnConfig) -> dict:
     validate(cfg)
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
-    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.batch_size)
+    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.knn.batch_size)
     if train.num_classes == 0:
         raise ValueError("kNN needs labels: use a labelled source (fashion-mnist, folder, or a list with labels)")
     pool = cfg.model.global_pool
     tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
-    result = knn_accuracy(*tr, *va, num_classes=train.num_classes, k=cfg.k, temperature=cfg.temperature)
-    result.update(init=cfg.init, pool=pool, k=cfg.k, temperature=cfg.temperature, train=len(tr[1]), eval=len(va[1]),
+    result = knn_accuracy(*tr, *va, num_classes=train.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
+    result.update(init=cfg.init, pool=pool, k=cfg.knn.k, temperature=cfg.knn.temperature, train=len(tr[1]), eval=len(va[1]),
                   seconds=time.perf_counter() - t0)
     if rt.dist.is_main:
         path = _write_result(rt.out_dir, "knn", result)
-        print0(rt.dist, f"kNN (k={cfg.k}, T={cfg.temperature}, {pool} features of {cfg.init}): top-1 "
-                        f"{result['knn_top1']:.2f}%  top-5 {result['knn_top5']:.2f}%  ({path})")
+        print0(rt.dist, f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}, {pool} features of {cfg.init}): top-1 "
+                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({path})")
     return result
 
 
@@ -98,32 +99,27 @@ class ProbeModel(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             self.encoder.eval()
-            feats = pooled_features(self.encoder, imgs, self.pool)
+            feats = encode(self.encoder, imgs, self.pool)
         return self.head(feats.float())
 
 
-def _probe_lr(cfg: LinprobeConfig, world: int) -> float:
-    return scaled_lr(cfg.optim.blr, cfg.optim.batch_size * cfg.optim.accum_iter * world, cfg.optim.lr)
-
-
 def train_head_on_features(
-    head: LinearHead, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-    warmup_epochs: float, min_lr: float, weight_decay: float, seed: int,
+    head: LinearHead, feats: torch.Tensor, labels: torch.Tensor, optim: OptimConfig, world_size: int, seed: int,
 ) -> list[float]:
-    """LARS on cached features (N, D) with the warmup+cosine schedule; returns the per-epoch mean loss."""
-    opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
+    """LARS on cached features (N, D) with the run's warmup+cosine schedule; returns the per-epoch mean loss."""
     n = feats.shape[0]
-    steps = max(n // batch_size, 1)
-    total, warmup = epochs * steps, int(round(warmup_epochs * steps))
+    steps = max(n // optim.batch_size, 1)
+    lr = schedule(optim, steps, world_size)
+    opt = LARS(head.parameters(), lr=lr.peak, weight_decay=optim.weight_decay)
+    g = torch.Generator().manual_seed(seed)
     losses = []
     head.train()
-    for epoch in range(epochs):
+    for epoch in range(optim.epochs):
         perm = torch.randperm(n, generator=g)
         tot = 0.0
         for i in range(steps):
-            idx = perm[i * batch_size : (i + 1) * batch_size]  # (b,)
-            set_lr(opt, lr_at(epoch * steps + i, total, warmup, lr, min_lr))
+            idx = perm[i * optim.batch_size : (i + 1) * optim.batch_size]  # (b,)
+            set_lr(opt, lr(epoch * steps + i))
             loss = F.cross_entropy(head(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -135,12 +131,11 @@ def train_head_on_features(
 
 @torch.no_grad()
 def head_accuracy(head: LinearHead, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of the head on cached features."""
     head.eval()
-    logits = head(feats)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
+    c1, c5 = topk_correct(head(feats), labels)
     n = max(labels.numel(), 1)
-    return {"top1": 100.0 * hit[:, 0].sum().item() / n, "top5": 100.0 * hit.any(1).sum().item() / n}
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
 
 
 def run_linprobe(cfg: LinprobeConfig) -> dict:
@@ -153,13 +148,11 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         raise ValueError("a linear probe needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
     pool, K = cfg.model.global_pool, train.num_classes
     head = LinearHead(encoder.embed_dim, K).to(rt.device)
-    lr = _probe_lr(cfg, rt.dist.world_size)
     if not cfg.augment:
         tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
         feat_s = time.perf_counter() - t0
-        losses = train_head_on_features(head, *tr, epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, lr=lr,
-                                        warmup_epochs=cfg.optim.warmup_epochs, min_lr=cfg.optim.min_lr,
-                                        weight_decay=cfg.optim.weight_decay, seed=cfg.run.seed)
+        losses = train_head_on_features(head, *tr, cfg.optim, rt.dist.world_size, cfg.run.seed)
+        lr = schedule(cfg.optim, max(len(tr[1]) // cfg.optim.batch_size, 1), rt.dist.world_size).peak
         result = {**head_accuracy(head, *va), "train_loss": losses[-1], "feature_seconds": feat_s}
         if rt.dist.is_main:
             save_checkpoint(rt.out_dir, {"model": head.state_dict(), "epoch": cfg.optim.epochs, "batch": 0,
@@ -170,12 +163,11 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         train_aug = build_loader(data_cfg, "train", tuple(encoder.patch_embed.img_size), cfg.optim.batch_size,
                                  train=True, seed=cfg.run.seed, rank=rt.dist.rank, world_size=rt.dist.world_size)
         model = ProbeModel(encoder, head, pool).to(rt.device)
+        sched = schedule(cfg.optim, len(train_aug), rt.dist.world_size)
+        lr = sched.peak
         opt = LARS(head.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay)
-        steps = len(train_aug)
-        total, warmup = cfg.optim.epochs * steps, int(round(cfg.optim.warmup_epochs * steps))
         fit(rt, model, opt, train_aug, epochs=cfg.optim.epochs,
-            loss_fn=lambda m, x, y: F.cross_entropy(m(x), y),
-            lr_fn=lambda s: lr_at(s, total, warmup, lr, cfg.optim.min_lr),
+            loss_fn=lambda m, x, y: F.cross_entropy(m(x), y), lr_fn=sched,
             meta=model_meta("linprobe", {"dim": encoder.embed_dim, "num_classes": K}, cfg))
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,

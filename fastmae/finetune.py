@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 
 from .augment import FinetuneAugment, soft_target_cross_entropy
-from .backbone import build_classifier, data_for, encoder_kwargs, load_backbone
+from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from .checkpoint import atomic_save, atomic_write_text
 from .config import FinetuneConfig, validate
 from .data import build_loader
 from .dist import print0
 from .engine import evaluate
-from .optim import build_adamw, lr_at, param_groups_lrd, scaled_lr
+from .optim import build_adamw, param_groups_lrd, schedule
 from .trainer import Progress, fit, model_meta, setup
 
 
@@ -29,9 +29,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     validate(cfg)
     rt = setup(cfg.run, cfg)
     d = rt.dist
-    bb = load_backbone(cfg.init, cfg.model)
+    bb = encoder_init(cfg.init, cfg.model)
     data_cfg = data_for(bb, cfg.data)
-    img_size = tuple(cfg.model.img_size) if cfg.model.img_size[0] else tuple(bb.kwargs["img_size"])
+    img_size = tuple(cfg.model.img_size) if cfg.model.img_size[0] else tuple(bb.model_kwargs["img_size"])
     train = build_loader(data_cfg, "train", img_size, cfg.optim.batch_size, train=True, seed=cfg.run.seed,
                          rank=d.rank, world_size=d.world_size)
     val = build_loader(data_cfg, "eval", img_size, cfg.optim.batch_size, train=False, seed=cfg.run.seed,
@@ -40,15 +40,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError("fine-tuning needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
     K = train.num_classes
     model = build_classifier(bb, cfg.model, K, train.channels).to(rt.device)
-    eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * d.world_size
-    peak = scaled_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
+    lr = schedule(cfg.optim, len(train), d.world_size)
     groups = param_groups_lrd(model, cfg.optim.weight_decay, cfg.layer_decay)
-    optimizer = build_adamw(groups, peak, cfg.optim.betas, rt.device)
-    steps = len(train)
-    total, warmup = cfg.optim.epochs * steps, int(round(cfg.optim.warmup_epochs * steps))
+    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     augment = FinetuneAugment(cfg.aug, K, train.mean, train.std)
     print0(d, f"fine-tune {bb.source} -> ViT {model.embed_dim}x{len(model.blocks)} ({model.global_pool} pool) on "
-              f"{train.num_samples} images, {K} classes | effective batch {eff_batch}, lr {peak:.3g}, layer decay "
+              f"{train.num_samples} images, {K} classes | effective batch {lr.effective_batch}, lr {lr.peak:.3g}, layer decay "
               f"{cfg.layer_decay} | {rt.precision_label} on {rt.device} x{d.world_size}")
 
     def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,7 +60,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     def on_epoch_end(epoch: int, m: nn.Module, prog: Progress) -> dict:
         metrics = evaluate(m, val, rt.device, rt.precision, d)
-        out = {"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_loss": metrics["loss"]}
+        out = {"top1": metrics["top1"], "top5": metrics["top5"], "eval_loss": metrics["loss"]}
         best = prog.extra.get("best_top1", -1.0)
         if metrics["top1"] > best:
             prog.extra.update(best_top1=metrics["top1"], best_epoch=epoch + 1)
@@ -78,13 +75,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     meta = model_meta("vit", _vit_kwargs(model), cfg, mean=list(train.mean), std=list(train.std), init=cfg.init)
     t0 = time.perf_counter()
     prog, last = fit(rt, model, optimizer, train, epochs=cfg.optim.epochs, loss_fn=loss_fn,
-                     lr_fn=lambda s: lr_at(s, total, warmup, peak, cfg.optim.min_lr), meta=meta,
+                     lr_fn=lr, meta=meta,
                      accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
     result = {"init": cfg.init, "epochs_done": prog.epoch, "best_top1": prog.extra.get("best_top1"),
               "best_epoch": prog.extra.get("best_epoch"), "seconds": time.perf_counter() - t0,
               "last_checkpoint": str(last) if last else None, "best_checkpoint": str(best_path)}
     if history:
-        result.update(top1=history[-1]["eval_top1"], top5=history[-1]["eval_top5"])
+        result.update(top1=history[-1]["top1"], top5=history[-1]["top5"])
     if d.is_main and prog.epoch >= cfg.optim.epochs:
         atomic_write_text(json.dumps(result, indent=2, sort_keys=True), rt.out_dir / "finetune.json")
         print0(d, f"fine-tuned {prog.epoch} epochs in {result['seconds']:.0f}s: last top-1 "

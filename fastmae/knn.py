@@ -45,4 +45,4 @@ def knn_accuracy(
     top = scores.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     hit = top == test_labels[:, None]
     n = max(test_labels.numel(), 1)
-    return {"knn_top1": 100.0 * hit[:, 0].sum().item() / n, "knn_top5": 100.0 * hit.any(1).sum().item() / n}
+    return {"top1": 100.0 * hit[:, 0].sum().item() / n, "top5": 100.0 * hit.any(1).sum().item() / n}

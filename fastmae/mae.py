@@ -120,8 +120,9 @@ class MaskedAutoencoderViT(nn.Module):
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, K, D)
         return self._encode(x), mask, ids_restore
 
-    def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Encode every patch without masking, in grid order: (B, 1+L, D) after `norm` (for features)."""
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encode every patch without masking, in grid order: (B, 1+L, D) after `norm` (for features, as a
+        VisionTransformer's forward_features)."""
         return self._encode(self.patch_embed(imgs) + self.pos_embed[:, 1:])
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -186,28 +187,3 @@ def build_mae(name: str, **overrides) -> MaskedAutoencoderViT:
     kwargs = variant_kwargs(name, MAE_VARIANTS, kind="MAE")
     kwargs.update(overrides)
     return MaskedAutoencoderViT(**kwargs)
-
-
-def mae_vit_tiny_patch16(**kw) -> MaskedAutoencoderViT:
-    return build_mae("mae_vit_tiny_patch16", **kw)
-
-
-def mae_vit_small_patch16(**kw) -> MaskedAutoencoderViT:
-    return build_mae("mae_vit_small_patch16", **kw)
-
-
-def mae_vit_base_patch16(**kw) -> MaskedAutoencoderViT:
-    return build_mae("mae_vit_base_patch16", **kw)
-
-
-def mae_vit_large_patch16(**kw) -> MaskedAutoencoderViT:
-    return build_mae("mae_vit_large_patch16", **kw)
-
-
-def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
-    return build_mae("mae_vit_huge_patch14", **kw)
-
-
-def mae_vit_tiny_patch4(**kw) -> MaskedAutoencoderViT:
-    """Small-image MAE (e.g. 28x28 or 32x32 input) with a 128-wide, 4-deep decoder."""
-    return build_mae("mae_vit_tiny_patch4", **kw)

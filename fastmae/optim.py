@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,28 @@ def lr_at(step: float, total_steps: int, warmup_steps: int, peak_lr: float, min_
 def scaled_lr(blr: float, effective_batch: int, lr: float = 0.0) -> float:
     """The paper's scaling rule: lr = blr x effective batch / 256, unless an absolute lr is given."""
     return lr if lr > 0 else blr * effective_batch / 256
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The lr of every optimizer step of a run: the paper's scaling rule, warmup, then half-cycle cosine."""
+
+    peak: float  # lr = blr x effective batch / 256, or --optim.lr
+    total: int  # steps of the whole run
+    warmup: int  # warmup steps
+    min_lr: float
+    effective_batch: int  # batch_size x accum_iter x world size
+
+    def __call__(self, step: float) -> float:
+        return lr_at(step, self.total, self.warmup, self.peak, self.min_lr)
+
+
+def schedule(optim, steps_per_epoch: int, world_size: int = 1) -> Schedule:
+    """The Schedule of an OptimConfig for `steps_per_epoch` steps per epoch on `world_size` processes."""
+    effective = optim.batch_size * optim.accum_iter * world_size
+    return Schedule(peak=scaled_lr(optim.blr, effective, optim.lr), total=optim.epochs * steps_per_epoch,
+                    warmup=int(round(optim.warmup_epochs * steps_per_epoch)), min_lr=optim.min_lr,
+                    effective_batch=effective)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -14,10 +14,10 @@ from .dist import print0
 from .engine import extract_features
 from .knn import knn_accuracy
 from .mae import MAE_VARIANTS, MaskedAutoencoderViT
-from .optim import build_adamw, lr_at, param_groups_weight_decay, scaled_lr
+from .optim import build_adamw, param_groups_weight_decay, schedule
 from .trainer import Progress, fit, model_meta, setup
-from .vit import variant_kwargs
 from .visualize import reconstruct, save_figure
+from .vit import variant_kwargs
 
 OVERRIDABLE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 
@@ -44,14 +44,12 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
                          rank=d.rank, world_size=d.world_size)
     kwargs = mae_kwargs(cfg.model, train.channels)
     model = MaskedAutoencoderViT(**kwargs).to(rt.device)
-    eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * d.world_size
-    peak = scaled_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
-    optimizer = build_adamw(param_groups_weight_decay(model, cfg.optim.weight_decay), peak, cfg.optim.betas, rt.device)
     steps = len(train)
-    total, warmup = cfg.optim.epochs * steps, int(round(cfg.optim.warmup_epochs * steps))
+    lr = schedule(cfg.optim, steps, d.world_size)
+    optimizer = build_adamw(param_groups_weight_decay(model, cfg.optim.weight_decay), lr.peak, cfg.optim.betas, rt.device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(d, f"MAE {cfg.model.name} {kwargs} | {n_params / 1e6:.2f}M trainable params | {train.num_samples} "
-              f"images, {steps} steps/epoch | effective batch {eff_batch}, lr {peak:.3g} | {rt.precision_label} on "
+              f"images, {steps} steps/epoch | effective batch {lr.effective_batch}, lr {lr.peak:.3g} | {rt.precision_label} on "
               f"{rt.device} x{d.world_size} | output {rt.out_dir}")
 
     split = "eval" if has_eval_split(cfg) else "train"
@@ -71,7 +69,8 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
                                   world_size=d.world_size)
             loader.set_epoch(0)
             feats[name] = extract_features(lambda x: encode(m, x, "avg"), loader, rt.device, rt.precision, d)
-        return knn_accuracy(*feats["train"], *feats["eval"], num_classes=train.num_classes)
+        acc = knn_accuracy(*feats["train"], *feats["eval"], num_classes=train.num_classes)
+        return {f"knn_{k}": v for k, v in acc.items()}  # knn_top1, knn_top5 in the pretraining log
 
     def on_epoch_end(epoch: int, m: MaskedAutoencoderViT, prog: Progress) -> dict:
         out: dict = {}
@@ -96,7 +95,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
     prog, path = fit(
         rt, model, optimizer, train, epochs=cfg.optim.epochs,
         loss_fn=lambda m, imgs, _labels: m(imgs, mask_ratio)[0],
-        lr_fn=lambda step: lr_at(step, total, warmup, peak, cfg.optim.min_lr),
+        lr_fn=lr,
         meta=model_meta("mae", kwargs, cfg, mean=list(train.mean), std=list(train.std)),
         accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end,
     )

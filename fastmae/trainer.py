@@ -26,8 +26,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import RunConfig, save_json, to_dict
-from .dist import DistInfo, barrier, init_distributed, print0
 from .device import make_scaler, resolve_device, resolve_precision
+from .dist import DistInfo, barrier, init_distributed, print0
 from .engine import EpochResult, train_one_epoch
 from .log import RunLogger
 
@@ -90,7 +90,7 @@ class StopFlag:
         self._old.clear()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     while True:
         if hasattr(model, "module"):
@@ -119,7 +119,9 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if "optimizer" not in state:
         raise ValueError(f"{path} is a weights-only file, not a training checkpoint; pass it as the "
                          f"initialisation (e.g. --init PATH) instead of --run.resume")
-    check_state_dict(model, state["model"], source=f"checkpoint {path}")
+    check_state_dict(state["model"], {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     f"this run's model (checkpoint {path})",
+                     advice="Use the same model flags as the run that wrote it, or a fresh output directory.")
     model.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
@@ -134,7 +136,7 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
     path = None
     if rt.dist.is_main:
         state = {
-            "model": unwrap(model).state_dict(),
+            "model": unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": progress.epoch,

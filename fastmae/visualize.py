@@ -185,10 +185,10 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     from .api import load, require_decoder
 
     validate(cfg)
-    device = resolve_device(cfg.device, "--device")
-    model = load(cfg.checkpoint, num_heads=cfg.num_heads, decoder_num_heads=cfg.decoder_num_heads,
-                 norm_pix_loss=cfg.norm_pix_loss, map_location=device)
-    model = require_decoder(model, cfg.checkpoint)
+    device = resolve_device(cfg.run.device)
+    model = load(cfg.init, num_heads=cfg.model.num_heads, decoder_num_heads=cfg.model.decoder_num_heads,
+                 norm_pix_loss=cfg.model.norm_pix_loss, map_location=device)
+    model = require_decoder(model, cfg.init)
     C, img_size = model.patch_embed.in_chans, tuple(model.patch_embed.img_size)
     if cfg.data.channels and cfg.data.channels != C:
         raise ValueError(f"--data.channels {cfg.data.channels} but the model takes {C}-channel images")
@@ -201,10 +201,10 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     else:
         data = dataclasses.replace(cfg.data, channels=C, mean=mean, std=std)
         imgs, names = dataset_images(data, cfg.num, img_size)
-    panels = reconstruct(model, imgs.to(device), cfg.mask_ratio, seed=cfg.seed, mean=mean, std=std)
+    panels = reconstruct(model, imgs.to(device), cfg.model.mask_ratio, seed=cfg.run.seed, mean=mean, std=std)
     panels = {k: v.cpu() for k, v in panels.items()}
     out = Path(cfg.output).expanduser()
-    info = f"{len(names)} images, mask ratio {cfg.mask_ratio}, seed {cfg.seed}, loss {panels['loss'].item():.4f}"
+    info = f"{len(names)} images, mask ratio {cfg.model.mask_ratio}, seed {cfg.run.seed}, loss {panels['loss'].item():.4f}"
     if not cfg.per_image:
         if out.is_dir():
             raise ValueError(f"{out} is a folder; pass a .png file, or --per_image to write one PNG per image there")

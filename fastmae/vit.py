@@ -200,7 +200,8 @@ class VisionTransformer(nn.Module):
     """Classification ViT: cls token + learnable position embedding, pooled by 'avg' or 'token'.
 
     global_pool='avg' (the MAE fine-tuning default) averages the patch tokens and applies `fc_norm`;
-    'token' applies `norm` and takes the cls token. Position embeddings start as fixed sin-cos.
+    'token' applies `norm` and takes the cls token. timm-style: `forward_features` returns tokens,
+    `forward_head` pools. Position embeddings start as fixed sin-cos.
     """
 
     def __init__(
@@ -231,10 +232,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + L, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
-        if global_pool == "avg":
-            self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        else:
-            self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        # timm's layout: avg pooling normalises after pooling (fc_norm), token pooling before it (norm)
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "token" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "avg" else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
@@ -254,37 +254,24 @@ class VisionTransformer(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return self.patch_embed.grid_size
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> all tokens after the last block (B, 1+L, D), before any norm."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> all tokens (B, 1+L, D) after the blocks and `norm` (Identity for avg pooling,
+        whose `fc_norm` applies after pooling, as in timm)."""
         x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)  # (B, 1+L, D)
         for blk in self.blocks:
             x = blk(x)
-        return x
+        return self.norm(x)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, 1+L, D) -> normalised pooled features (B, D)."""
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, 1+L, D) -> pooled features (B, D) by global_pool (+ fc_norm for avg), then logits (B, K)
+        unless pre_logits. The one place this model pools."""
         if self.global_pool == "avg":
-            return self.fc_norm(tokens[:, 1:].mean(dim=1))  # (B, D)
-        return self.norm(tokens)[:, 0]  # (B, D)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> pooled, normalised features (B, D): what the head sees."""
-        return self.pool(self.forward_tokens(x))
-
-    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, D) -> logits (B, num_classes)."""
-        return self.head(feats)
-
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> dense feature map (B, D, h, w) of patch tokens, for detection/segmentation heads."""
-        tokens = self.forward_tokens(x)
-        if self.global_pool == "token":
-            tokens = self.norm(tokens)
-        patches = tokens[:, 1:]  # (B, L, D)
-        h, w = self.grid_size
-        return patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)  # (B, D, h, w)
+            x = self.fc_norm(tokens[:, 1:].mean(dim=1))  # (B, D)
+        else:
+            x = tokens[:, 0]  # (B, D)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

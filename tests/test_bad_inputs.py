@@ -29,7 +29,7 @@ from fastmae.config import (
     VisualizeConfig,
     validate,
 )
-from fastmae.convert import load_state_dict_file
+from fastmae.convert import read_file
 from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
 
 from .test_cli_pretrain import tiny_args
@@ -79,8 +79,8 @@ BAD_OTHER = [
     (["finetune", "--init", "random", "--aug.smoothing", "-0.1"], "--aug.smoothing must be in [0, 1)"),
     (["finetune", "--init", "random", "--aug.mix_prob", "2"], "--aug.mix_prob must be in [0, 1]"),
     (["finetune", "--init", "random", "--aug.randaug_magnitude", "11"], "--aug.randaug_magnitude must be in [0, 10]"),
-    (["knn", "--init", "random", "--k", "0"], "--k must be >= 1, got 0"),
-    (["knn", "--init", "random", "--temperature", "0"], "--temperature must be > 0"),
+    (["knn", "--init", "random", "--knn.k", "0"], "--knn.k must be >= 1, got 0"),
+    (["knn", "--init", "random", "--knn.temperature", "0"], "--knn.temperature must be > 0"),
     (["linprobe", "--init", "random", "--optim.epochs", "0"], "--optim.epochs must be >= 1"),
 ]
 
@@ -96,8 +96,8 @@ def test_bad_evaluation_flag_is_refused(tmp_path, capsys, argv, message):
 def test_validate_accepts_every_default():
     for cls in (PretrainConfig, FinetuneConfig, LinprobeConfig, KnnConfig):
         validate(cls())
-    validate(VisualizeConfig(checkpoint="x.pt"))
-    validate(ConvertConfig(src="a", dst="b"))
+    validate(VisualizeConfig(init="x.pt"))
+    validate(ConvertConfig(init="a", output="b"))
 
 
 def test_warmup_longer_than_training_is_allowed():
@@ -182,7 +182,7 @@ def test_hf_shard_index_pointing_outside_is_refused(tmp_path):
     (model / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
     (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "../secret.bin"}}))
     with pytest.raises(ValueError, match=r"refusing shard named in .*'\.\./secret\.bin'"):
-        load_state_dict_file(model)
+        read_file(model)
 
 
 

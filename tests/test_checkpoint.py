@@ -79,7 +79,7 @@ def test_architecture_mismatch_names_keys_and_shapes():
     small = MaskedAutoencoderViT(**TINY_MAE)
     other = MaskedAutoencoderViT(**{**TINY_MAE, "embed_dim": 32, "depth": 3})
     with pytest.raises(ValueError) as e:
-        check_state_dict(small, other.state_dict())
+        check_state_dict(other.state_dict(), {k: tuple(v.shape) for k, v in small.state_dict().items()}, "small")
     msg = str(e.value)
     assert "blocks.0.attn.qkv.weight" in msg and "(96, 32)" in msg and "(192, 64)" in msg
-    assert "unexpected keys: blocks.2" in msg
+    assert "unexpected keys 'blocks.2" in msg and msg.startswith("state dict does not fit small")

@@ -70,7 +70,7 @@ def test_pretrain_end_to_end_outputs(fmnist, tmp_path, capsys):
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     epochs = [e for e in log if "epoch" in e and "loss" in e]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(np.isfinite(e["loss"]) for e in epochs)
-    assert "knn_top1" in epochs[-1]
+    assert "knn_top1" in epochs[-1]  # the pretraining log prefixes the monitor's keys
     assert (out / "reconstruction.png").stat().st_size > 0
     assert list((out / "tensorboard").iterdir())
     state, meta = load_checkpoint(out)
@@ -119,7 +119,7 @@ def test_resume_refuses_other_architecture(fmnist, tmp_path, capsys):
     args[args.index("--model.depth") + 1] = "3"
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "does not match this model's architecture" in err and "blocks.2" in err
+    assert "does not fit this run's model" in err and "blocks.2" in err
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(fmnist, tmp_path, capsys):

@@ -115,7 +115,7 @@ def test_hf_encoder_parity_and_round_trip():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     noise = torch.arange(64.0).expand(2, 64)  # keeps every patch in order
     with torch.no_grad():
-        torch.testing.assert_close(v.norm(v.forward_tokens(x)), hf(x, noise=noise).last_hidden_state,
+        torch.testing.assert_close(v.forward_features(x), hf(x, noise=noise).last_hidden_state,
                                    atol=1e-5, rtol=0)
     _equal_sd(cv.fastmae_to_hf_vit(sd, kw)[0], hf.state_dict())
 
@@ -149,7 +149,7 @@ def test_hf_layouts_all_read(tmp_path):
     modular, _ = cv.fastmae_to_hf_mae(ref, kw, style="modular")
     assert "vit.layers.1.attention.q_proj.weight" in modular and "decoder.decoder_layers.0.mlp.fc2.bias" in modular
     hf.save_pretrained(tmp_path / "saved")
-    saved, config = cv.load_with_config(tmp_path / "saved")
+    saved, config = cv.read_file(tmp_path / "saved")
     for hf_sd in (legacy, modular, saved):
         _equal_sd(cv.hf_mae_to_fastmae(hf_sd, config)[0], ref)
     _equal_sd(cv.hf_mae_to_fastmae(legacy)[0], ref)  # no config: inferred (heads from the width table)
@@ -210,10 +210,10 @@ def test_detect_format_and_unwrap(official):
     with pytest.raises(ValueError, match="unrecognised"):
         cv.detect_format({"foo": torch.zeros(1)})
     ddp = {"module." + k: v for k, v in enc.items()}
-    assert cv.unwrap({"model": ddp, "epoch": 3}) == enc
-    assert cv.unwrap({"state_dict": enc}) == enc
+    assert cv.unwrap_state_dict({"model": ddp, "epoch": 3}) == enc
+    assert cv.unwrap_state_dict({"state_dict": enc}) == enc
     with pytest.raises(ValueError, match="top-level keys"):
-        cv.unwrap({"epoch": 3, "args": "x"})
+        cv.unwrap_state_dict({"epoch": 3, "args": "x"})
 
 
 def test_heads_and_grid_inference(official):
@@ -276,7 +276,7 @@ def test_malicious_pickle_refused(tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "args": _Evil(str(marker))}, bad)
     with pytest.raises(ValueError) as e:
-        cv.load_state_dict_file(bad)
+        cv.read_file(bad)[0]
     assert "pickled Python objects" in str(e.value) and "torch.save(ckpt['model']" in str(e.value)
     assert "safetensors" in str(e.value)
     assert not marker.exists()
@@ -291,7 +291,7 @@ def test_save_fastmae_round_trip_and_no_temp_files(tmp_path, official):
     out = cv.save_fastmae(tmp_path / "m", sd, meta)
     assert out == tmp_path / "m.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
-    loaded, side = cv.load_with_config(out)
+    loaded, side = cv.read_file(out)
     _equal_sd(loaded, sd)
     assert side == json.loads(json.dumps(meta))
     with pytest.raises(ValueError, match="kind"):
@@ -319,7 +319,7 @@ def test_convert_end_to_end(official, tmp_path):
 
     # official -> fastmae: the sidecar makes the model buildable; it reproduces the official loss
     out = cv.convert(src, tmp_path / "fm" / "mae", "fastmae", num_heads=4, decoder_num_heads=4)
-    sd, meta = cv.load_with_config(out)
+    sd, meta = cv.read_file(out)
     assert meta["kind"] == "mae" and meta["source_format"] == "fastmae-mae"
     m = MaskedAutoencoderViT(**meta["model_kwargs"]).eval()
     m.load_state_dict(sd, strict=True)
@@ -337,13 +337,13 @@ def test_convert_end_to_end(official, tmp_path):
 
     # hf -> fastmae -> official: identity on the official weights
     back = cv.convert(hf_dir, tmp_path / "back", "fastmae")
-    assert cv.load_with_config(back)[1]["model_kwargs"]["decoder_num_heads"] == 4
+    assert cv.read_file(back)[1]["model_kwargs"]["decoder_num_heads"] == 4
     off = cv.convert(back, tmp_path / "again.pth", "official")
     _equal_sd(torch.load(off, weights_only=True)["model"], official["mae_state_dict"])
 
     # MAE -> timm keeps the encoder; encoder -> hf is a ViTMAEModel
     enc = cv.convert(src, tmp_path / "enc.safetensors", "timm", num_heads=4, decoder_num_heads=4)
-    _equal_sd(cv.load_state_dict_file(enc), cv.mae_encoder(official["mae_state_dict"]))
+    _equal_sd(cv.read_file(enc)[0], cv.mae_encoder(official["mae_state_dict"]))
     enc_hf = cv.convert(enc, tmp_path / "enc_hf", "hf", num_heads=4)
     assert json.loads((enc_hf / "config.json").read_text())["architectures"] == ["ViTMAEModel"]
     tf.ViTMAEModel.from_pretrained(enc_hf)
@@ -359,7 +359,7 @@ def test_convert_end_to_end(official, tmp_path):
     cv.save_timm(avg, official["classifier_avg"]["state_dict"])
     t = cv.convert(avg, tmp_path / "avg_timm.pth", "timm", num_heads=4)
     fm = cv.convert(t, tmp_path / "avg_fm", "fastmae", num_heads=4)
-    sd, meta = cv.load_with_config(fm)
+    sd, meta = cv.read_file(fm)
     _equal_sd(sd, official["classifier_avg"]["state_dict"])
     assert meta["model_kwargs"] == {**_vit_kwargs(cfg, "avg"), "mlp_ratio": 4.0}
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
@@ -368,8 +368,8 @@ def test_convert_end_to_end(official, tmp_path):
 
 def test_convert_config_fields():
     fields = {f.name for f in cv.ConvertConfig.__dataclass_fields__.values()}
-    assert {"src", "dst", "to", "num_heads", "decoder_num_heads"} <= fields
-    c = cv.ConvertConfig(src="a", dst="b")
+    assert {"init", "output", "to", "model"} <= fields  # one vocabulary: --init reads, --model.* sizes
+    c = cv.ConvertConfig(init="a", output="b")
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.to = "hf"  # frozen
 
@@ -381,7 +381,7 @@ def test_works_without_transformers(official, tmp_path, monkeypatch):
     hf_dir = cv.save_hf(tmp_path / "hf", *cv.fastmae_to_hf_mae(official["mae_state_dict"], kw, style="legacy"))
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     out = cv.convert(hf_dir, tmp_path / "fm", "fastmae")
-    sd, meta = cv.load_with_config(out)
+    sd, meta = cv.read_file(out)
     _equal_sd(sd, official["mae_state_dict"])
     assert meta["model_kwargs"]["num_heads"] == 4 and meta["mask_ratio"] == 0.75
     with pytest.raises(ImportError, match=r"fastmae\[hf\]"):

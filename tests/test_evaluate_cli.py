@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from fastmae.backbone import Backbone, build_classifier, load_backbone
+from fastmae.backbone import build_classifier, encoder_init
+from fastmae.weights import Weights
 from fastmae.cli import main
 from fastmae.config import ViTModelConfig
 from fastmae.mae import MaskedAutoencoderViT
@@ -38,7 +39,7 @@ def test_knn_from_pretrained_and_random(pretrained, tmp_path, capsys):
     data, run = pretrained
     assert main(["knn", "--init", str(run), *common(data, tmp_path / "k1")]) == 0
     res = json.loads((tmp_path / "k1" / "knn.json").read_text())
-    assert 0 <= res["knn_top1"] <= 100 and res["train"] == 96 and res["eval"] == 40
+    assert 0 <= res["top1"] <= 100 and res["train"] == 96 and res["eval"] == 40
     assert "kNN" in capsys.readouterr().out
     assert main(["knn", "--init", "random", *TINY_VIT, *common(data, tmp_path / "k2")]) == 0
     assert (tmp_path / "k2" / "knn.json").exists()
@@ -66,7 +67,7 @@ def test_finetune_from_pretrained_writes_best_and_last(pretrained, tmp_path):
     assert res["epochs_done"] == 2 and 0 <= res["best_top1"] <= 100
     assert (out / "best.pt").exists() and list(out.glob("checkpoint-*.pt"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert all("eval_top1" in e for e in log if "epoch" in e)
+    assert all("top1" in e for e in log if "epoch" in e)
     # the best checkpoint rebuilds a classifier that loads strictly
     meta = json.loads((out / "best.json").read_text())
     kw = meta["model_kwargs"]
@@ -83,13 +84,13 @@ def test_finetune_from_random_init(pretrained, tmp_path):
 
 def test_backbone_resamples_position_embeddings(pretrained):
     _, run = pretrained
-    bb = load_backbone(str(run), ViTModelConfig())
-    assert tuple(bb.kwargs["img_size"]) == (28, 28)
+    bb = encoder_init(str(run), ViTModelConfig())
+    assert tuple(bb.model_kwargs["img_size"]) == (28, 28)
     vit = build_classifier(bb, ViTModelConfig(img_size=(36, 44)), num_classes=3, in_chans=1)
     assert vit.pos_embed.shape == (1, 1 + 9 * 11, 32)
     # copied weights are the checkpoint's; the cls slot of the position embedding is kept
-    assert torch.equal(vit.blocks[0].attn.qkv.weight, bb.state["blocks.0.attn.qkv.weight"])
-    assert torch.equal(vit.pos_embed[:, :1], bb.state["pos_embed"][:, :1])
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, bb.state_dict["blocks.0.attn.qkv.weight"])
+    assert torch.equal(vit.pos_embed[:, :1], bb.state_dict["pos_embed"][:, :1])
     out = vit(torch.randn(2, 1, 36, 44))
     assert out.shape == (2, 3)
 
@@ -99,7 +100,7 @@ def test_backbone_refuses_mismatched_weights():
                                decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
     state = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     state["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
-    bb = Backbone(dict(img_size=(8, 8), patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2), state,
-                  None, None, "test")
+    bb = Weights("encoder", state, dict(img_size=(8, 8), patch_size=4, in_chans=1, embed_dim=16, depth=1,
+                                       num_heads=2), source="test")
     with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight"):
         build_classifier(bb, ViTModelConfig(), num_classes=2, in_chans=1)

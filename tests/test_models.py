@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastmae.api import encode
+
 from fastmae.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
 from fastmae.vit import VARIANTS, VisionTransformer, build_vit
 
@@ -90,9 +92,10 @@ def test_non_square_and_multichannel_mae():
 def test_dense_feature_map_shape():
     v = VisionTransformer(img_size=(16, 24), patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=1,
                           num_heads=2)
-    fmap = v.forward_dense(torch.randn(2, 1, 16, 24))
-    assert fmap.shape == (2, 32, 4, 6)
-    assert v.forward_features(torch.randn(2, 1, 16, 24)).shape == (2, 32)
+    x = torch.randn(2, 1, 16, 24)
+    assert encode(v, x, "dense").shape == (2, 32, 4, 6)
+    assert v.forward_features(x).shape == (2, 1 + 4 * 6, 32)  # timm-style: tokens
+    assert v.forward_head(v.forward_features(x), pre_logits=True).shape == (2, 32)
 
 
 @pytest.mark.parametrize(

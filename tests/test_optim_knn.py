@@ -95,9 +95,9 @@ def test_knn_exact_on_toy_problem():
     assert scores[0, 0].item() == pytest.approx((cos / 0.1).exp().sum().item(), rel=1e-5)
     assert scores[0, 1].item() == 0.0
     acc = knn_accuracy(train, labels, test, torch.tensor([0, 1]), num_classes=2, k=2)
-    assert acc["knn_top1"] == 100.0
+    assert acc["top1"] == 100.0
     acc = knn_accuracy(train, labels, test, torch.tensor([1, 0]), num_classes=2, k=2)
-    assert acc["knn_top1"] == 0.0
+    assert acc["top1"] == 0.0
 
 
 def test_two_adamw_steps_lower_the_loss_on_a_fixed_batch():

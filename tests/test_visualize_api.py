@@ -16,7 +16,7 @@ from PIL import Image
 from fastmae.api import encode, load, require_decoder
 from fastmae.checkpoint import load_checkpoint
 from fastmae.cli import main
-from fastmae.convert import load_with_config, mae_encoder
+from fastmae.convert import mae_encoder, read_file
 from fastmae.mae import MaskedAutoencoderViT
 from fastmae.patches import patchify
 from fastmae.pretrain import run_pretrain
@@ -73,7 +73,7 @@ def test_load_run_folder_and_checkpoint_file(tiny):
 
 def test_load_fastmae_export_official_pth_and_hf(tiny, tmp_path):
     # fastmae convert --to fastmae: X.safetensors + X.json (keeps norm_pix_loss and the data statistics)
-    assert main(["convert", "--src", str(tiny.run / tiny.ckpt.name), "--dst", str(tmp_path / "exp"),
+    assert main(["convert", "--init", str(tiny.run / tiny.ckpt.name), "--output", str(tmp_path / "exp"),
                  "--to", "fastmae"]) == 0
     for src in (tmp_path / "exp.safetensors", tmp_path / "exp"):
         model = load(src)
@@ -93,14 +93,14 @@ def test_load_fastmae_export_official_pth_and_hf(tiny, tmp_path):
     assert load(official, num_heads=2, decoder_num_heads=2, norm_pix_loss=True).norm_pix_loss
     # Hugging Face ViTMAEForPreTraining folder (config.json + model.safetensors + preprocessor_config.json)
     pytest.importorskip("transformers")
-    assert main(["convert", "--src", str(tiny.ckpt), "--dst", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", "--init", str(tiny.ckpt), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
     model = load(tmp_path / "hf")
     assert isinstance(model, MaskedAutoencoderViT) and model.norm_pix_loss
     assert_weights(model, tiny.sd)
     assert model.data_mean == pytest.approx(tuple(tiny.meta["mean"]))
     # ... and back: fastmae -> hf -> fastmae through the CLI keeps every weight
-    assert main(["convert", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "back"), "--to", "fastmae"]) == 0
-    sd, meta = load_with_config(tmp_path / "back.safetensors")
+    assert main(["convert", "--init", str(tmp_path / "hf"), "--output", str(tmp_path / "back"), "--to", "fastmae"]) == 0
+    sd, meta = read_file(tmp_path / "back.safetensors")
     assert meta["kind"] == "mae" and meta["model_kwargs"]["norm_pix_loss"] is True
     assert sd.keys() == tiny.sd.keys() and all(torch.equal(sd[k], tiny.sd[k]) for k in sd)
 
@@ -128,7 +128,7 @@ def test_load_encoder_only_and_visualize_refuses_it(tiny, tmp_path, capsys):
     assert require_decoder(tiny.sd) is tiny.sd and require_decoder(mae) is mae
 
     out = tmp_path / "fig.png"
-    assert main(["visualize", "--checkpoint", str(path), "--data.path", str(tiny.data), "--output", str(out)]) == 2
+    assert main(["visualize", "--init", str(path), "--data.path", str(tiny.data), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no MAE decoder" in err and "'mask_token'" in err and "mae_visualize_vit_base.pth" in err
     assert not out.exists()
@@ -181,7 +181,8 @@ def test_encode_shapes(make):
     assert encode(model, x, "token").shape == (2, 32)
     assert encode(model, x, "dense").shape == (2, 32, 7, 7)
     if make != "mae":  # the pool a classifier was trained with gives exactly what its head sees
-        torch.testing.assert_close(encode(model, x, model.global_pool), model.forward_features(x))
+        torch.testing.assert_close(encode(model, x, model.global_pool),
+                                   model.forward_head(model.forward_features(x), pre_logits=True))
     with pytest.raises(ValueError, match="pool must be"):
         encode(model, x, "max")
 
@@ -190,7 +191,7 @@ def test_encode_shapes(make):
 # fastmae visualize
 
 def viz(tiny, out, *extra) -> list[str]:
-    return ["visualize", "--checkpoint", str(tiny.run), "--data.path", str(tiny.data), "--output", str(out),
+    return ["visualize", "--init", str(tiny.run), "--data.path", str(tiny.data), "--output", str(out),
             *extra]
 
 
@@ -202,7 +203,7 @@ def test_visualize_grid_from_dataset_and_seeds(tiny, tmp_path, capsys):
         assert im.size == grid_size(3) and im.mode == "RGB"
     assert main(viz(tiny, b, "--num", "3")) == 0
     assert a.read_bytes() == b.read_bytes()  # same seed, same mask, same bytes
-    assert main(viz(tiny, c, "--num", "3", "--seed", "1")) == 0
+    assert main(viz(tiny, c, "--num", "3", "--run.seed", "1")) == 0
     assert a.read_bytes() != c.read_bytes()
     # only the masked and reconstruction columns change with the seed; the originals are the same
     with Image.open(a) as ia, Image.open(c) as ic:
@@ -251,9 +252,9 @@ def test_visualize_image_files_mixed_sizes_and_modes(tiny, tmp_path, capsys):
 
 def test_visualize_rejects_bad_mask_ratio(tiny, tmp_path, capsys):
     for ratio in ("1.0", "-0.1"):
-        assert main(viz(tiny, tmp_path / "x.png", "--mask_ratio", ratio)) == 2
-        assert "--mask_ratio must be in [0, 1)" in capsys.readouterr().err
-    assert main(viz(tiny, tmp_path / "x.png", "--mask_ratio", "0", "--num", "1")) == 0
+        assert main(viz(tiny, tmp_path / "x.png", "--model.mask_ratio", ratio)) == 2
+        assert "--model.mask_ratio must be in [0, 1)" in capsys.readouterr().err
+    assert main(viz(tiny, tmp_path / "x.png", "--model.mask_ratio", "0", "--num", "1")) == 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,7 +32,14 @@ from .sources import (
     read_idx,
     read_list,
 )
-from .transforms import denormalize, eval_crop_box, normalize, resized_crop, sample_crop_box, sample_crop_boxes
+from .transforms import (
+    denormalize,
+    eval_crop_box,
+    normalize,
+    resized_crop,
+    sample_crop_box,
+    sample_crop_boxes,
+)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

@@ -11,7 +11,6 @@ from .sampler import _AUGMENT, _mix
 from .transforms import CROP_RATIO, eval_crop_box, resized_crop, sample_crop_boxes
 
 
-
 class MemoryLoader(Loader):
     """A split held in memory as uint8 (N, C0, h, w), augmented a batch at a time in the main process.
 

@@ -1,0 +1,150 @@
+"""Convert checkpoints between fastmae, the official MAE release, Hugging Face and timm.
+
+Formats (`detect_format` tells them apart by their keys):
+
+  fastmae-mae       full MAE: encoder + decoder (official `mae_visualize_vit_*.pth` / `*_full.pth`,
+                    fastmae pretraining checkpoints). Official names are fastmae names.
+  fastmae-encoder   MAE encoder without decoder or head (official `mae_pretrain_vit_*.pth`): `norm`, no `head`.
+  fastmae-vit       classifier (official `mae_finetuned_vit_*.pth`): `head`, and `fc_norm` (avg pool) or `norm`.
+  timm-vit          a timm ViT with timm-only parts (register tokens, layer scale, ...). A plain timm
+                    `VisionTransformer` uses the official names, so its state dict is detected as fastmae-*.
+  hf-vitmae-pretraining / hf-vitmae-model / hf-vit-classification   Hugging Face `ViTMAEForPreTraining`,
+                    `ViTMAEModel` (encoder, no `vit.` prefix), `ViTForImageClassification`.
+
+Renamings are tables of (fastmae, foreign) names with `{i}` for the block index, `{v}` for the
+Hugging Face `vit.` prefix and `{p}` for weight/bias; a tuple on the foreign side is one fastmae tensor
+split on dim 0 (fused qkv <-> query, key, value). Every conversion is checked against the shapes of the
+fastmae model built (on the meta device) from the inferred kwargs; errors name keys and shapes.
+
+Hugging Face has two key layouts: 'legacy' (transformers 4.x modules and every file on the Hub:
+`vit.encoder.layer.{i}.attention.attention.query`) and 'modular' (what transformers >= 5 builds in
+memory: `vit.layers.{i}.attention.q_proj`; its `save_pretrained` converts back to legacy names, but
+writes the MAE decoder blocks as `decoder.decoder_encoder.layer.{i}`). All three are read; files are
+written in the legacy layout, which every transformers version loads.
+
+Attention heads are not in the weights (qkv is (3D, D) whatever the head count), so kwargs take
+`num_heads`/`decoder_num_heads` from the caller, else from the source's config or metadata, else from
+the standard widths (ENCODER_HEADS, DECODER_HEADS), else width/64 or width/32. A wrong head count loads
+without error but computes something else, so pass it for non-standard widths.
+
+Shapes: L patches, D encoder width, Dd decoder width, p patch, C channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import ConvertConfig, validate
+from .detect import (
+    DECODER_HEADS,
+    ENCODER_HEADS,
+    Format,
+    HFStyle,
+    Kind,
+    StateDict,
+    Target,
+    check_state_dict,
+    default_num_heads,
+    detect_format,
+    expected_shapes,
+    infer_mae_kwargs,
+    infer_vit_kwargs,
+    kind_of,
+    unwrap_state_dict,
+)
+from .files import (
+    HF_WEIGHT_FILES,
+    hf_preprocessor_config,
+        read_file,
+    save_fastmae,
+    save_hf,
+    save_official,
+    save_timm,
+)
+from .hf import (
+    fastmae_to_hf_mae,
+    fastmae_to_hf_vit,
+    hf_key_map,
+    hf_mae_to_fastmae,
+    hf_vit_to_fastmae,
+)
+from .tables import fastmae_to_timm, mae_encoder, timm_to_fastmae
+
+# The command.
+
+def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, decoder_num_heads: int = 0,
+               img_size=None) -> tuple[Kind, StateDict, dict, dict]:
+    """Any supported state dict -> (kind, fastmae state dict, model kwargs, extra meta).
+
+    config: HF config.json or fastmae sidecar metadata ({} if none). Heads: explicit > config > table.
+    """
+    fmt = detect_format(sd)
+    extra: dict[str, Any] = {"source_format": fmt}
+    if fmt == "hf-vitmae-pretraining":
+        out, kw = hf_mae_to_fastmae(sd, config or None, num_heads, decoder_num_heads)
+        extra["mask_ratio"] = float(config.get("mask_ratio", 0.75)) if config else 0.75
+        return "mae", out, kw, extra
+    if fmt in ("hf-vit-classification", "hf-vitmae-model"):
+        out, kw = hf_vit_to_fastmae(sd, config or None, num_heads)
+        return kind_of(fmt), out, kw, extra
+    sd = timm_to_fastmae(sd) if fmt == "timm-vit" else dict(sd)
+    kind = kind_of(fmt)
+    kw = dict(config.get("model_kwargs") or {}) if config.get("kind") in (None, kind) else {}
+    if not kw:
+        kw = (infer_mae_kwargs(sd, img_size, num_heads, decoder_num_heads) if kind == "mae"
+              else infer_vit_kwargs(sd, img_size, num_heads))
+    if num_heads:
+        kw["num_heads"] = num_heads
+    if decoder_num_heads and kind == "mae":
+        kw["decoder_num_heads"] = decoder_num_heads
+    mask_ratio = config.get("mask_ratio", ((config.get("config") or {}).get("model") or {}).get("mask_ratio"))
+    if mask_ratio is not None:  # fastmae metadata: top level, or the pretraining config's model section
+        extra["mask_ratio"] = float(mask_ratio)
+    for key in ("mean", "std"):  # the data normalisation the model was trained with (fastmae metadata)
+        if isinstance(config.get(key), (list, tuple)) and config[key]:
+            extra[key] = [float(v) for v in config[key]]
+    check_state_dict(sd, kind, kw)
+    return kind, sd, kw, extra
+
+
+def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads: int = 0,
+            decoder_num_heads: int = 0, img_size: tuple[int, int] | None = None) -> Path:
+    """Read `src` (any supported format), convert, and write `dst` in format `to`; returns what was written."""
+    sd, config = read_file(src)
+    kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
+    if to == "fastmae":
+        meta = {"kind": kind, "model_kwargs": kw, "source": str(src), **extra}
+        return save_fastmae(dst, sd, meta)
+    if to == "official":
+        return save_official(dst, sd)
+    if to == "timm":
+        return save_timm(dst, fastmae_to_timm(sd))
+    if to == "hf":
+        mask_ratio = float(extra.get("mask_ratio", 0.75))
+        if kind == "mae":
+            hf_sd, hf_config = fastmae_to_hf_mae(sd, kw, mask_ratio, style="legacy")
+        else:
+            hf_sd, hf_config = fastmae_to_hf_vit(sd, kw, style="legacy", mask_ratio=mask_ratio)
+        pre = (hf_preprocessor_config(kw.get("img_size", 224), extra["mean"], extra["std"])
+               if "mean" in extra and "std" in extra else None)
+        return save_hf(dst, hf_sd, hf_config, pre)
+    raise ValueError(f"unknown target format {to!r}; choose fastmae, hf, timm or official")
+
+
+def convert_from_config(cfg: ConvertConfig) -> Path:
+    """convert() with the fields of a ConvertConfig (what `fastmae convert` runs)."""
+    validate(cfg)
+    img = cfg.model.img_size if tuple(cfg.model.img_size) != (0, 0) else None
+    return convert(cfg.init, cfg.output, cfg.to, cfg.model.num_heads, cfg.model.decoder_num_heads, img)
+
+
+__all__ = [
+    "DECODER_HEADS", "ENCODER_HEADS", "HF_WEIGHT_FILES", "Format", "HFStyle", "Kind", "StateDict", "Target",
+    "check_state_dict", "convert", "convert_from_config", "default_num_heads", "detect_format", "expected_shapes",
+    "fastmae_to_hf_mae", "fastmae_to_hf_vit", "fastmae_to_timm", "hf_key_map", "hf_mae_to_fastmae",
+    "hf_preprocessor_config", "hf_vit_to_fastmae", "infer_mae_kwargs", "infer_vit_kwargs", "kind_of", "mae_encoder",
+    "read_file", "save_fastmae", "save_hf", "save_official", "save_timm", "timm_to_fastmae", "to_fastmae",
+    "unwrap_state_dict",
+]

@@ -1,0 +1,109 @@
+"""The one way weights come in: any supported path -> `Weights` (fastmae names, constructor kwargs, data stats).
+
+`read_weights` finds the file a path means (a run folder's newest checkpoint, a Hugging Face folder, a
+fastmae export named without its extension), reads it (safetensors or torch.load(weights_only=True)),
+converts it to fastmae names and checks names and shapes. `fastmae.load` builds a model from it;
+fine-tuning and probing take the encoder part without building anything in between.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import find_latest
+from .convert import HF_WEIGHT_FILES, Kind, read_file, to_fastmae
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .vit import to_2tuple
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
+ENCODER_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+@dataclass
+class Weights:
+    """A checkpoint in fastmae terms. state_dict None = random initialisation (sizes only)."""
+
+    kind: Kind  # 'mae' (encoder + decoder), 'vit' (classifier) or 'encoder'
+    state_dict: dict[str, torch.Tensor] | None
+    model_kwargs: dict
+    mean: tuple[float, ...] | None = None  # data normalisation it was trained with (defaults when not recorded)
+    std: tuple[float, ...] | None = None
+    stats_known: bool = False  # False: mean/std are the defaults for its channel count, a guess
+    source: str = ""
+    extra: dict = field(default_factory=dict)  # source_format, mask_ratio, ...
+
+    def encoder(self) -> Weights:
+        """Only the encoder: its tensors (no decoder, no head) and its constructor kwargs."""
+        kw = {k: self.model_kwargs[k] for k in ENCODER_KWARGS if k in self.model_kwargs}
+        kw["img_size"] = to_2tuple(kw["img_size"])
+        sd = None if self.state_dict is None else {
+            k: v for k, v in self.state_dict.items() if k.startswith(ENCODER_PREFIXES)}
+        return Weights("encoder", sd, kw, self.mean, self.std, self.stats_known, self.source, dict(self.extra))
+
+
+def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation assumed when a checkpoint does not record one: ImageNet's for RGB, 0.5 otherwise."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * channels, (0.5,) * channels
+
+
+def find_source(p: Path, variant_names: Sequence[str] = ()) -> Path:
+    """The weights file/folder a path names: a run folder's newest checkpoint, a Hugging Face folder,
+    a file, or `X` for a fastmae export X.safetensors + X.json."""
+    if p.is_dir():
+        latest = find_latest(p)
+        if latest is not None:
+            return latest
+        if (p / "config.json").exists() and any((p / f).exists() for f in HF_WEIGHT_FILES):
+            return p
+        raise FileNotFoundError(
+            f"{p} is a folder without training checkpoints (checkpoint-*.pt) or Hugging Face weights "
+            f"(config.json + {' / '.join(HF_WEIGHT_FILES)}); pass a run folder, a checkpoint file or a model folder"
+        )
+    if p.exists():
+        return p
+    export = p.with_name(p.name + ".safetensors")
+    if export.exists():
+        return export
+    known = f", and it is not a variant name ({', '.join(variant_names)})" if variant_names else ""
+    raise FileNotFoundError(f"{p} does not exist{known}")
+
+
+def _hf_stats(folder: Path) -> tuple[list[float], list[float]] | None:
+    """image_mean/image_std of a Hugging Face folder's preprocessor_config.json, if it has one."""
+    f = folder / "preprocessor_config.json"
+    if not f.exists():
+        return None
+    try:
+        pre = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    if isinstance(pre, dict) and isinstance(pre.get("image_mean"), list) and isinstance(pre.get("image_std"), list):
+        return pre["image_mean"], pre["image_std"]
+    return None
+
+
+def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int = 0,
+                 variant_names: Sequence[str] = ()) -> Weights:
+    """Weights of any supported checkpoint (see `fastmae.load` for the list), checked against the fastmae model.
+
+    num_heads / decoder_num_heads: attention heads when the checkpoint does not record them (0 = metadata or
+    config, else the standard widths).
+    """
+    src = find_source(Path(path).expanduser(), variant_names)
+    sd, config = read_file(src)
+    kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads)
+    mean, std = extra.get("mean"), extra.get("std")
+    if mean is None and src.is_dir():
+        mean, std = _hf_stats(src) or (None, None)
+    channels = int(kw.get("in_chans", 3))
+    known = mean is not None and std is not None and len(mean) == channels and len(std) == channels
+    if not known:
+        mean, std = default_stats(channels)
+    return Weights(kind, sd, kw, tuple(float(m) for m in mean), tuple(float(s) for s in std), known, str(src), extra)
