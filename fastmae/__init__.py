@@ -8,7 +8,7 @@ from .pos_embed import resample_pos_embed, sincos_2d
 from .visualize import reconstruct
 from .vit import VARIANTS, VisionTransformer, build_vit
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "MAE_VARIANTS",

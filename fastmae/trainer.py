@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import (
     check_state_dict,
     find_latest,
