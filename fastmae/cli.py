@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert}`: one subcommand per config dataclass.
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench}`: one subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
 """
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import tyro
 
 from .config import (
+    BenchConfig,
     ConvertConfig,
     FinetuneConfig,
     KnnConfig,
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "knn": (KnnConfig, "fastmae.evaluate:run_knn"),
     "visualize": (VisualizeConfig, "fastmae.visualize:run_visualize"),
     "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
+    "bench": (BenchConfig, "fastmae.bench.command:run_bench"),
 }
 
 
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = tyro.extras.subcommand_cli_from_dict(
         {name: cls for name, (cls, _) in COMMANDS.items()},
         prog="fastmae",
-        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, visualize, convert.",
+        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, visualize, convert, bench.",
         args=argv,
         use_underscores=True,
     )

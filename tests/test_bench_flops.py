@@ -1,4 +1,4 @@
-"""The benchmark's analytic FLOP count agrees with torch's FlopCounterMode (benchmarks/bench_model.py)."""
+"""The benchmark's analytic FLOP count agrees with torch's FlopCounterMode (fastmae.bench, benchmarks/bench_model.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import benchmarks.bench_model as bm
-from benchmarks.bench_model import CASES, mae_forward_flops, mae_train_flops, selfcheck, vit_forward_flops
+from benchmarks.bench_model import CASES, selfcheck
+from fastmae.bench import cases as bc
+from fastmae.bench import timing as bt
+from fastmae.bench.flops import mae_forward_flops, mae_train_flops, vit_forward_flops
 
 
 def test_flops_match_flop_counter_on_tiny_mae_and_vit():
@@ -41,10 +43,10 @@ def test_gpu_pretrain_cases_match_flop_counter_on_meta(name):
     """The GPU cases' analytic count equals FlopCounterMode on the real model, built on the meta device (no compute)."""
     case = dataclasses.replace(CASES[name], batch=2)
     with torch.device("meta"):
-        model = bm.build_fastmae(case).train()
+        model = bc.build_fastmae(case).train()
         imgs = torch.empty(2, 3, case.img_size, case.img_size)  # (B, C, H, W)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        bm.loss_fn("fastmae", model, case)(imgs)
+        bc.loss_fn("fastmae", model, case)(imgs)
     assert fc.get_total_flops() == case.forward_flops()["total"]
 
 
@@ -64,10 +66,10 @@ def test_out_of_memory_halves_the_batch(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return {"rows": [{"case": case.name, "batch": case.batch}]}
 
-    monkeypatch.setattr(bm, "bench_case", fake_bench_case)
-    res = bm.bench_case_fitting(CASES["B"], "bf16", ["fastmae"], argparse.Namespace(), torch.device("cpu"))
+    monkeypatch.setattr(bt, "bench_case", fake_bench_case)
+    res = bt.bench_case_fitting(CASES["B"], "bf16", ["fastmae"], argparse.Namespace(), torch.device("cpu"))
     assert tried == [256, 128, 64]
     assert res["rows"] == [{"case": "B", "batch": 64, "batch_requested": 256}]
     with pytest.raises(RuntimeError, match="out of memory even at batch 128"):  # 64 would be under min_batch
-        bm.bench_case_fitting(CASES["B"], "bf16", ["fastmae"], argparse.Namespace(), torch.device("cpu"),
+        bt.bench_case_fitting(CASES["B"], "bf16", ["fastmae"], argparse.Namespace(), torch.device("cpu"),
                               min_batch=128)

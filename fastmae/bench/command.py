@@ -1,0 +1,130 @@
+"""`fastmae bench`: is this machine fast enough, and is the loader or the model the limit?
+
+For the model of --model.* it times one pretraining step (MAE) and one fine-tuning step (classification ViT
+on all tokens) with the same timing code as benchmarks/bench_model.py (warm-up, interleaved rounds, medians),
+reports img/s, ms/step, peak memory, FLOPs per image and the share of this machine's measured matmul peak,
+and times the training loader of --data.* alone. With --compare hf, transformers' models of the same sizes run
+side by side and each row gets its speed ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..config import BenchConfig, validate
+from ..device import resolve_device, resolve_precision
+from .cases import COMPILED, Case, hf_available
+from .report import add_peak_shares, machine_info, markdown_table
+from .timing import bench_case_fitting, matmul_peak_tflops, read_status_kb
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """The knobs bench_case reads (benchmarks/bench_model.py passes its argparse namespace instead)."""
+
+    rounds: int = 3
+    max_rounds: int = 6
+    round_seconds: float = 2.0
+    steps: int = 0
+    warmup: int = 2
+    compile_warmup: int = 3
+    optim_impl: str = "default"
+    quiet_wait: float = 5.0
+    min_cpu_share: float = 0.9
+
+
+def in_chans(cfg: BenchConfig) -> int:
+    """The model's input channels: --model.in_chans, else the data's (1 for Fashion-MNIST, else --data.channels or 3)."""
+    if cfg.model.in_chans:
+        return cfg.model.in_chans
+    return cfg.data.channels or (1 if cfg.data.source == "fashion-mnist" else 3)
+
+
+def make_case(cfg: BenchConfig, task: str) -> Case:
+    """The benchmark Case of --model.* (variant + overrides, as `fastmae pretrain` builds it) for a task."""
+    from ..pretrain import mae_kwargs
+
+    kw = mae_kwargs(cfg.model, in_chans(cfg))
+    H, W = kw["img_size"]
+    ft = task == "finetune"
+    return Case(
+        name=task, title=f"{cfg.model.name} {H}x{W}", img_size=H if H == W else (H, W),
+        patch_size=kw["patch_size"], embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"],
+        decoder_embed_dim=0 if ft else kw["decoder_embed_dim"], decoder_depth=0 if ft else kw["decoder_depth"],
+        decoder_num_heads=0 if ft else kw["decoder_num_heads"], batch=cfg.bench.batch_size, in_chans=kw["in_chans"],
+        mlp_ratio=kw.get("mlp_ratio", 4.0), task=task, num_classes=cfg.bench.num_classes,
+    )
+
+
+def time_loader(cfg: BenchConfig, img_size: tuple[int, int], batches: int) -> dict:
+    """Training-loader img/s of --data.* alone (decode, crop, resize, normalise; no model)."""
+    from ..data import build_loader
+
+    loader = build_loader(cfg.data, "train", img_size, cfg.bench.batch_size, train=True)
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)  # workers start and the first batch is ready: not counted
+    n, t0 = 0, time.perf_counter()
+    for _ in range(min(batches, len(loader) - 1)):
+        imgs, _ = next(it)
+        n += imgs.shape[0]
+    seconds = time.perf_counter() - t0
+    if hasattr(loader, "close"):
+        loader.close()
+    return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
+            "num_workers": cfg.data.num_workers if cfg.data.source != "fashion-mnist" else 0}
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Time the steps and the loader; print the table and the verdict; return everything as a dict."""
+    validate(cfg)
+    device = resolve_device(cfg.run.device)
+    precision = resolve_precision(cfg.run.precision, device)
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    if cfg.compare == "hf" and not hf_available():
+        raise ValueError("--compare hf needs transformers: pip install transformers (or fastmae[hf])")
+    impls = ["fastmae"] + ([COMPILED] if cfg.run.compile else []) + (["hf"] if cfg.compare == "hf" else [])
+    timing = Timing(rounds=cfg.bench.rounds, max_rounds=2 * cfg.bench.rounds, round_seconds=cfg.bench.round_seconds,
+                    quiet_wait=cfg.bench.quiet_wait, optim_impl="fused" if device.type == "cuda" else "default")
+    info = machine_info(device)
+    print(f"# {info.get('gpu') or info.get('cpu', 'unknown CPU')} | torch {torch.__version__} | "
+          f"{torch.backends.cpu.get_cpu_capability()} | {precision} on {device} x{torch.get_num_threads()} threads",
+          flush=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision.name]
+    peak = matmul_peak_tflops(dtype, device)
+    rows: list[dict] = []
+    for task in (t for t in ("pretrain", "finetune") if t in cfg.bench.tasks):
+        case = make_case(cfg, task)
+        rows += bench_case_fitting(case, precision.name, impls, timing, device)["rows"]
+        for r in rows[-len(impls):]:
+            r["gflops_per_img"] = r["train_flops_per_step"] / r["batch"] / 1e9
+    peaks = {precision.name: max(peak, matmul_peak_tflops(dtype, device))}
+    add_peak_shares(rows, peaks)
+    result: dict = {"machine": info, "precision": str(precision), "matmul_peak_tflops": peaks[precision.name],
+                    "rows": rows, "peak_rss_mib": read_status_kb("VmHWM") / 1024}
+    if rows:
+        print(markdown_table(rows, peaks))
+        print(f"# FLOPs per image per train step: " + ", ".join(
+            f"{r['case']} {r['gflops_per_img']:.2f} G" for r in rows if r["impl"] == "fastmae")
+              + f"; matmul peak {peaks[precision.name]:.3f} TFLOP/s ({precision.name}); process peak RSS "
+              f"{result['peak_rss_mib']:.0f} MiB")
+    if "data" in cfg.bench.tasks:
+        size = tuple(cfg.model.img_size)
+        result["loader"] = loader = time_loader(cfg, size, cfg.bench.data_batches)
+        model_ips = next((r["img_per_s"] for r in rows if r["case"] == "pretrain" and r["impl"] == "fastmae"), None)
+        line = f"# loader ({cfg.data.source}, {loader['num_workers']} workers): {loader['img_per_s']:.0f} img/s"
+        if model_ips:
+            limit = "the loader" if loader["img_per_s"] < model_ips else "the model"
+            line += f" vs pretraining step {model_ips:.0f} img/s: {limit} is the limit"
+            result["limit"] = limit
+        print(line, flush=True)
+    if cfg.run.output:
+        atomic_write_text(json.dumps(result, indent=2, default=str), Path(cfg.run.output))
+    return result
