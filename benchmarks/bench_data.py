@@ -5,7 +5,13 @@
     to 224, flip, normalise, through `fastmae.data.build_loader` (source 'unlabelled'): with --workers 0 one
     worker process's rate; with --workers N (e.g. 16 on a GPU machine) the loader's rate as training uses it.
 
+(D) One worker's decode + RandomResizedCrop to 224 (load_image, train) of generated JPEGs, with the full
+    decode (fast_jpeg=False: the reference, as before) and the reduced-size JPEG decode (fast_jpeg=True),
+    interleaved in one process, --repeats times; median images/s of each and their ratio, per JPEG size.
+
     python benchmarks/bench_data.py [--files 256] [--epochs 2]
+    python benchmarks/bench_data.py --decode-only --decode-sizes 500x375,1024x768,2048x1536 --repeats 7
+    python benchmarks/bench_data.py --decode-only --decode-content photo --decode-sizes 500x375,2048x1536
     python benchmarks/bench_data.py --jpeg-only --files 4096 --workers 16 --batch 256 --json data.json
 """
 
@@ -28,9 +34,10 @@ import torch
 from PIL import Image
 
 from fastmae.config import DataConfig
-from fastmae.data import MemoryLoader, build_loader
+from fastmae.data import MemoryLoader, build_loader, load_image
 
 JPEG_SIZE = (500, 375)  # width, height
+DECODE_SIZES = "500x375,1024x768,2048x1536"  # (D)'s JPEG sizes with --decode-only
 
 
 def rate(loader, epochs: int) -> float:
@@ -47,13 +54,27 @@ def rate(loader, epochs: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def write_jpeg(path: str, seed: int) -> None:
-    """One 500x375 RGB JPEG (quality 90): noise over a horizontal ramp, so it is not trivially compressible."""
+def write_jpeg(path: str, seed: int, size: tuple[int, int] = JPEG_SIZE) -> None:
+    """One RGB JPEG of size (w, h), quality 90: noise over a horizontal ramp, so it is not trivially compressible."""
     g = np.random.default_rng(seed)
-    w, h = JPEG_SIZE
+    w, h = size
     arr = g.integers(0, 256, (h, w, 3), dtype=np.uint8)
     arr = (arr // 4 + np.linspace(0, 190, w, dtype=np.uint8)[None, :, None]).astype(np.uint8)  # some structure
     Image.fromarray(arr).save(path, quality=90)
+
+
+def write_photo_jpeg(path: str, seed: int, size: tuple[int, int] = JPEG_SIZE) -> None:
+    """One RGB JPEG of size (w, h), quality 90, closer to a photo: smooth colour waves, sharp discs, mild grain."""
+    g = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    arr = np.stack([0.5 + 0.3 * np.sin(2 * np.pi * (g.uniform(0.5, 3) * x + g.uniform(0.5, 3) * y) + g.uniform(0, 6))
+                    for _ in range(3)], -1)  # (h, w, 3)
+    for _ in range(8):
+        cy, cx, r = g.uniform(0, 1, 3) * (h / max(w, h), w / max(w, h), 0.15)
+        arr[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = g.uniform(0, 1, 3)
+    arr += g.normal(0, 0.03, (h, w, 1))  # grain
+    Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(path, quality=90)
 
 
 def _write_jpeg_args(args: tuple[str, int]) -> None:
@@ -88,6 +109,47 @@ def jpeg_rate(folder: str | Path, workers: int, batch: int, epochs: int) -> floa
     return rate(loader, epochs)
 
 
+def decode_rates(paths: list[str], repeats: int) -> dict:
+    """(D): one process's images/s of load_image (train, 224) over `paths`, full decode vs fast JPEG path.
+
+    The two run alternately (which goes first alternates too), `repeats` times each, after one warm-up
+    pass of each; the same seeds, so both draw the same crop boxes. Medians and the ratio of medians.
+    """
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def one_pass(fast: bool) -> float:
+        t0 = time.perf_counter()
+        for i, p in enumerate(paths):
+            load_image(p, (224, 224), 3, mean, std, train=True, generator=torch.Generator().manual_seed(i),
+                       fast_jpeg=fast)
+        return len(paths) / (time.perf_counter() - t0)
+
+    one_pass(False), one_pass(True)  # warm-up
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(repeats):
+        for fast in ((False, True) if r % 2 == 0 else (True, False)):
+            rates[fast].append(one_pass(fast))
+    full, fast = float(np.median(rates[False])), float(np.median(rates[True]))
+    return {"full_img_per_s": full, "fast_img_per_s": fast, "ratio": fast / full,
+            "full_runs": rates[False], "fast_runs": rates[True]}
+
+
+def decode_rows(sizes: list[tuple[int, int]], files: int, repeats: int, content: str = "noise") -> list[dict]:
+    """(D) rows: for each JPEG size, `files` generated JPEGs ('noise': write_jpeg, 'photo': write_photo_jpeg)."""
+    write = write_photo_jpeg if content == "photo" else write_jpeg
+    rows = []
+    for w, h in sizes:
+        with tempfile.TemporaryDirectory() as d:
+            paths = [str(Path(d) / f"{i:05d}.jpg") for i in range(files)]
+            for i, p in enumerate(paths):
+                write(p, i, (w, h))
+            kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+            r = decode_rates(paths, repeats)
+        rows.append({"pipeline": "D", "title": f"D: {content} JPEG {w}x{h} ({kb:.0f} KB) -> 224 px, one process",
+                     "size": [w, h], "content": content, "kb": kb, "files": files, "repeats": repeats, **r})
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=256, help="JPEGs to generate (use a multiple of batch x workers)")
@@ -97,6 +159,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-only", action="store_true", help="skip the in-memory Fashion-MNIST row")
     p.add_argument("--gen-procs", type=int, default=0, help="processes writing the JPEGs (0: one per core, <= 16)")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.add_argument("--decode-only", action="store_true", help="only (D): full vs reduced-size JPEG decode")
+    p.add_argument("--decode-sizes", default="",
+                   help=f"(D) JPEG sizes WxH, comma-separated (default: none, or {DECODE_SIZES} with --decode-only)")
+    p.add_argument("--decode-files", type=int, default=64, help="(D) JPEGs per size")
+    p.add_argument("--repeats", type=int, default=5, help="(D) timed passes of each path, interleaved")
+    p.add_argument("--decode-content", default="noise", choices=["noise", "photo"],
+                   help="(D) noise over a ramp (as (J)) or photo-like (smooth waves, discs, grain)")
     return p.parse_args(argv)
 
 
@@ -104,23 +173,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict] = []
-    if not args.jpeg_only:
+    if not (args.jpeg_only or args.decode_only):
         rows.append({"pipeline": "F", "title": "F: Fashion-MNIST in memory, 28 px, batch 256", "workers": 0,
                      "img_per_s": memory_rate(args.epochs)})
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        make_jpegs(d, args.files, args.gen_procs)
-        made_s = time.perf_counter() - t0
-        who = f"{args.workers} workers" if args.workers else "one worker"
-        rows.append({"pipeline": "J", "title": f"J: JPEG 500x375 -> 224 px, {who}, batch {args.batch}",
-                     "workers": args.workers, "batch": args.batch, "files": args.files,
-                     "img_per_s": jpeg_rate(d, args.workers, args.batch, args.epochs), "jpeg_write_s": made_s})
-    print("| pipeline | train images/s | per worker |\n| --- | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['title']} | {r['img_per_s']:.0f} | {r['img_per_s'] / max(r['workers'], 1):.0f} |")
+    if not args.decode_only:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            make_jpegs(d, args.files, args.gen_procs)
+            made_s = time.perf_counter() - t0
+            who = f"{args.workers} workers" if args.workers else "one worker"
+            rows.append({"pipeline": "J", "title": f"J: JPEG 500x375 -> 224 px, {who}, batch {args.batch}",
+                         "workers": args.workers, "batch": args.batch, "files": args.files,
+                         "img_per_s": jpeg_rate(d, args.workers, args.batch, args.epochs), "jpeg_write_s": made_s})
+    if rows:
+        print("| pipeline | train images/s | per worker |\n| --- | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['title']} | {r['img_per_s']:.0f} | {r['img_per_s'] / max(r['workers'], 1):.0f} |")
+    spec = args.decode_sizes or (DECODE_SIZES if args.decode_only else "")
+    sizes = [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]
+    decode = decode_rows(sizes, args.decode_files, args.repeats, args.decode_content) if sizes else []
+    if decode:
+        print(f"\n| (D) decode + RandomResizedCrop 224, one process, median of {args.repeats} | full decode img/s "
+              f"| reduced-size decode img/s | ratio |\n| --- | ---: | ---: | ---: |")
+        for r in decode:
+            print(f"| {r['title']} | {r['full_img_per_s']:.0f} | {r['fast_img_per_s']:.0f} | {r['ratio']:.2f}x |")
     if args.json:
         info = {"cpus": os.cpu_count(), "torch": torch.__version__, "epochs": args.epochs}
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows + decode}, indent=2))
         print(f"wrote {args.json}")
 
 

@@ -1,12 +1,17 @@
 """Image files -> tensors with Pillow: any mode and band count to the model's channels, EXIF rotation,
 a pixel limit against decompression bombs, and errors that say why a file is unreadable and how to go on.
+
+JPEGs whose crop is at least twice the output size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+scaling, `Image.draft`): the crop box is drawn from the header's size first, so the law of boxes and flips
+is unchanged, and the resize still only shrinks. `FAST_JPEG = False` (or `fast_jpeg=False`) decodes every
+file at full size, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .transforms import CROP_RATIO, eval_crop_box, normalize, sample_crop_box
 
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_DCT_SCALES = (8, 4, 2)  # the reductions libjpeg can apply while decoding (Image.draft), largest first
+FAST_JPEG = True  # default of load_image(fast_jpeg=...): decode JPEGs at reduced size where the crop allows
+# EXIF orientation -> (x, y) of the upright image run against the stored image's axes (see ImageOps.exif_transpose)
+_REVERSED_AXES = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
+                  8: (False, True)}
+_SWAPS_AXES = (5, 6, 7, 8)  # orientations that swap width and height
+
+Box = tuple[float, float, float, float]  # top, left, h, w in source pixels
 
 
 class UnreadableImageError(ValueError):
@@ -81,12 +94,15 @@ def _unreadable(path: str, e: BaseException) -> UnreadableImageError:
     )
 
 
-def _decode_planes(path: str, channels: int, max_image_pixels: int = 0) -> list[Image.Image]:
+def _decode_planes(
+    path: str, channels: int, max_image_pixels: int = 0, before_load: Callable[[Image.Image], None] | None = None
+) -> list[Image.Image]:
     """Decode (EXIF-rotated) and convert to `channels` channels, as Pillow images of mode 'L', 'RGB' or 'F'.
 
     1 channel: grey; 3: RGB (RGBA, P, CMYK, L, 16-bit grey are converted); other counts: the
     image's own bands (e.g. RGBA for 4) or the pages of a multi-page TIFF, one band each.
     Files over max_image_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
+    before_load(img) sees the opened file (header read, size checked) before it is decoded, e.g. to draft.
     """
     with _pillow_pixel_check(enabled=max_image_pixels <= 0):
         try:
@@ -95,6 +111,8 @@ def _decode_planes(path: str, channels: int, max_image_pixels: int = 0) -> list[
                 raise Image.DecompressionBombError(
                     f"Image size ({img.width * img.height} pixels) exceeds the limit of {max_image_pixels} pixels."
                 )
+            if before_load is not None:
+                before_load(img)
             img.load()  # decode now, so a truncated file fails here
             pages = getattr(img, "n_frames", 1)
             first = ImageOps.exif_transpose(img)
@@ -145,6 +163,65 @@ def decode_image(path: str | Path, channels: int, max_image_pixels: int = 0) -> 
     return _planes_to_tensor(_decode_planes(str(path), channels, max_image_pixels))
 
 
+def _orientation(img: Image.Image) -> int:
+    """The file's EXIF orientation (1: stored upright); read from the header, no decoding."""
+    return int(img.getexif().get(0x0112, 1) or 1)
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of the opened image after EXIF rotation, from the header alone."""
+    w, h = img.size
+    return (w, h) if _orientation(img) in _SWAPS_AXES else (h, w)
+
+
+def _can_draft(img: Image.Image, channels: int) -> bool:
+    """Whether libjpeg may decode this file at reduced size: a single-image 8-bit grey or RGB JPEG, 1 or 3 channels."""
+    return img.format == "JPEG" and img.mode in ("L", "RGB") and channels in (1, 3) and len(img.tile) == 1
+
+
+def dct_scale(box_hw: tuple[float, float], out_hw: tuple[int, int]) -> int:
+    """The largest JPEG reduction (8, 4, 2, else 1) after which a crop of box_hw pixels still covers out_hw."""
+    return next((s for s in _DCT_SCALES if box_hw[0] / s >= out_hw[0] and box_hw[1] / s >= out_hw[1]), 1)
+
+
+def _draft(img: Image.Image, scale: int) -> None:
+    """Ask libjpeg to decode `img` at 1/scale of its size (scale 8, 4 or 2); Pillow picks exactly that scale."""
+    w, h = img.size
+    _, reduced = img.draft(img.mode, (w // scale, h // scale))
+    if round(w / reduced[2]) != scale:  # cannot happen with Pillow's rule (scale = min(w // (w // s), ...))
+        raise RuntimeError(f"JPEG draft chose 1/{w / reduced[2]:g} instead of 1/{scale}")
+
+
+def _reduced_box(box: Box, scale: int, full_hw: tuple[int, int], orientation: int) -> Box:
+    """A crop box of the full-size upright image in the pixels of the upright image decoded at 1/scale.
+
+    Decoded pixel j covers stored pixels [j * scale, (j + 1) * scale); the last one is partial when a side is
+    not a multiple of `scale`, and EXIF rotation can put it first: then the box moves by the missing part.
+    """
+    top, left, h, w = box
+    rev_x, rev_y = _REVERSED_AXES.get(orientation, (False, False))
+    n_h, n_w = full_hw
+    off_y = -(-n_h // scale) * scale - n_h if rev_y else 0
+    off_x = -(-n_w // scale) * scale - n_w if rev_x else 0
+    return (top + off_y) / scale, (left + off_x) / scale, h / scale, w / scale
+
+
+def _crop_and_flip(
+    hw: tuple[int, int],
+    img_size: tuple[int, int],
+    train: bool,
+    crop_scale: tuple[float, float],
+    hflip: bool,
+    generator: torch.Generator | None,
+) -> tuple[Box, bool]:
+    """The crop box (top, left, h, w) in an image of hw pixels and the flip: RandomResizedCrop and a coin to
+    train (in this order from `generator`), the centre crop for evaluation."""
+    if train:
+        box = sample_crop_box(hw[0], hw[1], crop_scale, CROP_RATIO, generator)
+        return box, hflip and bool(torch.rand((), generator=generator) < 0.5)
+    return eval_crop_box(hw[0], hw[1], img_size[0], img_size[1]), False
+
+
 def load_image(
     path: str | Path,
     img_size: tuple[int, int],
@@ -156,21 +233,34 @@ def load_image(
     hflip: bool = True,
     generator: torch.Generator | None = None,
     max_image_pixels: int = 0,
+    fast_jpeg: bool | None = None,
 ) -> torch.Tensor:
     """Decode one file and apply the train or eval transform: (C, H, W) float32, normalised.
 
     Any size works: an image smaller than the crop is upscaled by the resize. Files over max_image_pixels
-    pixels (0 = Pillow's limit) raise UnreadableImageError.
+    pixels (0 = Pillow's limit) raise UnreadableImageError. fast_jpeg (None: FAST_JPEG) decodes a JPEG
+    at 1/2, 1/4 or 1/8 scale when its crop box still covers img_size there (box drawn from the header).
     """
     H, W = img_size
-    planes = _decode_planes(str(path), channels, max_image_pixels)
+    fast = FAST_JPEG if fast_jpeg is None else fast_jpeg
+    drawn: list[tuple[Box, bool]] = []
+
+    def draft_for_crop(img: Image.Image) -> None:
+        """Header read: draw the crop from the full upright size, then draft the largest reduction it allows."""
+        if not (fast and _can_draft(img, channels)):
+            return
+        full_hw = _upright_size(img)
+        box, flip = _crop_and_flip(full_hw, img_size, train, crop_scale, hflip, generator)
+        scale = dct_scale((box[2], box[3]), (H, W))
+        if scale > 1:
+            _draft(img, scale)
+            box = _reduced_box(box, scale, full_hw, _orientation(img))
+        drawn.append((box, flip))
+
+    planes = _decode_planes(str(path), channels, max_image_pixels, draft_for_crop)
     w0, h0 = planes[0].size
-    flip = False
-    if train:
-        top, left, h, w = sample_crop_box(h0, w0, crop_scale, CROP_RATIO, generator)
-        flip = hflip and bool(torch.rand((), generator=generator) < 0.5)
-    else:
-        top, left, h, w = eval_crop_box(h0, w0, H, W)
+    (top, left, h, w), flip = drawn[0] if drawn else _crop_and_flip((h0, w0), img_size, train, crop_scale, hflip,
+                                                                    generator)
     if (top, left, h, w, H, W) != (0, 0, h0, w0, h0, w0):  # identity otherwise
         planes = [p.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)) for p in planes]
     if flip:
