@@ -8,7 +8,7 @@ from .pos_embed import resample_pos_embed, sincos_2d
 from .visualize import reconstruct
 from .vit import VARIANTS, VisionTransformer, build_vit
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 __all__ = [
     "MAE_VARIANTS",

@@ -35,15 +35,43 @@ COMMANDS: dict[str, tuple[type, str]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, run the command, turn user errors into one clear line and exit code 2."""
-    cfg = tyro.extras.subcommand_cli_from_dict(
+def recipe_named(args: Sequence[str]) -> str:
+    """The value of --recipe among a command's arguments ('' when absent)."""
+    for i, a in enumerate(args):
+        if a == "--recipe" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--recipe="):
+            return a.split("=", 1)[1]
+    return ""
+
+
+def parse(argv: Sequence[str] | None) -> object:
+    """argv -> the command's config. With --recipe NAME the recipe's config is the default every flag overrides."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = recipe_named(args[1:]) if args and args[0] in COMMANDS else ""
+    if name:
+        from .recipes import recipe
+
+        cls = COMMANDS[args[0]][0]
+        try:
+            default = recipe(args[0], name)
+        except ValueError as e:
+            print(f"fastmae: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return tyro.cli(cls, default=default, args=args[1:], prog=f"fastmae {args[0]}", use_underscores=True,
+                        description=cls.__doc__)
+    return tyro.extras.subcommand_cli_from_dict(
         {name: cls for name, (cls, _) in COMMANDS.items()},
         prog="fastmae",
         description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, visualize, convert, bench.",
-        args=argv,
+        args=args,
         use_underscores=True,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the command, turn user errors into one clear line and exit code 2."""
+    cfg = parse(argv)  # --help and malformed flags exit here (tyro's message, exit code 2)
     target = next(t for cls, t in COMMANDS.values() if type(cfg) is cls)
     module, fn = target.split(":")
     run = getattr(importlib.import_module(module), fn)

@@ -130,6 +130,9 @@ PRETRAIN_CROP_SCALE = (0.5, 1.0)
 class PretrainConfig:
     """Pretrain a masked autoencoder (MAE). With no flags: a small ViT on Fashion-MNIST, 15-30 min on 2 CPU cores."""
 
+    recipe: Literal["", "fmnist-small", "paper"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
+    fmnist-small: small images on a CPU (the defaults here); paper: the paper's ImageNet values (pass --data.path)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=PRETRAIN_CROP_SCALE))
     model: MAEModelConfig = field(default_factory=MAEModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -185,6 +188,9 @@ class AugConfig:
 class FinetuneConfig:
     """Fine-tune a classification ViT from an MAE checkpoint (or from random init) and evaluate it each epoch."""
 
+    recipe: Literal["", "fmnist-small", "paper"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
+    fmnist-small: small images on a CPU (3 epochs); the defaults here are the paper's schedule at a small batch; paper: the paper's ImageNet values (pass --data.path)."""
     init: str = "runs/pretrain"
     """MAE/ViT checkpoint file or run folder to start from, or 'random' for training from scratch."""
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
@@ -201,6 +207,9 @@ class FinetuneConfig:
 class LinprobeConfig:
     """Linear probe: frozen encoder, BatchNorm without affine, then a linear head trained with LARS."""
 
+    recipe: Literal["", "fmnist-small", "paper"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
+    fmnist-small: small images on a CPU (the defaults here); paper: the paper's ImageNet values (pass --data.path)."""
     init: str = "runs/pretrain"
     """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))

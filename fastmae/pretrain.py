@@ -9,6 +9,7 @@ import torch
 
 from .api import encode
 from .config import MAEModelConfig, PretrainConfig, validate
+from .curves import plot_learning_curve
 from .data import build_loader
 from .dist import print0
 from .engine import extract_features
@@ -103,7 +104,11 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
         print0(d, f"skipped {len(train.skipped)} unreadable image files (listed in {rt.out_dir / 'log.jsonl'})")
         rt.logger.record({"event": "skipped_files", "files": list(train.skipped)})
     if prog.epoch >= cfg.optim.epochs:
+        curve = plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png",
+                                    f"{cfg.model.name} on {cfg.data.source}") if d.is_main else None
         msg = f"done in {time.perf_counter() - t0:.0f}s: checkpoint {path}"
+        if curve is not None:
+            msg += f", learning curve {curve}"
         if viz_imgs is not None:
             msg += f", figure {figure_path}"
         if knn_result:

@@ -111,7 +111,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                     "rows": rows, "peak_rss_mib": read_status_kb("VmHWM") / 1024}
     if rows:
         print(markdown_table(rows, peaks))
-        print(f"# FLOPs per image per train step: " + ", ".join(
+        print("# FLOPs per image per train step: " + ", ".join(
             f"{r['case']} {r['gflops_per_img']:.2f} G" for r in rows if r["impl"] == "fastmae")
               + f"; matmul peak {peaks[precision.name]:.3f} TFLOP/s ({precision.name}); process peak RSS "
               f"{result['peak_rss_mib']:.0f} MiB")
