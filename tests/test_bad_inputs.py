@@ -50,7 +50,6 @@ BAD_FLAGS = [
     (["--optim.betas", "0.9", "1.5"], "--optim.betas must be all in [0, 1)"),
     (["--model.mask_ratio", "1.0"], "--model.mask_ratio must be in (0, 1)"),
     (["--model.mask_ratio", "-0.1"], "--model.mask_ratio must be in (0, 1)"),
-    (["--model.mask_ratio", "0"], "--model.mask_ratio must be in (0, 1) (0 masks nothing, so nothing is learned)"),
     (["--model.img_size", "30", "30"], "--model.img_size must be a multiple of"),
     (["--model.img_size", "0", "28"], "--model.img_size must be two positive integers"),
     (["--model.name", "mae_vit_gigantic"], "--model.name"),
@@ -60,9 +59,6 @@ BAD_FLAGS = [
     (["--data.limit", "-5"], "--data.limit must be >= 0"),
     (["--run.save_every", "0"], "--run.save_every must be >= 1"),
     (["--run.dist_timeout", "0"], "--run.dist_timeout must be > 0"),
-    (["--run.dist_timeout", "inf"], "--run.dist_timeout must be > 0 and at most 604800 (7 days), got inf"),
-    (["--run.seed", "-1"], "--run.seed must be in [0, 2**63-1], got -1"),
-    (["--run.seed", str(2**63)], "--run.seed must be in [0, 2**63-1]"),
     (["--knn_every", "-2"], "--knn_every must be >= -1"),
 ]
 
