@@ -174,3 +174,38 @@ def test_bad_flag_is_one_line_before_work(tmp_path, capsys, flags, message):
     assert main([*tiny_args(tmp_path / "no-data-needed", out), *flags]) == 2
     assert message in _one_error_line(capsys)
     assert not out.exists()
+
+
+def _list_file(tmp_path, text: str, encoding: str = "utf-8"):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    p = tmp_path / "train.txt"
+    p.write_text(text, encoding=encoding)
+    return p
+
+
+def test_list_file_label_that_is_not_an_integer_is_named(tmp_path):
+    from fastmae.data.sources import read_list
+
+    p = _list_file(tmp_path, "a.png 0\nb.png cat\n")
+    with pytest.raises(ValueError, match=r"train\.txt:2: label 'cat' is not an integer"):
+        read_list(p)
+
+
+def test_list_file_with_a_utf8_bom_works(tmp_path):
+    from fastmae.data.sources import read_list
+
+    p = _list_file(tmp_path, "a.png 0\nb.png 1\n", encoding="utf-8-sig")
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_list(p) == [(str(tmp_path / "a.png"), 0), (str(tmp_path / "b.png"), 1)]
+
+
+def test_list_file_huge_label_is_refused(tmp_path):
+    from fastmae.data.sources import read_list
+
+    p = _list_file(tmp_path, "a.png 0\nb.png 10000000\n")
+    with pytest.raises(ValueError, match=r"train\.txt:2: label 10000000 is above 1,000,000"):
+        read_list(p)
+    assert read_list(_list_file(tmp_path, "a.png 0\nb.png 1000000\n"))[1][1] == 1_000_000
