@@ -209,3 +209,15 @@ def test_list_file_huge_label_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"train\.txt:2: label 10000000 is above 1,000,000"):
         read_list(p)
     assert read_list(_list_file(tmp_path, "a.png 0\nb.png 1000000\n"))[1][1] == 1_000_000
+
+
+def test_checkpoint_without_rank_states_still_resumes(tmp_path, capsys):
+    """Checkpoints written before per-rank state (only 'rng') stay resumable in one process."""
+    out = tmp_path / "run"
+    assert main(_args(tmp_path, out, 1)) == 0
+    path = C.find_latest(out)
+    state = torch.load(path, weights_only=True)
+    assert len(state.pop("rank_states")) == 1
+    torch.save(state, path)
+    assert main(_args(tmp_path, out, 2)) == 0
+    assert C.load_checkpoint(out)[0]["epoch"] == 2
