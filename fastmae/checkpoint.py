@@ -9,11 +9,13 @@ never leaves a half-written checkpoint and the previous one stays loadable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,8 +43,27 @@ def safe_join(folder: str | Path, name: str | Path, what: str = "name") -> Path:
     return Path(folder) / rel
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (ENOSPC/EDQUOT); the message names the file and the fix, for one CLI line."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp) to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
+    """write(tmp) to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file.
+
+    The file gets the mode a plain open() would give (0o666 minus the umask), not mkstemp's 0o600.
+    A full disk raises DiskFullError naming the file; the previous file at `path` is left untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -52,11 +73,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(e, path.parent):
+            raise DiskFullError(f"no space left on device while writing {path}; free space or pass "
+                                f"another --run.output_dir") from None
         raise
     return path
+
+
+def _is_disk_full(e: BaseException | None, folder: Path) -> bool:
+    """ENOSPC/EDQUOT, raised directly or wrapped by torch.save: its C++ writer says only 'file write failed',
+    so a failed write into a folder whose filesystem has (almost) no space left counts as a full disk too."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and ("No space left on device" in str(e) or "write failed" in str(e)):
+            try:
+                return shutil.disk_usage(folder).free < 64 * 2**20
+            except OSError:
+                return False
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import tyro
 
+from .checkpoint import DiskFullError
 from .config import (
     BenchConfig,
     ConvertConfig,
@@ -23,6 +24,7 @@ from .config import (
 )
 from .dist import cleanup
 from .engine import NonFiniteLossError
+from .runlock import release_all
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "pretrain": (PretrainConfig, "fastmae.pretrain:run_pretrain"),
@@ -77,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = getattr(importlib.import_module(module), fn)
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, NonFiniteLossError,
+            DiskFullError) as e:
         if os.environ.get("FASTMAE_DEBUG"):
             raise
         print(f"fastmae: error: {e}", file=sys.stderr, flush=True)
@@ -86,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fastmae: interrupted", file=sys.stderr)
         return 130
     finally:
+        release_all()
         cleanup()
     return 0
 

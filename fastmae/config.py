@@ -373,11 +373,10 @@ def to_dict(cfg) -> dict:
 
 
 def save_json(cfg, path: str | Path) -> None:
-    """Write the resolved config as JSON (atomically, via a temporary file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
-    tmp.replace(path)
+    """Write the resolved config as JSON atomically (checkpoint.atomic_write_text: fsync, rename, umask mode)."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), path)
 
 
 def replace(cfg, **changes):
@@ -443,7 +442,8 @@ RULES: dict[type, dict[str, Rule]] = {
                        "(min, max) with 0 < min <= max <= 1"),
     },
     MAEModelConfig: {
-        "img_size": _size(zero_ok=False), "mask_ratio": _FRACTION,
+        "img_size": _size(zero_ok=False),
+        "mask_ratio": ((lambda v: _finite(v) and 0 < v < 1), "in (0, 1) (0 masks nothing, so nothing is learned)"),
         **dict.fromkeys(("in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
                          "decoder_num_heads"), _at_least(0, " (0 = the variant's)")),
     },
@@ -454,7 +454,8 @@ RULES: dict[type, dict[str, Rule]] = {
         "clip_grad": _at_least(0, " (0 = off)"),
     },
     RunConfig: {"save_every": _POSITIVE_INT, "keep_last": _NON_NEGATIVE, "num_threads": _NON_NEGATIVE,
-                "dist_timeout": _above(0)},
+                "seed": ((lambda v: _finite(v) and 0 <= v <= 2**63 - 1), "in [0, 2**63-1]"),
+                "dist_timeout": ((lambda v: _finite(v) and 0 < v <= 7 * 86400), "> 0 and at most 604800 (7 days)")},
     PretrainConfig: {"figure_every": _at_least(0, " (0 = never)"), "knn_every": _at_least(-1, " (-1 = never)")},
     ViTModelConfig: {"img_size": _size(zero_ok=True), "embed_dim": _NON_NEGATIVE, "depth": _NON_NEGATIVE,
                      "num_heads": _NON_NEGATIVE, "drop_path": _FRACTION},

@@ -66,6 +66,24 @@ def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def any_rank(flag: bool, info: DistInfo, device: torch.device | None = None) -> bool:
+    """True on every rank when the flag is true on any rank (an all-reduce MAX of one number)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank ([obj] in one process)."""
+    if not info.distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         tdist.barrier()

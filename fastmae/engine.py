@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .device import autocast
-from .dist import DistInfo, all_gather_cat, all_reduce_mean
+from .dist import DistInfo, all_gather_cat, all_reduce_mean, any_rank
 from .log import progress
 from .optim import set_lr
 
@@ -27,8 +27,10 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochResult:
-    loss: float  # mean loss over the batches of this call (averaged over ranks)
-    steps: int  # batches processed
+    loss: float  # mean loss over the epoch's batches so far, including a resumed part (averaged over ranks)
+    steps: int  # batches processed by this call
+    loss_sum: float  # this rank's float32 running sum of batch losses over the epoch so far (for a mid-epoch save)
+    loss_count: int  # batches in loss_sum
     images: int  # images processed on all ranks
     seconds: float
     stopped: bool  # stop_requested() fired before the epoch ended
@@ -54,6 +56,8 @@ def train_one_epoch(
     show_progress: bool = False,
     desc: str = "",
     check_every: int = 1,
+    loss_sum0: float = 0.0,
+    loss_count0: int = 0,
 ) -> EpochResult:
     """Run up to `num_batches` batches; global step = first_step + batch index.
 
@@ -61,10 +65,14 @@ def train_one_epoch(
     batches with lr_fn(step); gradients of the micro-batches in between are not all-reduced (no_sync).
     A non-finite loss raises NonFiniteLossError naming the step. on_step(step, loss, lr, img/s) is
     called every `check_every` steps (that is also when the loss is read back from the device).
+    loss_sum0 / loss_count0 continue the running loss of an epoch resumed mid-way, so its mean is the full epoch's.
+    In a DDP job the stop decision is agreed (any rank's flag stops all) every `check_every` steps, so every rank
+    leaves after the same batch and enters the same collectives (a signal reaching one rank first would otherwise
+    send it into the checkpoint barrier while the others all-reduce gradients).
     """
     model.train()
     t0 = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.full((), loss_sum0, dtype=torch.float32, device=device)
     steps = images = 0
     stopped = False
     bar = progress(batches, total=num_batches, enabled=show_progress, desc=desc)
@@ -115,13 +123,19 @@ def train_one_epoch(
                 on_step(step, value, lr, ips)
         if i + 1 >= num_batches:
             break
-        if stop_requested():
+        if dist.distributed:
+            if steps % check_every == 0 and any_rank(stop_requested(), dist, device):
+                stopped = True
+                break
+        elif stop_requested():
             stopped = True
             break
     if show_progress:
         bar.close()
-    mean = all_reduce_mean(loss_sum / max(steps, 1), dist).item()
-    return EpochResult(loss=mean, steps=steps, images=images, seconds=time.perf_counter() - t0, stopped=stopped)
+    count = loss_count0 + steps
+    mean = all_reduce_mean(loss_sum / max(count, 1), dist).item()
+    return EpochResult(loss=mean, steps=steps, loss_sum=loss_sum.item(), loss_count=count, images=images,
+                       seconds=time.perf_counter() - t0, stopped=stopped)
 
 
 @torch.no_grad()

@@ -19,7 +19,11 @@ def knn_scores(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Class scores (M, K): cosine similarity to the k nearest train features, votes weighted by exp(sim/T)."""
+    """Class scores (M, K): cosine similarity to the k nearest train features, votes weighted by exp(sim/T).
+
+    The weights are exp((sim - max sim) / T) per test row: the same ranking as exp(sim/T) (a per-row factor),
+    but finite for any small T (exp(1/0.001) overflows float32 and every score became inf, i.e. chance).
+    """
     if k <= 0 or temperature <= 0:
         raise ValueError(f"k and temperature must be positive, got k={k}, temperature={temperature}")
     if train_feats.shape[0] == 0:
@@ -32,7 +36,8 @@ def knn_scores(
         sim = test[s : s + chunk] @ train.T  # (m, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
         votes = F.one_hot(train_labels[top_idx], num_classes).float()  # (m, k, K)
-        out[s : s + chunk] = (votes * (top_sim / temperature).exp().unsqueeze(-1)).sum(1)  # (m, K)
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (m, k), topk is sorted: column 0 = max
+        out[s : s + chunk] = (votes * weights.unsqueeze(-1)).sum(1)  # (m, K)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import warnings
@@ -35,9 +36,17 @@ class RunLogger:
         if not self.enabled:
             return
         entry = {"time": round(time.time(), 3), **entry}
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                from .checkpoint import DiskFullError
+
+                raise DiskFullError(f"no space left on device while writing {self.path}; free space or pass "
+                                    f"another --run.output_dir") from None
+            raise
 
     def close(self) -> None:
         if self._tb is not None:

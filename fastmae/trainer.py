@@ -7,6 +7,7 @@ continue bit-for-bit (weights, optimizer, scaler, epoch, batch, RNG) is in the c
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from ._version import __version__
 from .checkpoint import (
+    atomic_write_text,
     check_state_dict,
     find_latest,
     load_checkpoint,
@@ -27,9 +29,11 @@ from .checkpoint import (
 )
 from .config import RunConfig, save_json, to_dict
 from .device import make_scaler, resolve_device, resolve_precision
-from .dist import DistInfo, barrier, init_distributed, print0
+from .dist import DistInfo, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, train_one_epoch
 from .log import RunLogger
+from .runlock import acquire as acquire_lock
+from .runlock import release as release_lock
 
 
 @dataclass
@@ -43,10 +47,33 @@ class Runtime:
     out_dir: Path
     logger: RunLogger
     run: RunConfig
+    config: dict = field(default_factory=dict)  # the command's resolved config, written as config.json
+    lock: Path | None = None  # the run folder's lock (rank 0), released when fit ends or the CLI command exits
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Create the run folder, or a one-line error naming --run.output_dir when it is a file or not writable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--run.output_dir {out} is an existing file, not a folder; pass another --run.output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file somewhere above it
+        raise ValueError(f"cannot create --run.output_dir {out}: a file is in the way of a folder on its path; "
+                         f"pass another --run.output_dir") from None
+    except OSError as e:  # EACCES, EROFS, ENOSPC, ...
+        raise PermissionError(f"cannot create --run.output_dir {out} ({e.strerror}); pass a writable "
+                              f"--run.output_dir") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--run.output_dir {out} is not writable; fix its permissions or pass another "
+                              f"--run.output_dir")
 
 
 def setup(run: RunConfig, cfg) -> Runtime:
-    """Device, precision, threads, process group, seeds; writes config.json on rank 0."""
+    """Device, precision, threads, process group, seeds; rank 0 creates and locks the run folder.
+
+    config.json is written here for a fresh run; a run that will resume writes it in `fit`, after the checkpoint
+    was checked against the new flags, so a refused command never overwrites the config of the run it refused.
+    """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     if run.num_threads > 0:
@@ -56,13 +83,16 @@ def setup(run: RunConfig, cfg) -> Runtime:
         device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(run.seed + dist.rank)  # masks and drop-path differ per rank; DDP syncs the weights
     out = Path(run.output_dir)
+    lock = None
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
+        prepare_output_dir(out)
+        lock = acquire_lock(out)
+        if not (run.resume or find_latest(out)):
+            save_json(cfg, out / "config.json")
     barrier(dist)
     logger = RunLogger(out, enabled=dist.is_main)
     return Runtime(device=device, precision=precision.name, precision_label=str(precision), dist=dist, out_dir=out,
-                   logger=logger, run=run)
+                   logger=logger, run=run, config=to_dict(cfg), lock=lock)
 
 
 class StopFlag:
@@ -80,6 +110,10 @@ class StopFlag:
             return
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._old[sig] = signal.signal(sig, self._handle)
+
+    def describe(self) -> str:
+        """'signal 15' on the rank that got it, else 'a signal on another rank' (the ranks agreed to stop)."""
+        return f"signal {self.signal}" if self.signal is not None else "a stop signal on another rank"
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
@@ -107,33 +141,110 @@ class Progress:
     batch: int = 0  # batch index inside that epoch to start from
     resumed_from: str = ""
     extra: dict = field(default_factory=dict)  # command-specific state (e.g. best accuracy)
+    loss_sum: float = 0.0  # this rank's running loss sum of the unfinished epoch (float32 value), for its mean
+    loss_count: int = 0  # batches in loss_sum
+
+
+def flat_flags(d: dict, prefix: str = "--") -> dict[str, object]:
+    """{'--section.field': value} of a nested config dict (JSON form: tuples are lists)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_flags(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'--flag old -> new' for every flag whose value differs between two config dicts."""
+    a, b = flat_flags(json.loads(json.dumps(old))), flat_flags(json.loads(json.dumps(new)))
+    return [f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(path, saved: dict, new: dict) -> None:
+    """Refuse resuming with changed --model.* flags (mask ratio, target, sizes): the run would silently become
+    another experiment. Other changes (e.g. more --optim.epochs) are allowed; `fit` reports them."""
+    changed = config_changes(saved.get("model", {}), new.get("model", {})) if saved and new else []
+    if changed:
+        changed = [c.replace("--", "--model.", 1) for c in changed]
+        raise ValueError(f"refusing to resume {path} with changed model flags ({'; '.join(changed)}); use the flags "
+                         f"the run was started with, or pass another --run.output_dir to start a new run")
+
+
+def restore_rank_state(rt: Runtime, state: dict, prog: "Progress") -> None:
+    """This rank's RNG (and running epoch loss) from the checkpoint, so a DDP job resumes bit-for-bit.
+
+    Checkpoints hold every rank's state in 'rank_states' (older ones, and other world sizes, only rank 0's
+    'rng': then ranks > 0 are reseeded apart, so they at least do not all draw the same masks).
+    """
+    ranks = state.get("rank_states") or []
+    if len(ranks) == rt.dist.world_size:
+        mine = ranks[rt.dist.rank]
+        set_rng_state(mine["rng"])
+        if prog.batch > 0:
+            prog.loss_sum, prog.loss_count = float(mine.get("loss_sum", 0.0)), int(mine.get("loss_count", 0))
+        return
+    set_rng_state(state["rng"])
+    if rt.dist.rank > 0:
+        torch.manual_seed(rt.run.seed + rt.dist.rank + 1_000_003 * int(state.get("step", 0)))
+    if ranks:
+        print0(rt.dist, f"note: the checkpoint was written by {len(ranks)} process(es), this job has "
+                        f"{rt.dist.world_size}: random streams restart, the run is not bit-for-bit anymore")
 
 
 def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler | None) -> Progress:
-    """Load --run.resume, or the newest checkpoint in the output folder, if any; else start fresh."""
+           scaler: torch.amp.GradScaler | None, meta: dict | None = None) -> Progress:
+    """Load --run.resume, or the newest checkpoint in the output folder, if any; else start fresh.
+
+    With `meta` (the new run's checkpoint metadata), changed model flags are refused (check_resume_config).
+    """
     path = rt.run.resume or find_latest(rt.out_dir)
     if not path:
         return Progress()
-    state, _ = load_checkpoint(path)
+    state, saved_meta = load_checkpoint(path)
     if "optimizer" not in state:
         raise ValueError(f"{path} is a weights-only file, not a training checkpoint; pass it as the "
                          f"initialisation (e.g. --init PATH) instead of --run.resume")
     check_state_dict(state["model"], {k: tuple(v.shape) for k, v in model.state_dict().items()},
                      f"this run's model (checkpoint {path})",
                      advice="Use the same model flags as the run that wrote it, or a fresh output directory.")
+    check_resume_config(path, saved_meta.get("config", {}), (meta or {}).get("config", {}))
     model.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return Progress(epoch=int(state["epoch"]), batch=int(state["batch"]), resumed_from=str(path),
+    prog = Progress(epoch=int(state["epoch"]), batch=int(state["batch"]), resumed_from=str(path),
                     extra=dict(state.get("extra", {})))
+    restore_rank_state(rt, state, prog)
+    return prog
+
+
+def write_resumed_config(rt: Runtime) -> None:
+    """config.json of a resumed run: rewritten with the new flags, naming what changed (rank 0)."""
+    if not rt.dist.is_main or not rt.config:
+        return
+    path = rt.out_dir / "config.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    changed = config_changes(old, rt.config) if old else []
+    if changed:
+        print0(rt.dist, f"config.json updated for the resumed run: {'; '.join(changed)}")
+    if changed or not old:
+        atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), path)
 
 
 def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, step: int, meta: dict) -> Path | None:
-    """Checkpoint on rank 0 (all ranks wait), pruning old ones per --run.keep_last."""
+    """Checkpoint on rank 0 (all ranks wait), pruning old ones per --run.keep_last.
+
+    Every rank's RNG state and running epoch loss are gathered into 'rank_states' (rank 0's RNG also stays in
+    'rng'), so each rank of a resumed DDP job continues its own random stream.
+    """
     path = None
+    mine = {"rng": rng_state(), "loss_sum": progress.loss_sum, "loss_count": progress.loss_count}
+    ranks = gather_objects(mine, rt.dist)
     if rt.dist.is_main:
         state = {
             "model": unwrap_model(model).state_dict(),
@@ -142,7 +253,8 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
             "epoch": progress.epoch,
             "batch": progress.batch,
             "step": step,
-            "rng": rng_state(),
+            "rng": mine["rng"],
+            "rank_states": ranks,
             "extra": progress.extra,
         }
         path = save_checkpoint(rt.out_dir, state, {**meta, "fastmae_version": __version__}, rt.run.keep_last)
@@ -170,9 +282,20 @@ def fit(
     `model` is the raw module (checkpoints store its state); DDP / compile wrapping happens here.
     """
     scaler = make_scaler(rt.device, rt.precision)
-    prog = resume(rt, model, optimizer, scaler)
+    try:
+        return _fit(rt, model, optimizer, loader, scaler, epochs=epochs, loss_fn=loss_fn, lr_fn=lr_fn, meta=meta,
+                    accum_iter=accum_iter, clip_grad=clip_grad, on_epoch_end=on_epoch_end, check_every=check_every)
+    finally:
+        release_lock(rt.lock)
+
+
+def _fit(rt: Runtime, model: nn.Module, optimizer, loader, scaler, *, epochs: int, loss_fn, lr_fn, meta: dict,
+         accum_iter: int, clip_grad: float, on_epoch_end, check_every: int) -> tuple[Progress, Path | None]:
+    """fit's body: resume, wrap, train epoch by epoch, checkpoint; stops cleanly on an (agreed) stop signal."""
+    prog = resume(rt, model, optimizer, scaler, meta)
     if prog.resumed_from:
         print0(rt.dist, f"resumed from {prog.resumed_from} at epoch {prog.epoch}, batch {prog.batch}")
+        write_resumed_config(rt)
     train_model: nn.Module = model
     if rt.run.compile:
         train_model = torch.compile(train_model)
@@ -201,16 +324,18 @@ def fit(
                 dist=rt.dist, accum_iter=accum_iter, clip_grad=clip_grad, scaler=scaler,
                 stop_requested=stop, on_step=on_step, show_progress=rt.run.progress and rt.dist.is_main,
                 desc=f"epoch {epoch + 1}/{epochs}", check_every=check_every,
+                loss_sum0=prog.loss_sum, loss_count0=prog.loss_count,
             )
             step = first + res.steps
             if res.stopped:
                 prog.batch += res.steps
+                prog.loss_sum, prog.loss_count = res.loss_sum, res.loss_count
                 last_path = save(rt, model, optimizer, scaler, prog, step, meta)
                 rt.logger.record({"event": "preempted", "epoch": epoch, "batch": prog.batch, "step": step,
                                   "checkpoint": str(last_path)})
-                print0(rt.dist, f"signal {stop.signal}: saved {last_path}; run the same command again to resume")
+                print0(rt.dist, f"{stop.describe()}: saved {last_path}; run the same command again to resume")
                 return prog, last_path
-            prog.epoch, prog.batch = epoch + 1, 0
+            prog.epoch, prog.batch, prog.loss_sum, prog.loss_count = epoch + 1, 0, 0.0, 0
             entry = {"epoch": epoch + 1, "step": step, "loss": res.loss, "lr": lr_fn(step),
                      "images_per_s": res.images / max(res.seconds, 1e-9), "epoch_seconds": res.seconds}
             if on_epoch_end is not None:

@@ -110,6 +110,10 @@ def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkey
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the epoch that was cut in two reports the loss of the whole epoch, not of its resumed part
+    losses = [[e["loss"] for e in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in e]
+              for d in (full, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
 def test_resume_refuses_other_architecture(fmnist, tmp_path, capsys):

@@ -64,3 +64,38 @@ def test_one_process_torchrun_env_joins_a_gloo_group(monkeypatch):
     finally:
         cleanup()
     assert not tdist.is_initialized()
+
+
+@pytest.mark.slow
+def test_two_process_stop_on_one_rank_then_resume_equals_uninterrupted(tmp_path):
+    """SIGTERM reaching rank 1 only (mid-epoch): both ranks stop after the same batch and save together; the
+    resumed job (each rank restores its own RNG stream) ends bit-for-bit where the uninterrupted one does."""
+    from pathlib import Path
+
+    from fastmae.checkpoint import load_checkpoint
+
+    helper = Path(__file__).parent / "helpers" / "ddp_stop_worker.py"
+    data = make_fmnist(tmp_path, 96, 16)  # 96 images / (2 ranks x 16) = 3 steps per epoch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(helper.parents[2])}
+
+    def run(out, *, stop_after: int = 0):
+        args = tiny_args(data, out, epochs=2) + ["--run.num_threads", "1", "--knn_every", "-1", "--figure_every",
+                                                 "0", "--optim.batch_size", "16", "--run.dist_timeout", "60"]
+        target = [str(helper)] if stop_after else ["-m", "fastmae"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
+        res = subprocess.run(cmd, env={**env, "STOP_AFTER": str(stop_after)}, capture_output=True, text=True,
+                             timeout=180)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res
+
+    run(tmp_path / "full")
+    stopped = run(tmp_path / "part", stop_after=2)
+    assert "a stop signal on another rank: saved" in stopped.stdout  # rank 0 saw no signal itself
+    state, _ = load_checkpoint(tmp_path / "part")
+    assert (state["epoch"], state["batch"]) == (0, 2) and len(state["rank_states"]) == 2
+    assert not torch.equal(state["rank_states"][0]["rng"]["torch"], state["rank_states"][1]["rng"]["torch"])
+    run(tmp_path / "part")  # the same command resumes
+    a, b = load_checkpoint(tmp_path / "full")[0]["model"], load_checkpoint(tmp_path / "part")[0]["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _epoch_losses(tmp_path / "full") == _epoch_losses(tmp_path / "part")

@@ -90,14 +90,28 @@ def test_knn_exact_on_toy_problem():
     test = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
     scores = knn_scores(train, labels, test, num_classes=2, k=2, temperature=0.1)
     assert scores.argmax(1).tolist() == [0, 1]
-    # the vote of test 0 is exp(cos/T) summed over its two nearest (both class 0)
+    # the vote of test 0 is exp(cos/T) summed over its two nearest (both class 0), scaled by exp(-max cos/T)
     cos = torch.nn.functional.normalize(train[:2], dim=1) @ torch.nn.functional.normalize(test[0], dim=0)
-    assert scores[0, 0].item() == pytest.approx((cos / 0.1).exp().sum().item(), rel=1e-5)
+    assert scores[0, 0].item() == pytest.approx(((cos - cos.max()) / 0.1).exp().sum().item(), rel=1e-5)
     assert scores[0, 1].item() == 0.0
     acc = knn_accuracy(train, labels, test, torch.tensor([0, 1]), num_classes=2, k=2)
     assert acc["top1"] == 100.0
     acc = knn_accuracy(train, labels, test, torch.tensor([1, 0]), num_classes=2, k=2)
     assert acc["top1"] == 0.0
+
+
+def test_knn_small_temperature_does_not_overflow():
+    """exp(sim/T) overflows float32 for T=0.001 (every score inf, chance accuracy); the stable form does not."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 5
+    labels = torch.arange(4).repeat_interleave(25)  # (100,)
+    train = centres[labels] + torch.randn(100, 16, generator=g)
+    test_labels = torch.arange(4).repeat_interleave(10)
+    test = centres[test_labels] + torch.randn(40, 16, generator=g)
+    accs = [knn_accuracy(train, labels, test, test_labels, num_classes=4, k=20, temperature=t)["top1"]
+            for t in (0.07, 0.001, 1e-5)]
+    assert accs[0] > 90 and accs[1] == accs[0] and accs[2] >= 90, accs
+    assert torch.isfinite(knn_scores(train, labels, test, num_classes=4, temperature=1e-5)).all()
 
 
 def test_two_adamw_steps_lower_the_loss_on_a_fixed_batch():

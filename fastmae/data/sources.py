@@ -161,8 +161,8 @@ def read_list(path: str | Path) -> list[tuple[str, int]]:
         raise FileNotFoundError(f"list file {path} does not exist; pass `--data.path FILE` (one image path per line)")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; --data.source list expects a text file with one image path per line")
-    entries: list[tuple[int, str, int | None]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    entries: list[tuple[int, str, int | None, str]] = []  # (line number, file, label, last token)
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):  # -sig: drop a BOM
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -170,17 +170,32 @@ def read_list(path: str | Path) -> list[tuple[str, int]]:
         label = None
         if len(parts) == 2 and re.fullmatch(r"[+-]?\d+", parts[1]):
             line, label = parts[0], int(parts[1])
-            if label < 0:
-                raise ValueError(f"{path}:{number}: negative label {label}; labels are 0, 1, 2, ...")
+            _check_label(path, number, label)
         file = Path(line).expanduser()
-        entries.append((number, str(file if file.is_absolute() else path.parent / file), label))
+        entries.append((number, str(file if file.is_absolute() else path.parent / file), label,
+                        parts[-1] if len(parts) == 2 else ""))
     if not entries:
         raise ValueError(f"list file {path} names no images (one path per line, optionally followed by a label)")
     labelled = [e[2] is not None for e in entries]
     if any(labelled) and not all(labelled):
-        number = entries[labelled.index(False)][0]
+        number, _, _, token = entries[labelled.index(False)]
+        if token and not os.path.isfile(entries[labelled.index(False)][1]):
+            raise ValueError(f"{path}:{number}: label {token!r} is not an integer; labels are 0, 1, 2, ... "
+                             f"(a path with spaces must exist as written)")
         raise ValueError(f"{path}:{number}: no label, but other lines have one; label every line or none")
-    return [(file, -1 if label is None else label) for _, file, label in entries]
+    return [(file, -1 if label is None else label) for _, file, label, _ in entries]
+
+
+MAX_LABEL = 1_000_000  # a head with more classes than this is a typo or an id, not a class index
+
+
+def _check_label(path: Path, number: int, label: int) -> None:
+    """Labels are class indices 0..MAX_LABEL: a negative or huge one (an id, a typo) would build a wrong head."""
+    if label < 0:
+        raise ValueError(f"{path}:{number}: negative label {label}; labels are 0, 1, 2, ...")
+    if label > MAX_LABEL:
+        raise ValueError(f"{path}:{number}: label {label} is above {MAX_LABEL:,}; labels are class indices "
+                         f"0, 1, 2, ... (a label L builds a head of L + 1 classes): renumber the classes")
 
 
 def file_samples(cfg: DataConfig, split: str) -> tuple[list[tuple[str, int]], list[str], int, list[str]]:

@@ -1,0 +1,223 @@
+"""Issue #17, keep every promise under faults: file modes, full disks, run-folder locks, list files, resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from fastmae import checkpoint as C
+from fastmae.cli import main
+from fastmae.config import PretrainConfig, save_json
+
+from .test_cli_pretrain import make_fmnist, tiny_args
+
+
+@pytest.fixture()
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_atomic_files_respect_the_umask(tmp_path, umask_027):
+    """mkstemp creates 0600 files; an atomically written file gets 0666 minus the umask like open() would."""
+    p = C.atomic_write_text("x", tmp_path / "a.txt")
+    save_json(PretrainConfig(), tmp_path / "config.json")
+    ck = C.save_checkpoint(tmp_path, {"model": {}, "epoch": 0, "batch": 0, "step": 1, "rng": {}}, {})
+    for f in (p, tmp_path / "config.json", ck, ck.with_suffix(".json")):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    first = C.save_checkpoint(tmp_path, {"model": {"w": torch.ones(2)}, "epoch": 1, "batch": 0, "step": 1,
+                                         "rng": {}}, {})
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C.torch, "save", full)
+    with pytest.raises(C.DiskFullError) as e:
+        C.save_checkpoint(tmp_path, {"model": {}, "epoch": 2, "batch": 0, "step": 2, "rng": {}}, {})
+    msg = str(e.value)
+    assert "no space left on device while writing" in msg and "checkpoint-00000002.pt" in msg
+    assert msg.startswith("no space left") and "--run.output_dir" in msg and "\n" not in msg
+    assert C.list_checkpoints(tmp_path) == [first] and not list(tmp_path.glob(".*.tmp"))
+
+
+def _args(tmp_path, out, epochs: int = 1, *extra: str) -> list[str]:
+    """A tiny, fast pretraining command (2 steps per epoch, no kNN, no figures)."""
+    data = tmp_path / "fmnist"
+    if not data.exists():
+        make_fmnist(tmp_path, 64, 16)
+    return [*tiny_args(data, out, epochs), "--knn_every", "-1", "--figure_every", "0", *extra]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastmae: error: "), err
+    return err.strip()
+
+
+def test_full_disk_during_a_run_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tmp_path, out, 1)) == 0
+    before = C.list_checkpoints(out)
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # half a file is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C.torch, "save", full)
+    assert main(_args(tmp_path, out, 2)) == 2
+    line = _one_error_line(capsys)
+    assert "no space left on device while writing" in line and "checkpoint-00000004.pt" in line, line
+    assert "free space or pass another --run.output_dir" in line
+    assert C.list_checkpoints(out) == before and not list(out.glob(".*.tmp"))
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(_args(tmp_path, f)) == 2
+    assert "--run.output_dir" in _one_error_line(capsys) and f.read_text() == "x"
+    assert main(_args(tmp_path, f / "sub")) == 2
+    assert "--run.output_dir" in _one_error_line(capsys)
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    args = _args(tmp_path, tmp_path / "ro" / "run")
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.geteuid() == 0:  # root writes anyway: simulate a read-only filesystem
+            def refuse(self, *a, **k):
+                raise OSError(errno.EROFS, "Read-only file system")
+
+            monkeypatch.setattr(type(parent), "mkdir", refuse)
+        assert main(args) == 2
+        line = _one_error_line(capsys)
+        assert f"cannot create --run.output_dir {parent / 'run'}" in line and "writable --run.output_dir" in line
+    finally:
+        parent.chmod(0o700)
+
+
+def _sleeper():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_second_run_in_a_locked_folder_is_refused(tmp_path, capsys):
+    from fastmae.runlock import LOCK_NAME
+
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = _sleeper()
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": __import__("socket").gethostname()}))
+        assert main(_args(tmp_path, out)) == 2
+        line = _one_error_line(capsys)
+        assert line == (f"fastmae: error: {out} is in use by another fastmae run (pid {proc.pid}); wait for it, "
+                        f"or pass another --run.output_dir")
+        assert not C.list_checkpoints(out) and not (out / "config.json").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    # its process is gone now: the lock is stale and taken over; a finished run leaves no lock behind
+    assert main(_args(tmp_path, out)) == 0
+    assert C.list_checkpoints(out) and not (out / LOCK_NAME).exists()
+
+
+def test_lock_is_released_when_a_run_fails(tmp_path, capsys):
+    from fastmae.runlock import LOCK_NAME
+
+    out = tmp_path / "run"
+    assert main(_args(tmp_path, out, 1, "--data.path", str(tmp_path / "missing"))) == 2
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_resume_with_changed_model_flags_is_refused_and_keeps_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tmp_path, out, 1)) == 0
+    saved = (out / "config.json").read_text()
+    capsys.readouterr()
+    assert main(_args(tmp_path, out, 2, "--model.mask_ratio", "0.5")) == 2
+    line = _one_error_line(capsys)
+    assert "refusing to resume" in line and "--model.mask_ratio 0.75 -> 0.5" in line, line
+    assert (out / "config.json").read_text() == saved  # the refused command did not overwrite it
+    assert main(_args(tmp_path, out, 2)) == 0  # more epochs: allowed, and said
+    assert "config.json updated for the resumed run: --optim.epochs 1 -> 2" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["optim"]["epochs"] == 2
+
+
+# Bad flags of issue #17 (kept out of test_bad_inputs' tables, whose size the README states).
+FAULT_FLAGS = [
+    (["--model.mask_ratio", "0"], "--model.mask_ratio must be in (0, 1) (0 masks nothing, so nothing is learned)"),
+    (["--run.dist_timeout", "inf"], "--run.dist_timeout must be > 0 and at most 604800 (7 days), got inf"),
+    (["--run.dist_timeout", "1e9"], "--run.dist_timeout must be > 0 and at most 604800 (7 days)"),
+    (["--run.seed", "-1"], "--run.seed must be in [0, 2**63-1], got -1"),
+    (["--run.seed", str(2**63)], "--run.seed must be in [0, 2**63-1]"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), FAULT_FLAGS, ids=[" ".join(f) for f, _ in FAULT_FLAGS])
+def test_bad_flag_is_one_line_before_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main([*tiny_args(tmp_path / "no-data-needed", out), *flags]) == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def _list_file(tmp_path, text: str, encoding: str = "utf-8"):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    p = tmp_path / "train.txt"
+    p.write_text(text, encoding=encoding)
+    return p
+
+
+def test_list_file_label_that_is_not_an_integer_is_named(tmp_path):
+    from fastmae.data.sources import read_list
+
+    p = _list_file(tmp_path, "a.png 0\nb.png cat\n")
+    with pytest.raises(ValueError, match=r"train\.txt:2: label 'cat' is not an integer"):
+        read_list(p)
+
+
+def test_list_file_with_a_utf8_bom_works(tmp_path):
+    from fastmae.data.sources import read_list
+
+    p = _list_file(tmp_path, "a.png 0\nb.png 1\n", encoding="utf-8-sig")
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_list(p) == [(str(tmp_path / "a.png"), 0), (str(tmp_path / "b.png"), 1)]
+
+
+def test_list_file_huge_label_is_refused(tmp_path):
+    from fastmae.data.sources import read_list
+
+    p = _list_file(tmp_path, "a.png 0\nb.png 10000000\n")
+    with pytest.raises(ValueError, match=r"train\.txt:2: label 10000000 is above 1,000,000"):
+        read_list(p)
+    assert read_list(_list_file(tmp_path, "a.png 0\nb.png 1000000\n"))[1][1] == 1_000_000
+
+
+def test_checkpoint_without_rank_states_still_resumes(tmp_path, capsys):
+    """Checkpoints written before per-rank state (only 'rng') stay resumable in one process."""
+    out = tmp_path / "run"
+    assert main(_args(tmp_path, out, 1)) == 0
+    path = C.find_latest(out)
+    state = torch.load(path, weights_only=True)
+    assert len(state.pop("rank_states")) == 1
+    torch.save(state, path)
+    assert main(_args(tmp_path, out, 2)) == 0
+    assert C.load_checkpoint(out)[0]["epoch"] == 2
