@@ -66,6 +66,9 @@ def load(
       - an official MAE .pth ({'model': state_dict}), a timm state dict (.pth/.safetensors);
       - a Hugging Face folder (config.json + weights) or weights file (ViTMAEForPreTraining, ViTMAEModel,
         ViTForImageClassification);
+      - a released checkpoint's name ('mae_visualize_vit_large', 'mae_pretrain_vit_base_full', see
+        `fastmae.hub.RELEASES`): downloaded once into $FASTMAE_CACHE (default ~/.cache/fastmae); official
+        *_full.pth decoders predict normalised pixels (norm_pix_loss=True), the visualize ones raw pixels;
       - a variant name from MAE_VARIANTS or VARIANTS ('mae_vit_base_patch16', 'vit_tiny_patch4'): a freshly
         initialised model.
 
