@@ -139,6 +139,11 @@ class PretrainConfig:
     knn_every: int = 0
     """kNN monitor (k=20, T=0.07, mean-pooled encoder features) on the evaluation split every N epochs and at the
     end (0 = only at the end, -1 = never; needs a labelled source with an evaluation split)."""
+    init: str = ""
+    """Weights to continue pretraining from ('' = random init): a fastmae run folder or checkpoint, an official
+    *_full.pth / mae_visualize_*.pth, a Hugging Face ViTMAE folder, or a released name (mae_pretrain_vit_base_full).
+    Encoder-only checkpoints (mae_pretrain_vit_*.pth, ViTMAEModel) initialise the encoder; the decoder starts
+    fresh. Sizes come from the checkpoint; a checkpoint in --run.output_dir (resume) takes precedence."""
 
 
 @dataclass(frozen=True)
