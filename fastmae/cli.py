@@ -14,6 +14,7 @@ import tyro
 
 from .config import (
     ConvertConfig,
+    EmbedConfig,
     FinetuneConfig,
     KnnConfig,
     LinprobeConfig,
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "knn": (KnnConfig, "fastmae.evaluate:run_knn"),
     "visualize": (VisualizeConfig, "fastmae.visualize:run_visualize"),
     "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
+    "embed": (EmbedConfig, "fastmae.embed:run_embed"),
 }
 
 

@@ -314,6 +314,33 @@ class ConvertConfig:
     model: ReadModelConfig = field(default_factory=ReadModelConfig)
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Write encoder features of a dataset to disk (your own heads, retrieval, clustering): features, labels, files.
+
+    fastmae embed --init runs/pretrain --pool avg --run.output_dir runs/embed   (train.safetensors, eval.safetensors)
+    """
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, a released name (mae_pretrain_vit_base), or 'random'."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
+    """The encoder (--model.img_size: inputs at another size, positions resampled; --model.global_pool unused)."""
+    pool: str = "token"
+    """avg: mean of the patch tokens after the final norm (N, D); token: the cls token (N, D); dense: the
+    patch-token maps (N, D, h, w)."""
+    split: str = "both"
+    """train, eval or both (each split is one file)."""
+    format: str = "safetensors"
+    """safetensors: SPLIT.safetensors with 'features' and 'labels'; npy: SPLIT.features.npy and SPLIT.labels.npy.
+    Image files are listed in SPLIT.txt in row order (Fashion-MNIST rows are the split's indices 0..N-1)."""
+    overwrite: bool = False
+    """Replace existing outputs (otherwise an existing file stops the command before any work)."""
+    batch_size: int = 256
+    """Images per batch."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/embed"))
+
+
 def to_dict(cfg) -> dict:
     """A dataclass config as plain JSON-able data."""
     return dataclasses.asdict(cfg)
@@ -413,6 +440,10 @@ RULES: dict[type, dict[str, Rule]] = {
     ReadModelConfig: {"num_heads": _NON_NEGATIVE, "decoder_num_heads": _NON_NEGATIVE, "img_size": _size(zero_ok=True)},
     VisualizeModelConfig: {"num_heads": _NON_NEGATIVE, "decoder_num_heads": _NON_NEGATIVE, "mask_ratio": _FRACTION},
     VisualizeConfig: {"num": _POSITIVE_INT},
+    EmbedConfig: {"pool": ((lambda v: v in ("avg", "token", "dense")), "one of avg, token, dense"),
+                  "split": ((lambda v: v in ("train", "eval", "both")), "one of train, eval, both"),
+                  "format": ((lambda v: v in ("safetensors", "npy")), "one of safetensors, npy"),
+                  "batch_size": _POSITIVE_INT},
 }
 
 
