@@ -88,6 +88,8 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
     validate(cfg)
     check_outputs(cfg)
     rt = setup(cfg.run, cfg)
+    if rt.dist.world_size > 1:  # gathered rows interleave ranks and wrap-around padding: no one row per file
+        raise ValueError("fastmae embed runs in one process; start it without torchrun")
     t0 = time.perf_counter()
     data = cfg.data
     if cfg.split == "train" and data.source != "fashion-mnist" and not data.eval_path:
