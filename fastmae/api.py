@@ -11,7 +11,7 @@ Shapes: B batch, C channels, H, W image, L patches, h, w patch grid, D width.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -66,6 +66,9 @@ def load(
       - an official MAE .pth ({'model': state_dict}), a timm state dict (.pth/.safetensors);
       - a Hugging Face folder (config.json + weights) or weights file (ViTMAEForPreTraining, ViTMAEModel,
         ViTForImageClassification);
+      - a released checkpoint's name ('mae_visualize_vit_large', 'mae_pretrain_vit_base_full', see
+        `fastmae.hub.RELEASES`): downloaded once into $FASTMAE_CACHE (default ~/.cache/fastmae); official
+        *_full.pth decoders predict normalised pixels (norm_pix_loss=True), the visualize ones raw pixels;
       - a variant name from MAE_VARIANTS or VARIANTS ('mae_vit_base_patch16', 'vit_tiny_patch4'): a freshly
         initialised model.
 
@@ -136,23 +139,31 @@ def require_decoder(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: s
 # ---------------------------------------------------------------------------------------------------
 # Features.
 
-def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg") -> torch.Tensor:
+def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg",
+           layers: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Images -> features: 'avg' mean of patch tokens (B, D), 'token' the cls token (B, D), 'dense' (B, D, h, w).
 
     Tokens come from the model's `forward_features` (after its final `norm`). For a classification ViT, the
     pool matching its global_pool returns exactly what its head sees (`forward_head(pre_logits=True)`).
     An MAE and its encoder loaded as a cls-token ViT give the same features for every pool.
+
+    'dense' takes any input whose sides are multiples of the patch size (position embeddings resampled and
+    cached per grid). layers (dense only): block indices, negative from the end; returns one (B, D, h, w) map
+    per index, each after the final `norm` as in timm's `forward_intermediates` (an avg-pool ViT's `norm` is
+    Identity: its maps are un-normalised). layers=None returns the last block's map alone.
     """
     if pool not in ("avg", "token", "dense"):
         raise ValueError(f"pool must be 'avg', 'token' or 'dense', got {pool!r}")
     if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
         raise TypeError(f"expected a MaskedAutoencoderViT or VisionTransformer, got {type(model).__name__}")
+    if pool == "dense":
+        maps = model.forward_intermediates(imgs, (-1,) if layers is None else tuple(layers), norm=True)
+        return maps[0] if layers is None else maps  # (B, D, h, w) or a list of them
+    if layers is not None:
+        raise ValueError(f"layers needs pool='dense' (maps per block), got pool={pool!r}")
     tokens = model.forward_features(imgs)  # (B, 1+L, D)
     if isinstance(model, VisionTransformer) and pool == model.global_pool:
         return model.forward_head(tokens, pre_logits=True)  # (B, D)
     if pool == "avg":
         return tokens[:, 1:].mean(dim=1)  # (B, D)
-    if pool == "token":
-        return tokens[:, 0]  # (B, D)
-    h, w = model.patch_embed.grid_size
-    return tokens[:, 1:].transpose(1, 2).reshape(imgs.shape[0], -1, h, w)  # (B, D, h, w)
+    return tokens[:, 0]  # (B, D)

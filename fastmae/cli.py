@@ -16,6 +16,7 @@ from .checkpoint import DiskFullError
 from .config import (
     BenchConfig,
     ConvertConfig,
+    EmbedConfig,
     FinetuneConfig,
     KnnConfig,
     LinprobeConfig,
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "visualize": (VisualizeConfig, "fastmae.visualize:run_visualize"),
     "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
     "bench": (BenchConfig, "fastmae.bench.command:run_bench"),
+    "embed": (EmbedConfig, "fastmae.embed:run_embed"),
 }
 
 

@@ -142,6 +142,11 @@ class PretrainConfig:
     knn_every: int = 0
     """kNN monitor (k=20, T=0.07, mean-pooled encoder features) on the evaluation split every N epochs and at the
     end (0 = only at the end, -1 = never; needs a labelled source with an evaluation split)."""
+    init: str = ""
+    """Weights to continue pretraining from ('' = random init): a fastmae run folder or checkpoint, an official
+    *_full.pth / mae_visualize_*.pth, a Hugging Face ViTMAE folder, or a released name (mae_pretrain_vit_base_full).
+    Encoder-only checkpoints (mae_pretrain_vit_*.pth, ViTMAEModel) initialise the encoder; the decoder starts
+    fresh. Sizes come from the checkpoint; a checkpoint in --run.output_dir (resume) takes precedence."""
 
 
 @dataclass(frozen=True)
@@ -367,6 +372,33 @@ class BenchConfig:
     """hf: time transformers' ViTMAEForPreTraining / ViTForImageClassification of the same sizes, interleaved."""
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Write encoder features of a dataset to disk (your own heads, retrieval, clustering): features, labels, files.
+
+    fastmae embed --init runs/pretrain --pool avg --run.output_dir runs/embed   (train.safetensors, eval.safetensors)
+    """
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, a released name (mae_pretrain_vit_base), or 'random'."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
+    """The encoder (--model.img_size: inputs at another size, positions resampled; --model.global_pool unused)."""
+    pool: str = "token"
+    """avg: mean of the patch tokens after the final norm (N, D); token: the cls token (N, D); dense: the
+    patch-token maps (N, D, h, w)."""
+    split: str = "both"
+    """train, eval or both (each split is one file)."""
+    format: str = "safetensors"
+    """safetensors: SPLIT.safetensors with 'features' and 'labels'; npy: SPLIT.features.npy and SPLIT.labels.npy.
+    Image files are listed in SPLIT.txt in row order (Fashion-MNIST rows are the split's indices 0..N-1)."""
+    overwrite: bool = False
+    """Replace existing outputs (otherwise an existing file stops the command before any work)."""
+    batch_size: int = 256
+    """Images per batch."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/embed"))
+
+
 def to_dict(cfg) -> dict:
     """A dataclass config as plain JSON-able data."""
     return dataclasses.asdict(cfg)
@@ -471,6 +503,10 @@ RULES: dict[type, dict[str, Rule]] = {
                   "round_seconds": _above(0), "data_batches": _POSITIVE_INT, "quiet_wait": _NON_NEGATIVE,
                   "tasks": ((lambda v: len(v) > 0), "one or more of pretrain finetune data")},
     BenchRunConfig: {"num_threads": _NON_NEGATIVE},
+    EmbedConfig: {"pool": ((lambda v: v in ("avg", "token", "dense")), "one of avg, token, dense"),
+                  "split": ((lambda v: v in ("train", "eval", "both")), "one of train, eval, both"),
+                  "format": ((lambda v: v in ("safetensors", "npy")), "one of safetensors, npy"),
+                  "batch_size": _POSITIVE_INT},
 }
 
 

@@ -22,6 +22,7 @@ from .vit import (
     Block,
     PatchEmbed,
     check_heads,
+    encoder_intermediates,
     init_linear_and_norm,
     init_patch_embed,
     variant_kwargs,
@@ -124,6 +125,12 @@ class MaskedAutoencoderViT(nn.Module):
         """Encode every patch without masking, in grid order: (B, 1+L, D) after `norm` (for features, as a
         VisionTransformer's forward_features)."""
         return self._encode(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+
+    def forward_intermediates(self, imgs: torch.Tensor, indices: int | tuple[int, ...] | list[int] = (-1,),
+                              norm: bool = True) -> list[torch.Tensor]:
+        """Maps (B, D, h, w) of the chosen encoder blocks, unmasked, for any input size that is a multiple of the
+        patch; norm=True applies the encoder's final `norm` to each (`vit.encoder_intermediates`)."""
+        return encoder_intermediates(self, imgs, indices, norm)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent (B, 1+K, D) -> per-patch pixel predictions (B, L, p*p*C)."""

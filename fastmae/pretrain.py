@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .api import encode
+from .checkpoint import find_latest
 from .config import MAEModelConfig, PretrainConfig, validate
 from .curves import plot_learning_curve
 from .data import build_loader
@@ -18,8 +19,11 @@ from .mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .optim import build_adamw, param_groups_weight_decay, schedule
 from .trainer import Progress, fit, model_meta, setup
 from .visualize import reconstruct, save_figure
-from .vit import variant_kwargs
+from .pos_embed import resample_pos_embed
+from .vit import to_2tuple, variant_kwargs
+from .weights import ENCODER_PREFIXES, Weights, read_weights
 
+DECODER_PREFIXES = ("decoder_", "mask_token")
 OVERRIDABLE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 
 
@@ -29,6 +33,80 @@ def mae_kwargs(cfg: MAEModelConfig, in_chans: int) -> dict:
     kw.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k)})
     kw.update(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans or in_chans, norm_pix_loss=cfg.norm_pix_loss)
     return kw
+
+
+# Sizes a checkpoint fixes (heads are not in the weights: the flags may set them, see read_init).
+ENCODER_SIZE_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio")
+DECODER_SIZE_KEYS = ("decoder_embed_dim", "decoder_depth")
+HEAD_KEYS = ("num_heads", "decoder_num_heads")
+
+
+def _contradictions(cfg: MAEModelConfig, ckpt_kw: dict, keys: tuple[str, ...]) -> list[str]:
+    """Flags (non-zero overrides, or a non-default --model.name) whose sizes differ from the checkpoint's."""
+    bad = [f"--model.{k} {getattr(cfg, k)} (checkpoint: {ckpt_kw[k]})" for k in keys
+           if k in ckpt_kw and getattr(cfg, k, 0) and getattr(cfg, k) != ckpt_kw[k]]
+    if cfg.name != MAEModelConfig().name:
+        named = variant_kwargs(cfg.name, MAE_VARIANTS, kind="MAE")
+        bad += [f"--model.name {cfg.name}: {k} {named[k]} (checkpoint: {ckpt_kw[k]})" for k in keys
+                if k in named and k in ckpt_kw and named[k] != ckpt_kw[k]]
+    return bad
+
+
+def init_kwargs(w: Weights, cfg: MAEModelConfig, in_chans: int) -> dict:
+    """MAE kwargs when starting from `w`: encoder (and, for a full MAE, decoder) sizes from the checkpoint,
+    the rest (a fresh decoder's sizes, img_size, norm_pix_loss) from the flags; one error for contradictions."""
+    ckpt = dict(w.model_kwargs)
+    keys = ENCODER_SIZE_KEYS + (DECODER_SIZE_KEYS if w.kind == "mae" else ())
+    bad = _contradictions(cfg, ckpt, keys)
+    if bad:
+        raise ValueError(f"--init {w.source} fixes the model's sizes, but flags contradict it: {'; '.join(bad)}; "
+                         f"drop those flags (sizes come from the checkpoint)")
+    kw = mae_kwargs(cfg, in_chans)
+    kw.update({k: ckpt[k] for k in keys + HEAD_KEYS[: 2 if w.kind == "mae" else 1] if k in ckpt})
+    p = kw["patch_size"]
+    if any(s % p for s in kw["img_size"]):
+        raise ValueError(f"--model.img_size {kw['img_size'][0]} {kw['img_size'][1]} must be a multiple of the "
+                         f"checkpoint's patch size {p} (--init {w.source})")
+    return kw
+
+
+def load_init(model: MaskedAutoencoderViT, w: Weights, ckpt_img_size: tuple[int, int]) -> list[str]:
+    """Copy `w` into the model (positions resampled to its grid); returns what the log should say.
+
+    A full MAE loads strictly; an encoder loads every encoder tensor, and the decoder keeps its fresh init
+    (checked: nothing else may be missing, nothing may be left over)."""
+    sd = dict(w.state_dict)
+    p = model.patch_size
+    old_grid, new_grid = (ckpt_img_size[0] // p, ckpt_img_size[1] // p), tuple(model.grid_size)
+    notes = []
+    if old_grid != new_grid:
+        for key in ("pos_embed", "decoder_pos_embed"):
+            if key in sd:
+                sd[key] = resample_pos_embed(sd[key], new_grid, old_grid, n_prefix=1)  # (1, 1+h*w, D)
+        notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to {new_grid[0]}x{new_grid[1]}")
+    if w.kind == "mae":
+        model.load_state_dict(sd, strict=True)
+        return ["encoder and decoder from the checkpoint"] + notes
+    sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES) and not k.startswith("fc_norm.")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith(DECODER_PREFIXES)]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"--init {w.source}: cannot initialise the MAE encoder: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    model.load_state_dict(sd, strict=False)  # only the decoder is left at its fresh init (checked above)
+    return ["encoder from the checkpoint (encoder-only), decoder freshly initialised"] + notes
+
+
+def read_init(init: str, cfg: MAEModelConfig) -> Weights:
+    """The checkpoint to start from: a full MAE or an encoder; a classifier is refused with the reason.
+    Attention heads are not in the weights: --model.num_heads / decoder_num_heads, when given, say them."""
+    w = read_weights(init, num_heads=cfg.num_heads, decoder_num_heads=cfg.decoder_num_heads)
+    if w.kind == "vit":
+        raise ValueError(f"--init {init} is a classifier (a fine-tuned ViT); pretraining continues from an MAE "
+                         f"(fastmae run, *_full.pth, mae_visualize_*.pth, ViTMAEForPreTraining) or an encoder "
+                         f"(mae_pretrain_vit_*.pth, ViTMAEModel)")
+    return w
 
 
 def has_eval_split(cfg: PretrainConfig) -> bool:
@@ -43,8 +121,24 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
     img_size = tuple(cfg.model.img_size)
     train = build_loader(cfg.data, "train", img_size, cfg.optim.batch_size, train=True, seed=cfg.run.seed,
                          rank=d.rank, world_size=d.world_size)
-    kwargs = mae_kwargs(cfg.model, train.channels)
-    model = MaskedAutoencoderViT(**kwargs).to(rt.device)
+    init = read_init(cfg.init, cfg.model) if cfg.init else None
+    kwargs = init_kwargs(init, cfg.model, train.channels) if init else mae_kwargs(cfg.model, train.channels)
+    model = MaskedAutoencoderViT(**kwargs)
+    if init is not None:
+        resuming = cfg.run.resume or find_latest(rt.out_dir)
+        if resuming:
+            notes = [f"resuming from {resuming}, which takes precedence: its weights are used, not --init's "
+                     f"(the sizes still come from --init)"]
+        else:
+            notes = load_init(model, init, to_2tuple(init.model_kwargs["img_size"]))
+        was = init.model_kwargs.get("norm_pix_loss")
+        if init.kind == "mae" and was is not None and was != kwargs["norm_pix_loss"]:
+            notes.append(f"note: its decoder was trained with norm_pix_loss={was}, this run uses "
+                         f"{kwargs['norm_pix_loss']} (--model.norm_pix_loss)")
+        print0(d, f"init from {init.source}: {'; '.join(notes)}")
+        rt.logger.record({"event": "init", "init": cfg.init, "source": init.source, "kind": init.kind,
+                          "notes": notes})
+    model = model.to(rt.device)
     steps = len(train)
     lr = schedule(cfg.optim, steps, d.world_size)
     optimizer = build_adamw(param_groups_weight_decay(model, cfg.optim.weight_decay), lr.peak, cfg.optim.betas, rt.device)

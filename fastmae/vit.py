@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pos_embed import sincos_2d
+from .pos_embed import resample_pos_embed, sincos_2d
 
 LN_EPS = 1e-6  # the official models use LayerNorm(eps=1e-6)
 
@@ -53,7 +53,17 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def grid_for(self, H: int, W: int) -> tuple[int, int]:
+        """The patch grid (h, w) of an H x W input; a ValueError naming both when a side is not a multiple of p."""
+        p = self.patch_size[0]
+        if H % p or W % p:
+            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}; "
+                             f"resize or crop the images to multiples of {p} (e.g. {H // p * p}x{W // p * p})")
+        return H // p, W // p
+
+    def forward(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, D). any_size: accept every H, W that are multiples of p (the caller then
+        brings the position embedding to `grid_for(H, W)`); else only the model's own img_size."""
         if x.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         _, C, H, W = x.shape
@@ -62,7 +72,9 @@ class PatchEmbed(nn.Module):
                 f"model expects {self.in_chans} input channels, got {C}; convert the images "
                 f"(e.g. --data.channels {self.in_chans}) or build the model with in_chans={C}"
             )
-        if (H, W) != self.img_size:
+        if any_size:
+            self.grid_for(H, W)
+        elif (H, W) != self.img_size:
             raise ValueError(
                 f"input size {H}x{W} differs from the model's {self.img_size[0]}x{self.img_size[1]}; "
                 f"resize the images or build the model with img_size=({H}, {W})"
@@ -196,6 +208,69 @@ def variant_kwargs(name: str, table: dict[str, dict], kind: str = "ViT") -> dict
     return dict(table[name])
 
 
+def pos_embed_for(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """The model's position embedding (1, 1+h*w, D) for a patch grid: the parameter itself at the native grid,
+    else resampled bicubically (`resample_pos_embed`). Without autograd the resampled table is cached per grid
+    (and invalidated when the parameter changes in place, e.g. by load_state_dict or an optimizer step)."""
+    pos = model.pos_embed
+    native = tuple(model.patch_embed.grid_size)
+    if tuple(grid) == native:
+        return pos
+    if torch.is_grad_enabled() and pos.requires_grad:
+        return resample_pos_embed(pos, grid, native, n_prefix=1)  # differentiable, not cached
+    key = (tuple(grid), pos._version, pos.data_ptr(), pos.dtype, pos.device)
+    cache: dict = model.__dict__.setdefault("_pos_embed_cache", {})
+    if key not in cache:
+        cache.clear()  # one parameter version at a time; a few grids of it
+        cache[key] = resample_pos_embed(pos.detach(), grid, native, n_prefix=1)
+    return cache[key]
+
+
+def normalise_indices(indices: int | tuple[int, ...] | list[int], depth: int) -> list[int]:
+    """Block indices (negative count from the end) -> non-negative ones in the given order; a ValueError when one
+    is out of range. An int n means the last n blocks, as in timm."""
+    if isinstance(indices, int):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"asked for the last {indices} blocks of a {depth}-block encoder")
+        return list(range(depth - indices, depth))
+    out = []
+    for i in indices:
+        j = int(i) + depth if int(i) < 0 else int(i)
+        if not 0 <= j < depth:
+            raise ValueError(f"block index {i} out of range for a {depth}-block encoder (use 0..{depth - 1} "
+                             f"or -{depth}..-1)")
+        out.append(j)
+    if not out:
+        raise ValueError("layers must name at least one block")
+    return out
+
+
+def encoder_intermediates(model: nn.Module, x: torch.Tensor, indices: int | tuple[int, ...] | list[int] = (-1,),
+                          norm: bool = True) -> list[torch.Tensor]:
+    """Maps (B, D, h, w) of the chosen encoder blocks for images (B, C, H, W) of any size that is a multiple of
+    the patch (timm's `forward_intermediates(..., output_fmt='NCHW', intermediates_only=True)`).
+
+    Shared by VisionTransformer and MaskedAutoencoderViT (same encoder names). norm=True applies the model's
+    final `norm` to every returned map, as timm does; an avg-pool ViT's `norm` is Identity (its fc_norm acts
+    after pooling), so its maps are un-normalised. Returned in the order of `indices`.
+    """
+    wanted = normalise_indices(indices if isinstance(indices, int) else tuple(indices), len(model.blocks))
+    if x.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    h, w = model.patch_embed.grid_for(x.shape[-2], x.shape[-1])
+    pos = pos_embed_for(model, (h, w))  # (1, 1+L, D)
+    t = model.patch_embed(x, any_size=True) + pos[:, 1:]  # (B, L, D)
+    cls = (model.cls_token + pos[:, :1]).expand(t.shape[0], -1, -1)  # (B, 1, D)
+    t = torch.cat([cls, t], dim=1)  # (B, 1+L, D)
+    found: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(model.blocks[: max(wanted) + 1]):
+        t = blk(t)
+        if i in wanted:
+            found[i] = model.norm(t) if norm else t
+    B, D = t.shape[0], t.shape[-1]
+    return [found[i][:, 1:].transpose(1, 2).reshape(B, D, h, w) for i in wanted]  # each (B, D, h, w)
+
+
 class VisionTransformer(nn.Module):
     """Classification ViT: cls token + learnable position embedding, pooled by 'avg' or 'token'.
 
@@ -263,6 +338,12 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | tuple[int, ...] | list[int] = (-1,),
+                              norm: bool = True) -> list[torch.Tensor]:
+        """Maps (B, D, h, w) of the chosen blocks for any input size that is a multiple of the patch
+        (`encoder_intermediates`; with avg pooling `norm` is Identity, so norm=True leaves the maps as they are)."""
+        return encoder_intermediates(self, x, indices, norm)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, 1+L, D) -> pooled features (B, D) by global_pool (+ fc_norm for avg), then logits (B, K)

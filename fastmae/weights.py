@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .checkpoint import find_latest
 from .convert import HF_WEIGHT_FILES, Kind, read_file, to_fastmae
 from .data import IMAGENET_MEAN, IMAGENET_STD
@@ -55,7 +56,7 @@ def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def find_source(p: Path, variant_names: Sequence[str] = ()) -> Path:
     """The weights file/folder a path names: a run folder's newest checkpoint, a Hugging Face folder,
-    a file, or `X` for a fastmae export X.safetensors + X.json."""
+    a file, `X` for a fastmae export X.safetensors + X.json, or a released checkpoint's name (`fastmae.hub`)."""
     if p.is_dir():
         latest = find_latest(p)
         if latest is not None:
@@ -71,6 +72,10 @@ def find_source(p: Path, variant_names: Sequence[str] = ()) -> Path:
     export = p.with_name(p.name + ".safetensors")
     if export.exists():
         return export
+    if hub.is_bare_name(p) and hub.release_name(p):
+        return hub.fetch(p.name)  # a released checkpoint by name: the cached file, downloaded once
+    if hub.looks_official(p):
+        raise hub.unknown_name_error(p)
     known = f", and it is not a variant name ({', '.join(variant_names)})" if variant_names else ""
     raise FileNotFoundError(f"{p} does not exist{known}")
 
@@ -99,6 +104,9 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
     src = find_source(Path(path).expanduser(), variant_names)
     sd, config = read_file(src)
     kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads)
+    release = hub.RELEASES.get(hub.release_name(src) or "")
+    if kind == "mae" and "norm_pix_loss" not in kw and release is not None and release.norm_pix_loss is not None:
+        kw["norm_pix_loss"] = release.norm_pix_loss  # official files do not record their pixel target
     mean, std = extra.get("mean"), extra.get("std")
     if mean is None and src.is_dir():
         mean, std = _hf_stats(src) or (None, None)

@@ -1,0 +1,117 @@
+"""`fastmae embed`: encoder features of a dataset written to disk, for heads, retrieval or clustering elsewhere.
+
+Shapes: N samples, D width, h, w patch grid. Per split, one file: `features` (N, D) for avg/token pooling or
+(N, D, h, w) for dense, `labels` (N,) when the source is labelled, and the row order: image sources list their
+files in SPLIT.txt (line i = row i); Fashion-MNIST rows are the split's indices 0..N-1 (metadata says so).
+The encoder and features are those of `fastmae knn` / `linprobe` (`evaluate.probe_encoder`, `features_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write, atomic_write_text
+from .config import EmbedConfig, validate
+from .dist import print0
+from .evaluate import features_of, probe_encoder
+from .trainer import setup
+
+
+def split_names(split: str) -> tuple[str, ...]:
+    """'both' -> ('train', 'eval'); else the one split."""
+    return ("train", "eval") if split == "both" else (split,)
+
+
+def output_files(out_dir: Path, split: str, fmt: str) -> list[Path]:
+    """The files a split writes (the .txt file list is written only for image-file sources)."""
+    if fmt == "npy":
+        return [out_dir / f"{split}.features.npy", out_dir / f"{split}.labels.npy"]
+    return [out_dir / f"{split}.safetensors"]
+
+
+def check_outputs(cfg: EmbedConfig) -> None:
+    """Refuse to run over existing outputs without --overwrite (before any work), and --data.skip_corrupt,
+    whose substitutes for unreadable files would break the one-row-per-file list."""
+    out = Path(cfg.run.output_dir)
+    existing = [p for s in split_names(cfg.split) for p in output_files(out, s, cfg.format) + [out / f"{s}.txt"]
+                if p.exists()]
+    if existing and not cfg.overwrite:
+        raise ValueError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --run.output_dir")
+    if cfg.data.skip_corrupt:
+        raise ValueError("--data.skip_corrupt cannot be used with embed (a skipped file's row would hold another "
+                         "image); fix or remove the unreadable files")
+
+
+def row_names(loader) -> list[str] | None:
+    """The image file of each row (the loader's sample order), or None for in-memory sources."""
+    dataset = getattr(loader, "dataset", None)
+    return [str(path) for path, _ in dataset.samples] if dataset is not None else None
+
+
+def write_split(out_dir: Path, split: str, fmt: str, feats: torch.Tensor, labels: torch.Tensor | None,
+                files: list[str] | None, meta: dict) -> list[Path]:
+    """Write one split's features (+ labels, + file list) atomically; returns the paths written."""
+    feats = feats.float().contiguous().cpu()
+    written = []
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {"features": feats}
+        if labels is not None:
+            tensors["labels"] = labels.long().contiguous().cpu()
+        info = {k: json.dumps(v) for k, v in meta.items()}  # safetensors metadata holds strings only
+        written.append(atomic_write(out_dir / f"{split}.safetensors", lambda tmp: save_file(tensors, str(tmp), info)))
+    else:
+        def save_npy(arr: np.ndarray):
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a temp name
+                    np.save(f, arr)
+            return write
+
+        written.append(atomic_write(out_dir / f"{split}.features.npy", save_npy(feats.numpy())))
+        if labels is not None:
+            written.append(atomic_write(out_dir / f"{split}.labels.npy", save_npy(labels.long().cpu().numpy())))
+        written.append(atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), out_dir / f"{split}.json"))
+    if files is not None:
+        written.append(atomic_write_text("".join(f + "\n" for f in files), out_dir / f"{split}.txt"))
+    return written
+
+
+def run_embed(cfg: EmbedConfig) -> list[Path]:
+    """Extract and write the features of the chosen splits; returns the files written."""
+    validate(cfg)
+    check_outputs(cfg)
+    rt = setup(cfg.run, cfg)
+    if rt.dist.world_size > 1:  # gathered rows interleave ranks and wrap-around padding: no one row per file
+        raise ValueError("fastmae embed runs in one process; start it without torchrun")
+    t0 = time.perf_counter()
+    data = cfg.data
+    if cfg.split == "train" and data.source != "fashion-mnist" and not data.eval_path:
+        data = dataclasses.replace(data, eval_path=data.path)  # probe_encoder indexes an eval split; unused here
+    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, data, rt, cfg.batch_size)
+    written: list[Path] = []
+    for split, loader in (("train", train), ("eval", val)):
+        if split not in split_names(cfg.split):
+            continue
+        with torch.no_grad():
+            feats, labels = features_of(encoder, loader, cfg.pool, rt)  # (N, D) or (N, D, h, w); (N,)
+        files = row_names(loader)
+        meta = {"init": cfg.init, "pool": cfg.pool, "split": split, "source": cfg.data.source,
+                "path": cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path),
+                "rows": "files in " + f"{split}.txt" if files is not None else f"{cfg.data.source} {split} indices 0..N-1",
+                "shape": list(feats.shape), "classes": list(loader.classes)}
+        if rt.dist.is_main:
+            written += write_split(rt.out_dir, split, cfg.format, feats,
+                                   labels if loader.num_classes > 0 else None, files, meta)
+            print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.pool}) -> {written[-1].parent}")
+    print0(rt.dist, f"done in {time.perf_counter() - t0:.0f}s: {', '.join(p.name for p in written)}")
+    return written
+
+
+__all__ = ["run_embed"]
