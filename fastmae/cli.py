@@ -79,8 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = next(t for cls, t in COMMANDS.values() if type(cfg) is cls)
     module, fn = target.split(":")
     run = getattr(importlib.import_module(module), fn)
+    ok = False
     try:
         run(cfg)
+        ok = True
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, NonFiniteLossError,
             DiskFullError) as e:
         if os.environ.get("FASTMAE_DEBUG"):
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         release_all()
-        cleanup()
+        cleanup(wait_for_all=ok)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -89,10 +90,20 @@ def barrier(info: DistInfo) -> None:
         tdist.barrier()
 
 
-def cleanup() -> None:
-    """Leave the process group a command joined (a no-op in one process)."""
+def cleanup(wait_for_all: bool = False) -> None:
+    """Leave the process group a command joined (a no-op in one process).
+
+    wait_for_all (after a command succeeded): a barrier first, so no rank tears its group down while another
+    still works (rank 0 writes figures after the last collective); a rank leaving early made gloo abort the
+    other ("terminate called without an active exception"). Objects still holding the group (a DDP wrapper in
+    a reference cycle) are collected first, so the group and its threads go down now, not at interpreter exit.
+    """
     if tdist.is_available() and tdist.is_initialized():
+        if wait_for_all and tdist.get_world_size() > 1:
+            tdist.barrier()
+        gc.collect()
         tdist.destroy_process_group()
+        gc.collect()
 
 
 def print0(info: DistInfo, *args, **kwargs) -> None:
