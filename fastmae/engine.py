@@ -1,4 +1,5 @@
-"""The training and evaluation loops, with explicit arguments: AMP, accumulation, DDP, non-finite checks.
+"""The training and evaluation loops: one epoch of a Task (AMP, accumulation, DDP, non-finite checks), evaluation,
+feature extraction.
 
 Shapes: B batch, C channels, H, W image, D feature width, K classes.
 """
@@ -10,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,9 +22,26 @@ from .dist import DistInfo, all_gather_cat, all_reduce_mean, any_rank
 from .log import progress
 from .optim import set_lr
 
+if TYPE_CHECKING:
+    from .trainer import Progress, Runtime
+
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; raised before anything is checkpointed."""
+
+
+@dataclass
+class Task:
+    """What a command trains, for `trainer.fit`: the model and its optimizer, the loss, the lr of every step."""
+
+    model: nn.Module  # the raw module: checkpoints store its state; fit wraps it (torch.compile, DDP) to train
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, images, labels) -> scalar
+    lr: Callable[[float], float]  # lr at a global step (optim.Schedule)
+    meta: dict  # checkpoint metadata: what to build to load the weights (trainer.model_meta)
+    accum_iter: int = 1  # batches per optimizer step
+    clip_grad: float = 0.0  # gradient-norm clip (0 = off)
+    on_epoch_end: Callable[..., dict] | None = None  # (epoch, model, progress) -> extra log entries
 
 
 @dataclass
@@ -33,81 +52,55 @@ class EpochResult:
     loss_count: int  # batches in loss_sum
     images: int  # images processed on all ranks
     seconds: float
-    stopped: bool  # stop_requested() fired before the epoch ended
+    stopped: bool  # a stop signal ended the epoch early
 
 
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-    lr_fn: Callable[[int], float],
-    first_step: int,
-    num_batches: int,
-    device: torch.device,
-    precision: str,
-    dist: DistInfo,
-    accum_iter: int = 1,
-    clip_grad: float = 0.0,
-    scaler: torch.amp.GradScaler | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
-    on_step: Callable[[int, float, float, float], None] | None = None,
-    show_progress: bool = False,
-    desc: str = "",
-    check_every: int = 1,
-    loss_sum0: float = 0.0,
-    loss_count0: int = 0,
-) -> EpochResult:
-    """Run up to `num_batches` batches; global step = first_step + batch index.
+def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Progress,
+                    scaler: torch.amp.GradScaler | None, stop: Callable[[], bool], epochs: int) -> EpochResult:
+    """Train `model` (task.model, maybe wrapped) over the rest of epoch prog.epoch, from batch prog.batch.
 
-    loss_fn(model, images, labels) returns the scalar loss. The optimizer steps every `accum_iter`
-    batches with lr_fn(step); gradients of the micro-batches in between are not all-reduced (no_sync).
-    A non-finite loss raises NonFiniteLossError naming the step. on_step(step, loss, lr, img/s) is
-    called every `check_every` steps (that is also when the loss is read back from the device).
-    loss_sum0 / loss_count0 continue the running loss of an epoch resumed mid-way, so its mean is the full epoch's.
-    In a DDP job the stop decision is agreed (any rank's flag stops all) every `check_every` steps, so every rank
-    leaves after the same batch and enters the same collectives (a signal reaching one rank first would otherwise
-    send it into the checkpoint barrier while the others all-reduce gradients).
+    Global step = epoch x batches per epoch + batch. The optimizer steps every task.accum_iter batches with
+    task.lr(step); gradients of the micro-batches in between are not all-reduced (no_sync). Every `check`
+    steps (1 on a CPU, 20 on a GPU, where reading the loss back syncs) the loss is checked (a non-finite one
+    raises NonFiniteLossError naming the step), logged, and the stop decision taken: in a DDP job agreed by
+    all ranks (any rank's signal stops all after the same batch, so they enter the same collectives).
+    prog.loss_sum / loss_count continue the running loss of an epoch resumed mid-way.
     """
+    steps_per_epoch = len(loader)
+    first_step, num_batches = prog.epoch * steps_per_epoch + prog.batch, steps_per_epoch - prog.batch
+    device, dist = rt.device, rt.dist
+    check = 1 if device.type == "cpu" else 20
+    log_every = max(1, steps_per_epoch // 20)  # TensorBoard points per epoch
+    show = rt.run.progress and dist.is_main
+    loader.set_epoch(prog.epoch, start_batch=prog.batch)
     model.train()
     t0 = time.perf_counter()
-    loss_sum = torch.full((), loss_sum0, dtype=torch.float32, device=device)
+    loss_sum = torch.full((), prog.loss_sum, dtype=torch.float32, device=device)
     steps = images = 0
     stopped = False
-    bar = progress(batches, total=num_batches, enabled=show_progress, desc=desc)
-    lr = lr_fn(first_step)
+    bar = progress(loader, total=num_batches, enabled=show, desc=f"epoch {prog.epoch + 1}/{epochs}")
+    lr = task.lr(first_step)
     t_last, img_last = t0, 0
     for i, (imgs, labels) in enumerate(bar):
         step = first_step + i
-        if i % accum_iter == 0:
-            lr = lr_fn(step)
-            set_lr(optimizer, lr)
-        imgs = imgs.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        update = (i + 1) % accum_iter == 0 or i + 1 == num_batches
-        sync = getattr(model, "no_sync", None)
-        ctx = sync() if (sync is not None and not update) else contextlib.nullcontext()
-        with ctx:
-            with autocast(device, precision):
-                loss = loss_fn(model, imgs, labels)
-            scaled = loss / accum_iter
+        if i % task.accum_iter == 0:
+            lr = task.lr(step)
+            set_lr(task.optimizer, lr)
+        imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
+        labels = labels.to(device, non_blocking=True)  # (B,)
+        update = (i + 1) % task.accum_iter == 0 or i + 1 == num_batches
+        no_sync = getattr(model, "no_sync", None)
+        with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
+            with autocast(device, rt.precision):
+                loss = task.loss(model, imgs, labels)
+            scaled = loss / task.accum_iter
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(task, model, scaler)
         loss_sum += loss.detach().float()
         steps += 1
         images += imgs.shape[0] * dist.world_size
-        if steps % check_every == 0 or i + 1 == num_batches:
+        if steps % check == 0 or i + 1 == num_batches:
             value = loss.detach().float().item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -117,25 +110,39 @@ def train_one_epoch(
             now = time.perf_counter()
             ips = (images - img_last) / max(now - t_last, 1e-9)
             t_last, img_last = now, images
-            if show_progress:
+            if show:
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
-            if on_step is not None:
-                on_step(step, value, lr, ips)
+            if step % log_every == 0:
+                rt.logger.scalars(step, {"loss": value, "lr": lr, "images_per_s": ips})
         if i + 1 >= num_batches:
             break
         if dist.distributed:
-            if steps % check_every == 0 and any_rank(stop_requested(), dist, device):
+            if steps % check == 0 and any_rank(stop(), dist, device):
                 stopped = True
                 break
-        elif stop_requested():
+        elif stop():
             stopped = True
             break
-    if show_progress:
+    if show:
         bar.close()
-    count = loss_count0 + steps
+    count = prog.loss_count + steps
     mean = all_reduce_mean(loss_sum / max(count, 1), dist).item()
     return EpochResult(loss=mean, steps=steps, loss_sum=loss_sum.item(), loss_count=count, images=images,
                        seconds=time.perf_counter() - t0, stopped=stopped)
+
+
+def optimizer_step(task: Task, model: nn.Module, scaler: torch.amp.GradScaler | None) -> None:
+    """Unscale (fp16), clip, step and zero the gradients."""
+    if scaler is not None:
+        scaler.unscale_(task.optimizer)
+    if task.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad)
+    if scaler is not None:
+        scaler.step(task.optimizer)
+        scaler.update()
+    else:
+        task.optimizer.step()
+    task.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

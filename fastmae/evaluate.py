@@ -22,7 +22,7 @@ from .checkpoint import atomic_write_text, save_checkpoint
 from .config import DataConfig, KnnConfig, LinprobeConfig, OptimConfig, ViTModelConfig, validate
 from .data import build_loader
 from .dist import print0
-from .engine import evaluate, extract_features, topk_correct
+from .engine import Task, evaluate, extract_features, topk_correct
 from .knn import knn_accuracy
 from .optim import LARS, schedule, set_lr
 from .trainer import Runtime, fit, model_meta, setup
@@ -166,9 +166,9 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         sched = schedule(cfg.optim, len(train_aug), rt.dist.world_size)
         lr = sched.peak
         opt = LARS(head.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay)
-        fit(rt, model, opt, train_aug, epochs=cfg.optim.epochs,
-            loss_fn=lambda m, x, y: F.cross_entropy(m(x), y), lr_fn=sched,
-            meta=model_meta("linprobe", {"dim": encoder.embed_dim, "num_classes": K}, cfg))
+        task = Task(model, opt, loss=lambda m, x, y: F.cross_entropy(m(x), y), lr=sched,
+                    meta=model_meta("linprobe", {"dim": encoder.embed_dim, "num_classes": K}, cfg))
+        fit(rt, task, train_aug, cfg.optim.epochs)
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,
                   seconds=time.perf_counter() - t0)

@@ -19,7 +19,7 @@ from .checkpoint import atomic_save, atomic_write_text
 from .config import FinetuneConfig, validate
 from .data import build_loader
 from .dist import print0
-from .engine import evaluate
+from .engine import Task, evaluate
 from .optim import build_adamw, param_groups_lrd, schedule
 from .trainer import Progress, fit, model_meta, setup
 
@@ -74,9 +74,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     meta = model_meta("vit", _vit_kwargs(model), cfg, mean=list(train.mean), std=list(train.std), init=cfg.init)
     t0 = time.perf_counter()
-    prog, last = fit(rt, model, optimizer, train, epochs=cfg.optim.epochs, loss_fn=loss_fn,
-                     lr_fn=lr, meta=meta,
-                     accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
+    task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
+                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
+    prog, last = fit(rt, task, train, cfg.optim.epochs)
     result = {"init": cfg.init, "epochs_done": prog.epoch, "best_top1": prog.extra.get("best_top1"),
               "best_epoch": prog.extra.get("best_epoch"), "seconds": time.perf_counter() - t0,
               "last_checkpoint": str(last) if last else None, "best_checkpoint": str(best_path)}

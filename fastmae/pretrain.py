@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from .api import encode
 from .checkpoint import find_latest
@@ -13,13 +15,13 @@ from .config import MAEModelConfig, PretrainConfig, validate
 from .curves import plot_learning_curve
 from .data import build_loader
 from .dist import print0
-from .engine import extract_features
+from .engine import Task, extract_features
 from .knn import knn_accuracy
 from .mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .optim import build_adamw, param_groups_weight_decay, schedule
-from .trainer import Progress, fit, model_meta, setup
-from .visualize import reconstruct, save_figure
 from .pos_embed import resample_pos_embed
+from .trainer import Progress, Runtime, fit, model_meta, setup
+from .visualize import reconstruct, save_figure
 from .vit import to_2tuple, variant_kwargs
 from .weights import ENCODER_PREFIXES, Weights, read_weights
 
@@ -113,6 +115,63 @@ def has_eval_split(cfg: PretrainConfig) -> bool:
     return cfg.data.source == "fashion-mnist" or bool(cfg.data.eval_path)
 
 
+def mae_loss(model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """The MAE objective of a batch (labels unused): MSE on the removed patches."""
+    return model(imgs, mask_ratio)[0]
+
+
+class Monitor:
+    """What pretraining shows at the end of an epoch: the reconstruction figure (rank 0) and the kNN top-1 of the
+    mean-pooled encoder features (all ranks take part), per --figure_every and --knn_every and at the last epoch."""
+
+    def __init__(self, cfg: PretrainConfig, rt: Runtime, train):
+        self.cfg, self.rt, self.train = cfg, rt, train
+        self.figure_path = rt.out_dir / "reconstruction.png"
+        self.images: torch.Tensor | None = None  # (8, C, H, W) fixed images for the figure
+        if rt.dist.is_main and cfg.figure_every > 0:
+            split = "eval" if has_eval_split(cfg) else "train"
+            loader = build_loader(cfg.data, split, tuple(cfg.model.img_size), 8, train=False, seed=cfg.run.seed)
+            loader.set_epoch(0)
+            self.images = next(iter(loader))[0].to(rt.device)
+        self.labelled = train.num_classes > 0 and has_eval_split(cfg) and cfg.knn_every >= 0
+        self.last_knn: dict = {}
+
+    def __call__(self, epoch: int, model: MaskedAutoencoderViT, prog: Progress) -> dict:
+        """Extra entries for the epoch's log line."""
+        cfg, out = self.cfg, {}
+        last = epoch + 1 == cfg.optim.epochs
+        model.eval()
+        if self.images is not None and ((epoch + 1) % cfg.figure_every == 0 or last):
+            self.figure(model, epoch)
+        if self.labelled and ((cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or last):
+            t0 = time.perf_counter()
+            out.update(self.knn(model))
+            out["knn_seconds"] = time.perf_counter() - t0
+            self.last_knn = dict(out)
+        model.train()
+        return out
+
+    def figure(self, model: MaskedAutoencoderViT, epoch: int) -> None:
+        """reconstruction.png and figures/reconstruction-EPOCH.png, in fp32."""
+        with torch.autocast(self.rt.device.type, enabled=False):
+            panels = reconstruct(model, self.images, self.cfg.model.mask_ratio, seed=self.cfg.run.seed,
+                                 mean=self.train.mean, std=self.train.std)
+        save_figure(panels, self.figure_path)
+        save_figure(panels, self.rt.out_dir / "figures" / f"reconstruction-{epoch + 1:04d}.png")
+
+    def knn(self, model: MaskedAutoencoderViT) -> dict:
+        """knn_top1 / knn_top5 (k=20, T=0.07) of mean-pooled features, evaluation split against training split."""
+        cfg, rt, d = self.cfg, self.rt, self.rt.dist
+        feats = {}
+        for name in ("train", "eval"):
+            loader = build_loader(cfg.data, name, tuple(cfg.model.img_size), 256, train=False, seed=cfg.run.seed,
+                                  rank=d.rank, world_size=d.world_size)
+            loader.set_epoch(0)
+            feats[name] = extract_features(lambda x: encode(model, x, "avg"), loader, rt.device, rt.precision, d)
+        acc = knn_accuracy(*feats["train"], *feats["eval"], num_classes=self.train.num_classes)
+        return {f"knn_{k}": v for k, v in acc.items()}
+
+
 def run_pretrain(cfg: PretrainConfig) -> Path | None:
     """Pretrain an MAE; returns the last checkpoint path. Re-running the same command resumes."""
     validate(cfg)
@@ -147,53 +206,12 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
               f"images, {steps} steps/epoch | effective batch {lr.effective_batch}, lr {lr.peak:.3g} | {rt.precision_label} on "
               f"{rt.device} x{d.world_size} | output {rt.out_dir}")
 
-    split = "eval" if has_eval_split(cfg) else "train"
-    viz_imgs = None
-    if d.is_main and cfg.figure_every > 0:
-        viz_loader = build_loader(cfg.data, split, img_size, 8, train=False, seed=cfg.run.seed)
-        viz_loader.set_epoch(0)
-        viz_imgs = next(iter(viz_loader))[0].to(rt.device)
-    labelled = train.num_classes > 0 and has_eval_split(cfg) and cfg.knn_every >= 0
-    figure_path = rt.out_dir / "reconstruction.png"
-    knn_result: dict = {}
-
-    def knn_monitor(m: MaskedAutoencoderViT) -> dict:
-        feats = {}
-        for name in ("train", "eval"):
-            loader = build_loader(cfg.data, name, img_size, 256, train=False, seed=cfg.run.seed, rank=d.rank,
-                                  world_size=d.world_size)
-            loader.set_epoch(0)
-            feats[name] = extract_features(lambda x: encode(m, x, "avg"), loader, rt.device, rt.precision, d)
-        acc = knn_accuracy(*feats["train"], *feats["eval"], num_classes=train.num_classes)
-        return {f"knn_{k}": v for k, v in acc.items()}  # knn_top1, knn_top5 in the pretraining log
-
-    def on_epoch_end(epoch: int, m: MaskedAutoencoderViT, prog: Progress) -> dict:
-        out: dict = {}
-        last = epoch + 1 == cfg.optim.epochs
-        m.eval()
-        if viz_imgs is not None and ((epoch + 1) % cfg.figure_every == 0 or last):
-            with torch.autocast(rt.device.type, enabled=False):
-                panels = reconstruct(m, viz_imgs, cfg.model.mask_ratio, seed=cfg.run.seed,
-                                     mean=train.mean, std=train.std)
-            save_figure(panels, figure_path)
-            save_figure(panels, rt.out_dir / "figures" / f"reconstruction-{epoch + 1:04d}.png")
-        if labelled and ((cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or last):
-            t0 = time.perf_counter()
-            out.update(knn_monitor(m))
-            out["knn_seconds"] = time.perf_counter() - t0
-            knn_result.update(out)
-        m.train()
-        return out
-
-    mask_ratio = cfg.model.mask_ratio
+    monitor = Monitor(cfg, rt, train)
+    task = Task(model, optimizer, loss=functools.partial(mae_loss, mask_ratio=cfg.model.mask_ratio), lr=lr,
+                meta=model_meta("mae", kwargs, cfg, mean=list(train.mean), std=list(train.std)),
+                accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=monitor)
     t0 = time.perf_counter()
-    prog, path = fit(
-        rt, model, optimizer, train, epochs=cfg.optim.epochs,
-        loss_fn=lambda m, imgs, _labels: m(imgs, mask_ratio)[0],
-        lr_fn=lr,
-        meta=model_meta("mae", kwargs, cfg, mean=list(train.mean), std=list(train.std)),
-        accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end,
-    )
+    prog, path = fit(rt, task, train, cfg.optim.epochs)
     if train.skipped:
         print0(d, f"skipped {len(train.skipped)} unreadable image files (listed in {rt.out_dir / 'log.jsonl'})")
         rt.logger.record({"event": "skipped_files", "files": list(train.skipped)})
@@ -203,10 +221,10 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
         msg = f"done in {time.perf_counter() - t0:.0f}s: checkpoint {path}"
         if curve is not None:
             msg += f", learning curve {curve}"
-        if viz_imgs is not None:
-            msg += f", figure {figure_path}"
-        if knn_result:
-            msg += f", kNN top-1 {knn_result['knn_top1']:.2f}%"
+        if monitor.images is not None:
+            msg += f", figure {monitor.figure_path}"
+        if monitor.last_knn:
+            msg += f", kNN top-1 {monitor.last_knn['knn_top1']:.2f}%"
         print0(d, msg)
     return path
 

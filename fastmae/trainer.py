@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .checkpoint import (
 from .config import RunConfig, save_json, to_dict
 from .device import make_scaler, resolve_device, resolve_precision
 from .dist import DistInfo, barrier, gather_objects, init_distributed, print0
-from .engine import EpochResult, train_one_epoch
+from .engine import EpochResult, Task, train_one_epoch
 from .log import RunLogger
 from .runlock import acquire as acquire_lock
 from .runlock import release as release_lock
@@ -262,95 +261,59 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
     return path
 
 
-def fit(
-    rt: Runtime,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader,
-    *,
-    epochs: int,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-    lr_fn: Callable[[int], float],
-    meta: dict,
-    accum_iter: int = 1,
-    clip_grad: float = 0.0,
-    on_epoch_end: Callable[[int, nn.Module, Progress], dict] | None = None,
-    check_every: int = 0,
-) -> tuple[Progress, Path | None]:
-    """Train from the resumed position to `epochs`; returns the final progress and checkpoint path.
+def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | None]:
+    """Train task.model from where the output folder left off to `epochs` epochs: resume, then per epoch
+    train, log, run task.on_epoch_end and checkpoint; a stop signal (preemption) saves mid-epoch and returns.
 
-    `model` is the raw module (checkpoints store its state); DDP / compile wrapping happens here.
+    Returns the final progress and the last checkpoint written.
     """
     scaler = make_scaler(rt.device, rt.precision)
-    try:
-        return _fit(rt, model, optimizer, loader, scaler, epochs=epochs, loss_fn=loss_fn, lr_fn=lr_fn, meta=meta,
-                    accum_iter=accum_iter, clip_grad=clip_grad, on_epoch_end=on_epoch_end, check_every=check_every)
-    finally:
-        release_lock(rt.lock)
-
-
-def _fit(rt: Runtime, model: nn.Module, optimizer, loader, scaler, *, epochs: int, loss_fn, lr_fn, meta: dict,
-         accum_iter: int, clip_grad: float, on_epoch_end, check_every: int) -> tuple[Progress, Path | None]:
-    """fit's body: resume, wrap, train epoch by epoch, checkpoint; stops cleanly on an (agreed) stop signal."""
-    prog = resume(rt, model, optimizer, scaler, meta)
-    if prog.resumed_from:
-        print0(rt.dist, f"resumed from {prog.resumed_from} at epoch {prog.epoch}, batch {prog.batch}")
-        write_resumed_config(rt)
-    train_model: nn.Module = model
-    if rt.run.compile:
-        train_model = torch.compile(train_model)
-    if rt.dist.distributed:
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
-    steps_per_epoch = len(loader)
-    check_every = check_every or (1 if rt.device.type == "cpu" else 20)
     stop = StopFlag()
-    stop.install()
     last_path: Path | None = None
-    tb_every = max(1, steps_per_epoch // 20)
-
-    def on_step(step: int, loss: float, lr: float, ips: float) -> None:
-        if step % tb_every == 0:
-            rt.logger.scalars(step, {"loss": loss, "lr": lr, "images_per_s": ips})
-
     try:
+        prog = resume(rt, task.model, task.optimizer, scaler, task.meta)
+        if prog.resumed_from:
+            print0(rt.dist, f"resumed from {prog.resumed_from} at epoch {prog.epoch}, batch {prog.batch}")
+            write_resumed_config(rt)
+        model = wrap_for_training(rt, task.model)
+        stop.install()
         while prog.epoch < epochs:
             epoch = prog.epoch
-            loader.set_epoch(epoch, start_batch=prog.batch)
-            first = epoch * steps_per_epoch + prog.batch
-            res: EpochResult = train_one_epoch(
-                train_model, loader, optimizer, loss_fn=loss_fn, lr_fn=lr_fn, first_step=first,
-                num_batches=steps_per_epoch - prog.batch, device=rt.device, precision=rt.precision,
-                dist=rt.dist, accum_iter=accum_iter, clip_grad=clip_grad, scaler=scaler,
-                stop_requested=stop, on_step=on_step, show_progress=rt.run.progress and rt.dist.is_main,
-                desc=f"epoch {epoch + 1}/{epochs}", check_every=check_every,
-                loss_sum0=prog.loss_sum, loss_count0=prog.loss_count,
-            )
-            step = first + res.steps
-            if res.stopped:
+            res: EpochResult = train_one_epoch(task, model, loader, rt, prog, scaler, stop, epochs)
+            step = epoch * len(loader) + prog.batch + res.steps
+            if res.stopped:  # preempted: save where this epoch stopped, and leave
                 prog.batch += res.steps
                 prog.loss_sum, prog.loss_count = res.loss_sum, res.loss_count
-                last_path = save(rt, model, optimizer, scaler, prog, step, meta)
+                last_path = save(rt, task.model, task.optimizer, scaler, prog, step, task.meta)
                 rt.logger.record({"event": "preempted", "epoch": epoch, "batch": prog.batch, "step": step,
                                   "checkpoint": str(last_path)})
                 print0(rt.dist, f"{stop.describe()}: saved {last_path}; run the same command again to resume")
                 return prog, last_path
             prog.epoch, prog.batch, prog.loss_sum, prog.loss_count = epoch + 1, 0, 0.0, 0
-            entry = {"epoch": epoch + 1, "step": step, "loss": res.loss, "lr": lr_fn(step),
+            entry = {"epoch": epoch + 1, "step": step, "loss": res.loss, "lr": task.lr(step),
                      "images_per_s": res.images / max(res.seconds, 1e-9), "epoch_seconds": res.seconds}
-            if on_epoch_end is not None:
-                entry.update(on_epoch_end(epoch, model, prog))
+            if task.on_epoch_end is not None:
+                entry.update(task.on_epoch_end(epoch, task.model, prog))
             rt.logger.scalars(step, {"epoch_loss": res.loss}, prefix="epoch")
             rt.logger.record(entry)
             print0(rt.dist, json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in entry.items()}))
             if (epoch + 1) % max(rt.run.save_every, 1) == 0 or epoch + 1 == epochs:
-                last_path = save(rt, model, optimizer, scaler, prog, step, meta)
+                last_path = save(rt, task.model, task.optimizer, scaler, prog, step, task.meta)
     finally:
         stop.uninstall()
         rt.logger.close()
-    if last_path is None:
-        last_path = find_latest(rt.out_dir)
-    return prog, last_path
+        release_lock(rt.lock)
+    return prog, last_path or find_latest(rt.out_dir)
+
+
+def wrap_for_training(rt: Runtime, model: nn.Module) -> nn.Module:
+    """The module the loop calls: torch.compile'd with --run.compile, DDP-wrapped in a torchrun job."""
+    if rt.run.compile:
+        model = torch.compile(model)
+    if rt.dist.distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
 
 
 def model_meta(kind: str, model_kwargs: dict, cfg, **extra) -> dict:

@@ -29,8 +29,8 @@ def _start_weights(monkeypatch, argv) -> dict[str, torch.Tensor]:
     """The model's weights as `fit` receives them (fit itself is skipped)."""
     seen = {}
 
-    def fake_fit(rt, model, *args, **kw):
-        seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    def fake_fit(rt, task, *args, **kw):
+        seen.update({k: v.detach().clone() for k, v in task.model.state_dict().items()})
         return pretrain.Progress(), None
 
     monkeypatch.setattr(pretrain, "fit", fake_fit)
