@@ -373,17 +373,9 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
-class EmbedConfig:
-    """Write encoder features of a dataset to disk (your own heads, retrieval, clustering): features, labels, files.
+class EmbedParams:
+    """Which features, of which split, in which file format."""
 
-    fastmae embed --init runs/pretrain --pool avg --run.output_dir runs/embed   (train.safetensors, eval.safetensors)
-    """
-
-    init: str = "runs/pretrain"
-    """MAE/ViT checkpoint file or run folder, a released name (mae_pretrain_vit_base), or 'random'."""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
-    """The encoder (--model.img_size: inputs at another size, positions resampled; --model.global_pool unused)."""
     pool: str = "token"
     """avg: mean of the patch tokens after the final norm (N, D); token: the cls token (N, D); dense: the
     patch-token maps (N, D, h, w)."""
@@ -396,6 +388,21 @@ class EmbedConfig:
     """Replace existing outputs (otherwise an existing file stops the command before any work)."""
     batch_size: int = 256
     """Images per batch."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Write encoder features of a dataset to disk (your own heads, retrieval, clustering): features, labels, files.
+
+    fastmae embed --init runs/pretrain --embed.pool avg --run.output_dir runs/embed   (train.safetensors, eval.safetensors)
+    """
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, a released name (mae_pretrain_vit_base), or 'random'."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
+    """The encoder (--model.img_size: inputs at another size, positions resampled; --model.global_pool unused)."""
+    embed: EmbedParams = field(default_factory=lambda: EmbedParams())
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/embed"))
 
 
@@ -503,7 +510,7 @@ RULES: dict[type, dict[str, Rule]] = {
                   "round_seconds": _above(0), "data_batches": _POSITIVE_INT, "quiet_wait": _NON_NEGATIVE,
                   "tasks": ((lambda v: len(v) > 0), "one or more of pretrain finetune data")},
     BenchRunConfig: {"num_threads": _NON_NEGATIVE},
-    EmbedConfig: {"pool": ((lambda v: v in ("avg", "token", "dense")), "one of avg, token, dense"),
+    EmbedParams: {"pool": ((lambda v: v in ("avg", "token", "dense")), "one of avg, token, dense"),
                   "split": ((lambda v: v in ("train", "eval", "both")), "one of train, eval, both"),
                   "format": ((lambda v: v in ("safetensors", "npy")), "one of safetensors, npy"),
                   "batch_size": _POSITIVE_INT},

@@ -36,13 +36,13 @@ def output_files(out_dir: Path, split: str, fmt: str) -> list[Path]:
 
 
 def check_outputs(cfg: EmbedConfig) -> None:
-    """Refuse to run over existing outputs without --overwrite (before any work), and --data.skip_corrupt,
+    """Refuse to run over existing outputs without --embed.overwrite (before any work), and --data.skip_corrupt,
     whose substitutes for unreadable files would break the one-row-per-file list."""
     out = Path(cfg.run.output_dir)
-    existing = [p for s in split_names(cfg.split) for p in output_files(out, s, cfg.format) + [out / f"{s}.txt"]
+    existing = [p for s in split_names(cfg.embed.split) for p in output_files(out, s, cfg.embed.format) + [out / f"{s}.txt"]
                 if p.exists()]
-    if existing and not cfg.overwrite:
-        raise ValueError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --run.output_dir")
+    if existing and not cfg.embed.overwrite:
+        raise ValueError(f"{existing[0]} exists; pass --embed.overwrite to replace it or choose another --run.output_dir")
     if cfg.data.skip_corrupt:
         raise ValueError("--data.skip_corrupt cannot be used with embed (a skipped file's row would hold another "
                          "image); fix or remove the unreadable files")
@@ -92,24 +92,24 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
         raise ValueError("fastmae embed runs in one process; start it without torchrun")
     t0 = time.perf_counter()
     data = cfg.data
-    if cfg.split == "train" and data.source != "fashion-mnist" and not data.eval_path:
+    if cfg.embed.split == "train" and data.source != "fashion-mnist" and not data.eval_path:
         data = dataclasses.replace(data, eval_path=data.path)  # probe_encoder indexes an eval split; unused here
-    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, data, rt, cfg.batch_size)
+    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, data, rt, cfg.embed.batch_size)
     written: list[Path] = []
     for split, loader in (("train", train), ("eval", val)):
-        if split not in split_names(cfg.split):
+        if split not in split_names(cfg.embed.split):
             continue
         with torch.no_grad():
-            feats, labels = features_of(encoder, loader, cfg.pool, rt)  # (N, D) or (N, D, h, w); (N,)
+            feats, labels = features_of(encoder, loader, cfg.embed.pool, rt)  # (N, D) or (N, D, h, w); (N,)
         files = row_names(loader)
-        meta = {"init": cfg.init, "pool": cfg.pool, "split": split, "source": cfg.data.source,
+        meta = {"init": cfg.init, "pool": cfg.embed.pool, "split": split, "source": cfg.data.source,
                 "path": cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path),
                 "rows": "files in " + f"{split}.txt" if files is not None else f"{cfg.data.source} {split} indices 0..N-1",
                 "shape": list(feats.shape), "classes": list(loader.classes)}
         if rt.dist.is_main:
-            written += write_split(rt.out_dir, split, cfg.format, feats,
+            written += write_split(rt.out_dir, split, cfg.embed.format, feats,
                                    labels if loader.num_classes > 0 else None, files, meta)
-            print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.pool}) -> {written[-1].parent}")
+            print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.embed.pool}) -> {written[-1].parent}")
     print0(rt.dist, f"done in {time.perf_counter() - t0:.0f}s: {', '.join(p.name for p in written)}")
     return written
 

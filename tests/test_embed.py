@@ -38,7 +38,7 @@ def _embed(data, run, out, *extra) -> int:
 def test_embed_fashion_mnist_safetensors_matches_encode(trained, tmp_path):
     data, run = trained
     out = tmp_path / "e"
-    assert _embed(data, run, out, "--pool", "avg") == 0
+    assert _embed(data, run, out, "--embed.pool", "avg") == 0
     tr, ev = load_file(out / "train.safetensors"), load_file(out / "eval.safetensors")
     assert tr["features"].shape == (48, 32) and ev["features"].shape == (24, 32)
     assert tr["labels"].shape == (48,) and tr["labels"].dtype == torch.int64
@@ -54,8 +54,8 @@ def test_embed_fashion_mnist_safetensors_matches_encode(trained, tmp_path):
     with torch.no_grad():
         assert torch.allclose(encode(mae, imgs, "avg"), tr["features"][:16], atol=1e-5)
     assert torch.equal(labels, tr["labels"][:16])
-    assert _embed(data, run, out, "--pool", "avg") == 2  # exists: refused without --overwrite
-    assert _embed(data, run, out, "--pool", "token", "--overwrite", "--split", "train") == 0
+    assert _embed(data, run, out, "--embed.pool", "avg") == 2  # exists: refused without --overwrite
+    assert _embed(data, run, out, "--embed.pool", "token", "--embed.overwrite", "--embed.split", "train") == 0
     assert not torch.equal(load_file(out / "train.safetensors")["features"], tr["features"])
 
 
@@ -68,7 +68,7 @@ def test_embed_folder_dense_npy_with_file_list(trained, tmp_path):
         Image.fromarray(rng.integers(0, 255, (30, 26), dtype=np.uint8)).save(imgs / f"im{i}.png")
     out = tmp_path / "d"
     assert main(["embed", "--init", str(run), "--data.source", "unlabelled", "--data.path", str(imgs),
-                 "--data.num_workers", "0", "--split", "train", "--pool", "dense", "--format", "npy",
+                 "--data.num_workers", "0", "--embed.split", "train", "--embed.pool", "dense", "--embed.format", "npy",
                  "--run.output_dir", str(out), "--run.no_progress", "--run.precision", "fp32"]) == 0
     feats = np.load(out / "train.features.npy")
     assert feats.shape == (5, 32, 7, 7)
@@ -79,9 +79,9 @@ def test_embed_folder_dense_npy_with_file_list(trained, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--pool", "max"], "--pool must be one of avg, token, dense, got max"),
+    (["--embed.pool", "max"], "--embed.pool must be one of avg, token, dense, got max"),
     (["--init", "no/such/run"], "no/such/run does not exist"),
-    (["--format", "csv"], "--format must be one of safetensors, npy, got csv"),
+    (["--embed.format", "csv"], "--embed.format must be one of safetensors, npy, got csv"),
 ])
 def test_bad_inputs_are_one_line(trained, tmp_path, capsys, argv, message):
     data, run = trained
