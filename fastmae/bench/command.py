@@ -92,7 +92,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise ValueError("--compare hf needs transformers: pip install transformers (or fastmae[hf])")
     impls = ["fastmae"] + ([COMPILED] if cfg.run.compile else []) + (["hf"] if cfg.compare == "hf" else [])
     timing = Timing(rounds=cfg.bench.rounds, max_rounds=2 * cfg.bench.rounds, round_seconds=cfg.bench.round_seconds,
-                    quiet_wait=cfg.bench.quiet_wait, optim_impl="fused" if device.type == "cuda" else "default")
+                    quiet_wait=cfg.bench.quiet_wait, optim_impl="fused")  # the AdamW fastmae trains with, for both
     info = machine_info(device)
     print(f"# {info.get('gpu') or info.get('cpu', 'unknown CPU')} | torch {torch.__version__} | "
           f"{torch.backends.cpu.get_cpu_capability()} | {precision} on {device} x{torch.get_num_threads()} threads",
