@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert}`: one subcommand per config dataclass.
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, segment}`: one subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
 """
@@ -18,6 +18,7 @@ from .config import (
     KnnConfig,
     LinprobeConfig,
     PretrainConfig,
+    SegmentConfig,
     VisualizeConfig,
 )
 from .dist import cleanup
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "knn": (KnnConfig, "fastmae.evaluate:run_knn"),
     "visualize": (VisualizeConfig, "fastmae.visualize:run_visualize"),
     "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
+    "segment": (SegmentConfig, "fastmae.segment:run_segment"),
 }
 
 
