@@ -6,7 +6,8 @@ segment` with the linear and fpn heads on a frozen encoder and fine-tuned (--fin
 checkpoint given by --init and from random init. Every row runs the real CLI (or the same trainer) in this
 process. Run on a quiet machine:
 
-    python benchmarks/bench_segment.py --init runs/pretrain --out runs/bench_segment [--rows pixels,linear,...]
+    python benchmarks/bench_segment.py --init runs/pretrain --out runs/bench_segment [--rows pixels,linear,fpn,finetune]
+        [--inits mae,random]
 
 Extra `fastmae segment` flags for every row go after `--`, e.g. `-- --seg.train_scenes 2000 --optim.epochs 3`.
 """
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--init", required=True, help="the MAE checkpoint or run folder to compare with random init")
     p.add_argument("--out", default="runs/bench_segment")
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--inits", default="mae,random", help="which encoders the head rows use: mae, random or both")
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ def main() -> None:
             head = ["--head", "fpn" if row == "fpn" else "linear"] + (["--finetune"] if row == "finetune" else [])
             runs = {f"{row}/{name}": (lambda init=init, name=name, head=head: cli(
                 ["segment", "--init", init, *head, "--run.output_dir", str(out / f"{row}_{name}"), *common]))
-                for name, init in (("mae", a.init), ("random", "random"))}
+                for name, init in (("mae", a.init), ("random", "random")) if name in a.inits.split(",")}
         for key, fn in runs.items():
             t0 = time.perf_counter()
             res = fn()

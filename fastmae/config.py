@@ -258,8 +258,8 @@ class SegParams:
     """Scene height and width in pixels (a multiple of the encoder's patch size)."""
     items: tuple[int, int] = (2, 4)
     """Fewest and most Fashion-MNIST items pasted into one scene."""
-    fpn_channels: int = 64
-    """--head fpn: channels of the feature pyramid and the head."""
+    fpn_channels: int = 32
+    """--head fpn: channels of the feature pyramid and the head (small for CPUs; ViTDet uses 256)."""
     figure_rows: int = 4
     """Evaluation images shown in segmentation.png."""
 

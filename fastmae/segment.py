@@ -290,6 +290,7 @@ def run_segment(cfg: SegmentConfig) -> dict:
         return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
     result = seg_metrics(confusion_matrix(model, val_loader, K, cfg.seg.ignore_index, rt), classes)
     result.update(init=cfg.init, head=cfg.head, finetune=cfg.finetune, epochs=cfg.optim.epochs, num_classes=K,
+                  classes=classes,
                   train=len(train.masks), eval=len(val.masks), image_size=list(size), lr=lr.peak,
                   seconds=time.perf_counter() - t0, last_checkpoint=str(last) if last else None)
     if d.is_main:

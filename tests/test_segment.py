@@ -209,7 +209,7 @@ def check_result(out, num_classes: int) -> dict:
     res = json.loads((out / "segment.json").read_text())
     assert {"miou", "pixel_acc", "per_class_iou"} <= set(res)
     assert 0 <= res["miou"] <= 100 and 0 <= res["pixel_acc"] <= 100
-    assert len(res["per_class_iou"]) == num_classes
+    assert len(res["per_class_iou"]) == num_classes == len(res["classes"])
     assert all(v is None or 0 <= v <= 100 for v in res["per_class_iou"].values())
     with Image.open(out / "segmentation.png") as fig:
         assert fig.format == "PNG" and fig.height > 3 * 32
