@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench}`: one subcommand per config dataclass.
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment}`: one subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
 """
@@ -21,6 +21,7 @@ from .config import (
     KnnConfig,
     LinprobeConfig,
     PretrainConfig,
+    SegmentConfig,
     VisualizeConfig,
 )
 from .dist import cleanup
@@ -36,6 +37,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
     "bench": (BenchConfig, "fastmae.bench.command:run_bench"),
     "embed": (EmbedConfig, "fastmae.embed:run_embed"),
+    "segment": (SegmentConfig, "fastmae.segment:run_segment"),
 }
 
 

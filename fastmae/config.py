@@ -252,6 +252,54 @@ class KnnConfig:
 
 
 @dataclass(frozen=True)
+class SegParams:
+    """Segmentation data and head: Fashion-MNIST scenes (--data.source fashion-mnist) or image + label folders."""
+
+    labels: str = ""
+    """--data.source folder: the label maps of --data.path (the label of images/a/b.jpg is LABELS/a/b.png;
+    'P' PNGs: palette index = class, 'L' PNGs: value = class)."""
+    eval_labels: str = ""
+    """--data.source folder: the label maps of --data.eval_path."""
+    num_classes: int = 0
+    """Classes, background included (0 = 1 + the largest training label; Fashion-MNIST scenes: 11)."""
+    ignore_index: int = 255
+    """Label value that is neither trained on nor scored."""
+    train_scenes: int = 10000
+    """Fashion-MNIST scenes built from the train split."""
+    eval_scenes: int = 2000
+    """Fashion-MNIST scenes built from the t10k split."""
+    scene_size: int = 84
+    """Scene height and width in pixels (a multiple of the encoder's patch size)."""
+    items: tuple[int, int] = (2, 4)
+    """Fewest and most Fashion-MNIST items pasted into one scene."""
+    fpn_channels: int = 32
+    """--head fpn: channels of the feature pyramid and the head (small for CPUs; ViTDet uses 256)."""
+    figure_rows: int = 4
+    """Evaluation images shown in segmentation.png."""
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Semantic segmentation on a frozen (or fine-tuned) encoder: mIoU and pixel accuracy on the evaluation split."""
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
+    head: Literal["linear", "fpn"] = "linear"
+    """linear: BatchNorm + 1x1 conv on the patch map; fpn: a simple feature pyramid (x4, x2, x1, x0.5 of the
+    patch grid) fused by an FPN head. Logits are upsampled bilinearly to the image size."""
+    finetune: bool = False
+    """Train the encoder too (layer-wise lr decay, --layer_decay); default: frozen encoder, only the head trains."""
+    layer_decay: float = 0.75
+    """With --finetune: block i gets lr x layer_decay^(depth + 1 - i); the head gets the full lr."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(global_pool="token", drop_path=0.0))
+    seg: SegParams = field(default_factory=SegParams)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=5, warmup_epochs=0.5, batch_size=64, blr=4e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/segment"))
+
+
+@dataclass(frozen=True)
 class ReadModelConfig:
     """What a checkpoint may not record: attention heads (not in the weights) and the pixel target."""
 
@@ -514,6 +562,12 @@ RULES: dict[type, dict[str, Rule]] = {
                   "split": ((lambda v: v in ("train", "eval", "both")), "one of train, eval, both"),
                   "format": ((lambda v: v in ("safetensors", "npy")), "one of safetensors, npy"),
                   "batch_size": _POSITIVE_INT},
+    SegParams: {"num_classes": _NON_NEGATIVE, "ignore_index": _within(0, 255), "train_scenes": _POSITIVE_INT,
+                "eval_scenes": _POSITIVE_INT, "scene_size": _at_least(28, " (the Fashion-MNIST item size)"),
+                "items": ((lambda v: len(v) == 2 and all(map(_finite, v)) and 1 <= v[0] <= v[1]),
+                          "(fewest, most) with 1 <= fewest <= most"),
+                "fpn_channels": _POSITIVE_INT, "figure_rows": _NON_NEGATIVE},
+    SegmentConfig: {"layer_decay": ((lambda v: _finite(v) and 0 < v <= 1), "in (0, 1]")},
 }
 
 

@@ -1,0 +1,197 @@
+"""Segmentation data: Fashion-MNIST scenes (built-in, offline) and folders of images + PNG label maps.
+
+Shapes: N samples, C channels, H, W image, S scenes, M source items, T = max items per scene.
+A split is held in memory as uint8 images (N, C0, H, W) and uint8 label maps (N, H, W); `SegLoader`
+yields normalised (B, C, H, W) float32 images and (B, H, W) int64 labels, flipped together in training.
+
+Fashion-MNIST scenes: 2-4 items pasted onto an empty canvas (84x84 by default) at random places; a pixel
+belongs to an item where the item's intensity > SCENE_THRESHOLD, later items on top; label 0 is background,
+1 + c the Fashion-MNIST class c. Train scenes use only train-split items, evaluation scenes only t10k items;
+the layout is a pure function of (seed, split).
+
+Folder layout (ADE20K/VOC style): `--data.path DIR/images` and `--seg.labels DIR/annotations`; the label
+map of `images/a/b.jpg` is `annotations/a/b.png` (same relative path and stem). A label map is an 8-bit
+index PNG ('P': the palette index is the class) or grayscale PNG ('L': the value is the class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decode import decode_image
+from .loader import Loader
+from .sampler import _AUGMENT, _mix
+from .sources import FASHION_MNIST_CLASSES, _check_dir, find_images, load_fashion_mnist
+
+SCENE_CLASSES = ("background", *FASHION_MNIST_CLASSES)
+SCENE_THRESHOLD = 32  # uint8 intensity above which a pixel of a pasted item belongs to it
+_SPLIT_STREAM = {"train": 0, "eval": 1}
+
+
+@dataclass
+class SegSplit:
+    """One split in memory: images (N, C0, H, W) uint8, label maps (N, H, W) uint8, a name per sample."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    names: list[str]
+    sources: torch.Tensor | None = None  # scenes: (S, T) indices of the pasted items in their split, -1 = none
+
+
+def make_scenes(
+    items: torch.Tensor, labels: torch.Tensor, num: int, size: int = 84, num_items: tuple[int, int] = (2, 4),
+    seed: int = 0, threshold: int = SCENE_THRESHOLD,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste random items (M, 1, h, w) uint8 with labels (M,) onto `num` canvases of size x size.
+
+    Returns images (S, 1, size, size) uint8, label maps (S, size, size) uint8 (0 background, 1 + label)
+    and the pasted items' indices (S, T) (-1 where a scene has fewer than T items). Vectorised over scenes.
+    """
+    lo, hi = num_items
+    h, w = items.shape[-2:]
+    if size < max(h, w):
+        raise ValueError(f"--seg.scene_size must be at least the item size {max(h, w)}, got {size}")
+    g = torch.Generator().manual_seed(seed)
+    count = torch.randint(lo, hi + 1, (num,), generator=g)  # (S,)
+    src = torch.randint(0, len(items), (num, hi), generator=g)  # (S, T)
+    top = torch.randint(0, size - h + 1, (num, hi), generator=g)  # (S, T)
+    left = torch.randint(0, size - w + 1, (num, hi), generator=g)  # (S, T)
+    canvas = torch.zeros(num, size, size, dtype=torch.uint8)  # (S, H, W)
+    mask = torch.zeros(num, size, size, dtype=torch.uint8)  # (S, H, W)
+    s_idx = torch.arange(num)[:, None, None]  # (S, 1, 1)
+    for j in range(hi):
+        item = items[src[:, j], 0]  # (S, h, w)
+        fg = (item > threshold) & (j < count)[:, None, None]  # (S, h, w)
+        rows = (top[:, j, None] + torch.arange(h))[:, :, None]  # (S, h, 1)
+        cols = (left[:, j, None] + torch.arange(w))[:, None, :]  # (S, 1, w)
+        cls = (labels[src[:, j]] + 1).to(torch.uint8)[:, None, None]  # (S, 1, 1)
+        canvas[s_idx, rows, cols] = torch.where(fg, item, canvas[s_idx, rows, cols])
+        mask[s_idx, rows, cols] = torch.where(fg, cls, mask[s_idx, rows, cols])
+    sources = torch.where(torch.arange(hi)[None, :] < count[:, None], src, -1)  # (S, T)
+    return canvas.unsqueeze(1), mask, sources  # (S, 1, H, W), (S, H, W), (S, T)
+
+
+def fashion_scenes(path: str, split: str, num: int, size: int, num_items: tuple[int, int], seed: int) -> SegSplit:
+    """Scenes of one split built from that split's Fashion-MNIST items (train: train files, eval: t10k)."""
+    items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
+    images, masks, sources = make_scenes(items, labels, num, size, num_items, _mix(seed, _SPLIT_STREAM[split], 7))
+    return SegSplit(images, masks, [f"{split} scene {i}" for i in range(num)], sources)
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A label PNG as (H, W) uint8 class indices: 'P' the palette index, 'L' the value ('1': 0/1)."""
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L", "1"):
+            raise ValueError(
+                f"label map {path} is a mode-{img.mode} image; save it as an index PNG ('P': palette index = class) "
+                f"or a grayscale PNG ('L': value = class)"
+            )
+        return np.array(img).astype(np.uint8)  # (H, W)
+
+
+def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple[str, str]) -> SegSplit:
+    """Every image under images_root with its label map under labels_root (same relative path, .png).
+
+    All images of a split must share one size (they are batched at their own size, not resized).
+    """
+    img_dir = _check_dir(images_root, flags[0])
+    if not labels_root:
+        raise ValueError(f"--data.source folder needs label maps: pass {flags[1]} DIR (the label PNG of "
+                         f"{img_dir}/x.jpg is DIR/x.png)")
+    lbl_dir = _check_dir(labels_root, flags[1])
+    files = find_images(img_dir)
+    if not files:
+        raise ValueError(f"no images found under {img_dir}; pass `{flags[0]} DIR` pointing at your images")
+    images, masks = [], []
+    for f in files:
+        lbl = lbl_dir / f.relative_to(img_dir).with_suffix(".png")
+        if not lbl.is_file():
+            raise FileNotFoundError(f"no label map for image {f}: expected {lbl} (same relative path and stem, "
+                                    f".png); add it, or remove the image")
+        x = decode_image(f, channels)  # (C, H, W) float in [0, 1]
+        y = read_label_map(lbl)  # (H, W)
+        if y.shape != tuple(x.shape[1:]):
+            raise ValueError(f"label map {lbl} is {y.shape[1]}x{y.shape[0]} (WxH) but its image {f} is "
+                             f"{x.shape[2]}x{x.shape[1]}; a label map must have its image's size")
+        if images and x.shape != images[0].shape:
+            raise ValueError(f"image {f} is {x.shape[2]}x{x.shape[1]} (WxH) but {files[0]} is {images[0].shape[2]}x"
+                             f"{images[0].shape[1]}; segment batches images at their own size: resize or crop all "
+                             f"images (and their label maps, nearest-neighbour) to one size")
+        images.append(x)
+        masks.append(torch.from_numpy(y))
+    imgs = torch.stack(images).mul_(255.0).round_().to(torch.uint8)  # (N, C, H, W)
+    return SegSplit(imgs, torch.stack(masks), [str(f) for f in files])
+
+
+def check_labels(split: SegSplit, num_classes: int, ignore_index: int) -> None:
+    """ValueError naming the first label map with a value outside 0..num_classes-1 other than ignore_index."""
+    for i in range(len(split.masks)):
+        bad = split.masks[i][(split.masks[i] >= num_classes) & (split.masks[i] != ignore_index)]
+        if bad.numel():
+            v = int(bad.max())
+            raise ValueError(
+                f"label map of {split.names[i]} has value {v} outside the {num_classes} classes 0..{num_classes - 1}; "
+                f"pass --seg.num_classes {v + 1} (or more), or give such pixels the value of --seg.ignore_index "
+                f"({ignore_index})"
+            )
+
+
+def infer_num_classes(split: SegSplit, ignore_index: int) -> int:
+    """1 + the largest label in the split other than ignore_index."""
+    valid = split.masks[split.masks != ignore_index]
+    return int(valid.max()) + 1 if valid.numel() else 1
+
+
+class SegLoader(Loader):
+    """Batches of (images (B, C, H, W) float32 normalised, labels (B, H, W) int64) from a SegSplit in memory.
+
+    Training flips image and label map together (probability 0.5, from (seed, epoch, position) as in
+    MemoryLoader, so a resumed epoch sees the same batches); evaluation does not augment.
+    """
+
+    def __init__(self, split: SegSplit, **kw):
+        """kw: the Loader's (batch_size, train, channels, mean, std, hflip, seed, rank, world_size, ...)."""
+        if split.images.shape[1] not in (1, kw["channels"]):
+            raise ValueError(f"cannot turn {split.images.shape[1]}-channel images into {kw['channels']} channels")
+        super().__init__(len(split.images), img_size=tuple(split.images.shape[-2:]), **kw)
+        self.split = split
+        self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        self._std = torch.tensor(self.std).view(1, -1, 1, 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices, positions = self._sampler.order(self.epoch)
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, _AUGMENT))
+        flips = (torch.rand(self._sampler.total, generator=g) < 0.5) & (self.train and self.hflip)  # (total,)
+        for sl in self._sampler.batch_slices(self.start_batch):
+            idx, flip = indices[sl], flips[positions[sl]]
+            x = self.split.images[idx].float().div_(255.0)  # (B, C0, H, W)
+            y = self.split.masks[idx].long()  # (B, H, W)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = torch.where(flip[:, None, None], y.flip(-1), y)
+            yield (x.expand(-1, self.channels, -1, -1) - self._mean).div_(self._std), y  # (B, C, H, W), (B, H, W)
+
+
+def palette(ignore_index: int = 255) -> torch.Tensor:
+    """A fixed (256, 3) uint8 colour table: black background, 10 distinct colours, then a golden-angle hue
+    cycle for further classes; ignore_index white."""
+    base = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+    colours = list(base)
+    for i in range(len(base), 256):
+        h = (i * 0.618034) % 1.0
+        r, gg, b = Image.new("HSV", (1, 1), (int(h * 255), 200, 220)).convert("RGB").getpixel((0, 0))
+        colours.append((r, gg, b))
+    table = torch.tensor(colours, dtype=torch.uint8)  # (256, 3)
+    if 0 <= ignore_index < 256:
+        table[ignore_index] = 255
+    return table
+
+
+__all__ = ["SCENE_CLASSES", "SegLoader", "SegSplit", "check_labels", "fashion_scenes", "folder_split",
+           "infer_num_classes", "make_scenes", "palette", "read_label_map"]
