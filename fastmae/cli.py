@@ -41,6 +41,13 @@ COMMANDS: dict[str, tuple[type, str]] = {
 }
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation (CPU or GPU): a size a user asked for, not a bug."""
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        "can't allocate memory" in text or "CUDA out of memory" in text or "DefaultCPUAllocator" in text)
+
+
 def recipe_named(args: Sequence[str]) -> str:
     """The value of --recipe among a command's arguments ('' when absent)."""
     for i, a in enumerate(args):
@@ -90,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FASTMAE_DEBUG"):
             raise
         print(f"fastmae: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if os.environ.get("FASTMAE_DEBUG") or not is_out_of_memory(e):
+            raise
+        print(f"fastmae: error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller model (--model.*), "
+              f"a smaller --optim.batch_size, or a machine with more memory", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("fastmae: interrupted", file=sys.stderr)

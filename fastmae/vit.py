@@ -305,7 +305,7 @@ class VisionTransformer(nn.Module):
         L = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + L, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # grows with depth (meta-safe)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
         # timm's layout: avg pooling normalises after pooling (fc_norm), token pooling before it (norm)
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "token" else nn.Identity()

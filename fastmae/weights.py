@@ -9,6 +9,7 @@ fine-tuning and probing take the encoder part without building anything in betwe
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,4 +115,9 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
     known = mean is not None and std is not None and len(mean) == channels and len(std) == channels
     if not known:
         mean, std = default_stats(channels)
+        if extra.get("source_format", "").startswith("fastmae"):  # official/HF/timm files never record it
+            warnings.warn(f"{src} has no metadata beside it (its .json): guessed data mean {mean}, std {std}"
+                          + (", norm_pix_loss False" if kind == "mae" and "norm_pix_loss" not in kw else "")
+                          + "; pass --data.mean/--data.std (and --model.norm_pix_loss) if they differ",
+                          RuntimeWarning, stacklevel=2)
     return Weights(kind, sd, kw, tuple(float(m) for m in mean), tuple(float(s) for s in std), known, str(src), extra)

@@ -45,6 +45,7 @@ from .detect import (
     Kind,
     StateDict,
     Target,
+    check_kwargs_against_weights,
     check_state_dict,
     default_num_heads,
     detect_format,
@@ -92,7 +93,9 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
     sd = timm_to_fastmae(sd) if fmt == "timm-vit" else dict(sd)
     kind = kind_of(fmt)
     kw = dict(config.get("model_kwargs") or {}) if config.get("kind") in (None, kind) else {}
-    if not kw:
+    if kw:
+        check_kwargs_against_weights(sd, kind, kw, "the metadata beside the weights (model_kwargs)")
+    else:
         kw = (infer_mae_kwargs(sd, img_size, num_heads, decoder_num_heads) if kind == "mae"
               else infer_vit_kwargs(sd, img_size, num_heads))
     if num_heads:

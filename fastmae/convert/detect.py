@@ -120,7 +120,9 @@ def _num_blocks(keys, prefix: str) -> int:
 
 def _grid(n_pos: int, patch: int, img_size, what: str) -> tuple[int, int]:
     """Image (H, W) for a position embedding with 1 + n_pos rows: img_size if given, else a square grid."""
-    if img_size and tuple(img_size) != (0, 0):
+    if isinstance(img_size, int) and img_size > 0:
+        img_size = (img_size, img_size)
+    if img_size and not isinstance(img_size, int) and tuple(img_size) != (0, 0):
         H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if (H // patch) * (W // patch) != n_pos:
             raise ValueError(
@@ -146,6 +148,10 @@ def infer_vit_kwargs(sd: Mapping[str, torch.Tensor], img_size=None, num_heads: i
     for key in ("patch_embed.proj.weight", "pos_embed"):
         if key not in sd:
             raise ValueError(f"cannot infer the model: key {key!r} is missing; first keys: {_names(list(sd))}")
+    for key, rank in (("patch_embed.proj.weight", 4), ("pos_embed", 3), ("blocks.0.mlp.fc1.weight", 2)):
+        if key in sd and sd[key].ndim != rank:
+            raise ValueError(f"{key!r} has {sd[key].ndim} dimensions {tuple(sd[key].shape)}, expected {rank}: "
+                             f"not a ViT checkpoint, or a damaged one")
     D, C, p, q = sd["patch_embed.proj.weight"].shape  # (D, C, p, p)
     if p != q:
         raise ValueError(f"non-square patches {p}x{q} are not supported")
@@ -206,21 +212,26 @@ def expected_shapes(kind: Kind, model_kwargs: Mapping[str, Any]) -> dict[str, tu
     from ..mae import MaskedAutoencoderViT
     from ..vit import VisionTransformer
 
-    if kind == "mae":
-        with torch.device("meta"):
-            model = MaskedAutoencoderViT(**model_kwargs)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # VisionTransformer reads its drop-path schedule from a tensor, which the meta device cannot:
-    # build one block on the CPU and repeat its shapes.
-    depth = int(model_kwargs.get("depth", 12))
-    one = VisionTransformer(**{**model_kwargs, "depth": 1}).state_dict()
-    out: dict[str, tuple[int, ...]] = {}
-    for k, v in one.items():
-        if k.startswith("blocks.0."):
-            out.update({f"blocks.{i}.{k[len('blocks.0.'):]}": tuple(v.shape) for i in range(depth)})
-        else:
-            out[k] = tuple(v.shape)
-    return out
+    with torch.device("meta"):  # shapes only: a crafted size allocates nothing
+        model = MaskedAutoencoderViT(**model_kwargs) if kind == "mae" else VisionTransformer(**model_kwargs)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_kwargs_against_weights(sd: Mapping[str, torch.Tensor], kind: Kind, kw: Mapping[str, Any],
+                                 where: str = "the metadata") -> None:
+    """Sizes recorded beside the weights (a .json, a config) must be the weights' own: compared before any model is
+    built, so a crafted `embed_dim: 120000` or `depth: 3000000` is refused instead of allocated."""
+    try:
+        img, heads = kw.get("img_size"), 1  # heads are not in the weights, so not compared: any count does here
+        own = (infer_mae_kwargs(sd, img, heads, heads) if kind == "mae" else infer_vit_kwargs(sd, img, heads))
+    except ValueError as e:
+        raise ValueError(f"{where} does not fit the weights: {e}") from None
+    keys = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio") + (
+        ("decoder_embed_dim", "decoder_depth") if kind == "mae" else ())
+    bad = [f"{k}={kw[k]!r} (the weights: {own[k]!r})" for k in keys if k in kw and kw[k] != own[k]]
+    if bad:
+        raise ValueError(f"{where} does not belong to these weights: " + ", ".join(bad)
+                         + "; fix or delete the metadata (sizes are then read from the weights)")
 
 
 def check_state_dict(

@@ -21,8 +21,24 @@ def _load_weights(path: Path) -> StateDict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(str(path), device="cpu"))
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors' SafetensorError (a corrupt or oversized header), OSError
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
+                             f"truncated or not a safetensors file at all: download or convert it again") from None
+        return unwrap_state_dict(sd)
     return unwrap_state_dict(torch_load(path))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file, or a ValueError naming the file (not JSON, or not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it should be the {what}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; it should be the {what}")
+    return data
 
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -33,12 +49,15 @@ def _load_hf_dir(path: Path) -> tuple[StateDict, dict]:
     """A Hugging Face model folder: its weights (single or sharded) and parsed config.json."""
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is a folder without config.json; expected a Hugging Face model folder")
-    config = json.loads((path / "config.json").read_text())
+    config = _read_json(path / "config.json", "Hugging Face model config")
     for name in HF_WEIGHT_FILES:
         f = path / name
         if f.exists():
             if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+                index = _read_json(f, "shard index")
+                if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+                    raise ValueError(f"{f} has no 'weight_map' (tensor name -> shard file); the index is damaged")
+                shards = sorted(set(map(str, index["weight_map"].values())))
                 sd: StateDict = {}
                 for shard in shards:  # names from a downloaded file: never outside the folder
                     sd.update(_load_weights(safe_join(path, shard, what=f"shard named in {f}")))

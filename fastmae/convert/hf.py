@@ -132,6 +132,34 @@ def _cfg_dict(hf_config) -> dict:
     return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
 
 
+MAX_POSITIONS = 65536  # a 256 x 256 patch grid: larger rebuilt position tables are refused, not allocated
+_HF_SIZES = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "num_channels", "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
+             "decoder_intermediate_size")
+
+
+def check_config_sizes(cfg: Mapping[str, Any], sd: Mapping[str, torch.Tensor], enc: str, dec: str = "") -> None:
+    """A config.json's sizes are positive integers (image_size up to 65536) and its block counts are the weights'
+    own, checked before anything is built from them: a crafted `num_hidden_layers: 3000000` is refused."""
+    for key in _HF_SIZES:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, list, tuple))
+                              or any(not isinstance(x, int) or x < 0 for x in (v if isinstance(v, (list, tuple))
+                                                                               else [v]))):
+            raise ValueError(f"config.json: {key} must be a positive integer, got {v!r}")
+    img = cfg.get("image_size")
+    if img is not None:
+        sides = img if isinstance(img, (list, tuple)) else [img]
+        if isinstance(img, bool) or not all(isinstance(x, int) and 1 <= x <= 65536 for x in sides):
+            raise ValueError(f"config.json: image_size must be an integer (or two) in [1, 65536], got {img!r}")
+    for key, prefix in (("num_hidden_layers", enc), ("decoder_num_hidden_layers", dec)):
+        if prefix and cfg.get(key) is not None:
+            found = _num_blocks(sd, prefix)
+            if found and cfg[key] != found:
+                raise ValueError(f"config.json says {key}={cfg[key]} but the weights have {found} blocks; "
+                                 f"the config does not belong to these weights")
+
+
 def _check_hf_config(cfg: Mapping[str, Any]) -> None:
     """Refuse settings fastmae's blocks cannot reproduce; warn on LayerNorm eps (fastmae uses 1e-6)."""
     if cfg.get("hidden_act", "gelu") != "gelu":
@@ -175,6 +203,7 @@ def hf_mae_to_fastmae(hf_sd: Mapping[str, torch.Tensor], hf_config=None, num_hea
     style = hf_style(sd)
     cfg = _cfg_dict(hf_config)
     enc = HF_ENCODER_BLOCKS[1 if style == "legacy" else 2].replace("{v}", "vit.")
+    check_config_sizes(cfg, sd, enc, HF_DECODER_BLOCKS[1])
     depth = cfg.get("num_hidden_layers") or _num_blocks(sd, enc)
     dec_depth = cfg.get("decoder_num_hidden_layers", _num_blocks(sd, HF_DECODER_BLOCKS[1]))
     pairs = hf_key_map("mae", depth, dec_depth, style)
@@ -211,6 +240,9 @@ def _fill_fixed_pos_embeds(sd: StateDict, pairs, cfg: Mapping[str, Any]) -> None
             raise ValueError(f"{hf_name!r} is missing and there is no config.json to rebuild it from")
         H, W = (img, img) if isinstance(img, int) else img
         grid = (H // proj.shape[-1], W // proj.shape[-1])
+        if grid[0] * grid[1] > MAX_POSITIONS:
+            raise ValueError(f"config image_size {img} with patch {proj.shape[-1]} asks for {grid[0] * grid[1]} "
+                             f"positions (at most {MAX_POSITIONS}); the config does not belong to these weights")
         sd[hf_name] = sincos_2d(*grid, sd[width_name].shape[-1], cls_token=True).unsqueeze(0)  # (1, 1+L, D)
 
 
@@ -258,6 +290,7 @@ def hf_vit_to_fastmae(hf_sd: Mapping[str, torch.Tensor], hf_config=None, num_hea
     style, v = hf_style(sd), ("vit." if fmt == "hf-vit-classification" else "")
     cfg = _cfg_dict(hf_config)
     enc = HF_ENCODER_BLOCKS[1 if style == "legacy" else 2].replace("{v}", v)
+    check_config_sizes(cfg, sd, enc)
     depth = cfg.get("num_hidden_layers") or _num_blocks(sd, enc)
     head = "classifier.weight" in sd
     pairs = hf_key_map("vit", depth, style=style, prefix=v, head=head)
