@@ -115,7 +115,8 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
     known = mean is not None and std is not None and len(mean) == channels and len(std) == channels
     if not known:
         mean, std = default_stats(channels)
-        if extra.get("source_format", "").startswith("fastmae"):  # official/HF/timm files never record it
+        if src.suffix in (".pt", ".safetensors") and extra.get("source_format", "").startswith("fastmae"):
+            # a fastmae checkpoint or export copied without its .json (official .pth files never record it)
             warnings.warn(f"{src} has no metadata beside it (its .json): guessed data mean {mean}, std {std}"
                           + (", norm_pix_loss False" if kind == "mae" and "norm_pix_loss" not in kw else "")
                           + "; pass --data.mean/--data.std (and --model.norm_pix_loss) if they differ",
