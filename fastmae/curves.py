@@ -33,6 +33,7 @@ def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str =
     if not entries:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -41,6 +42,7 @@ def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str =
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(epochs, [e["loss"] for e in entries], "o-", color="tab:blue", label="training loss")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("loss (MSE on masked patches)", color="tab:blue")
     knn = [(e["epoch"], e["knn_top1"]) for e in entries if "knn_top1" in e]
     if knn:
