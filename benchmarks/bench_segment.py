@@ -27,6 +27,7 @@ import tyro
 from fastmae.cli import main as fastmae_main
 from fastmae.config import SegmentConfig
 from fastmae.data.segmentation import SegLoader
+from fastmae.engine import Task
 from fastmae.optim import build_adamw, param_groups_weight_decay, schedule
 from fastmae.segment import _stats, confusion_matrix, seg_metrics, seg_splits
 from fastmae.trainer import fit, model_meta, setup
@@ -61,8 +62,9 @@ def pixel_baseline(args: list[str], out: Path) -> dict:
     model = PixelNet(channels, K).to(rt.device)
     lr = schedule(cfg.optim, len(loader))
     opt = build_adamw(param_groups_weight_decay(model, cfg.optim.weight_decay), lr.peak, cfg.optim.betas, rt.device)
-    fit(rt, model, opt, loader, epochs=cfg.optim.epochs, lr_fn=lr, meta=model_meta("pixelnet", {}, cfg),
-        loss_fn=lambda m, x, y: F.cross_entropy(m(x).float(), y, ignore_index=cfg.seg.ignore_index))
+    task = Task(model, opt, loss=lambda m, x, y: F.cross_entropy(m(x).float(), y, ignore_index=cfg.seg.ignore_index),
+                lr=lr, meta=model_meta("pixelnet", {}, cfg))
+    fit(rt, task, loader, cfg.optim.epochs)
     return seg_metrics(confusion_matrix(model, val_loader, K, cfg.seg.ignore_index, rt), classes)
 
 
