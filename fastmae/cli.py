@@ -76,7 +76,7 @@ def parse(argv: Sequence[str] | None) -> object:
     return tyro.extras.subcommand_cli_from_dict(
         {name: cls for name, (cls, _) in COMMANDS.items()},
         prog="fastmae",
-        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, visualize, convert, bench.",
+        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, visualize, convert, bench.",
         args=args,
         use_underscores=True,
     )
