@@ -1,4 +1,5 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment}`: one subcommand per config dataclass.
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment}`: one subcommand per
+config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
 """
@@ -76,7 +77,8 @@ def parse(argv: Sequence[str] | None) -> object:
     return tyro.extras.subcommand_cli_from_dict(
         {name: cls for name, (cls, _) in COMMANDS.items()},
         prog="fastmae",
-        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, visualize, convert, bench.",
+        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, visualize, "
+                    "convert, bench.",
         args=args,
         use_underscores=True,
     )

@@ -128,7 +128,7 @@ PRETRAIN_CROP_SCALE = (0.5, 1.0)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Pretrain a masked autoencoder (MAE). With no flags: a small ViT on Fashion-MNIST (its time per CPU class: README)."""
+    """Pretrain a masked autoencoder (MAE). With no flags: a small ViT on Fashion-MNIST (time per CPU class: README)."""
 
     recipe: Literal["", "fmnist-small", "paper"] = ""
     """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
