@@ -14,7 +14,6 @@ from ..checkpoint import atomic_write, safe_join, torch_load
 from .detect import StateDict, unwrap_state_dict
 from .hf import _cfg_dict
 
-# Files.
 
 def _load_weights(path: Path) -> StateDict:
     """One weights file: .safetensors via safetensors, anything else via torch.load(weights_only=True)."""

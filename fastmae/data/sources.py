@@ -82,7 +82,7 @@ def load_fashion_mnist(path: str | Path, split: Literal["train", "eval"]) -> tup
 
 
 # ---------------------------------------------------------------------------------------------
-# Image files: finding them and decoding them
+# Image files: finding them (decoding is in decode.py)
 # ---------------------------------------------------------------------------------------------
 
 
