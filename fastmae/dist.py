@@ -103,7 +103,6 @@ def cleanup(wait_for_all: bool = False) -> None:
             tdist.barrier()
         gc.collect()
         tdist.destroy_process_group()
-        gc.collect()
 
 
 def print0(info: DistInfo, *args, **kwargs) -> None:

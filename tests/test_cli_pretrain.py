@@ -39,6 +39,14 @@ def make_fmnist(root, n_train: int = 96, n_test: int = 40):
     return d
 
 
+def pretrain_tiny(root, n_train: int = 96, n_test: int = 40):
+    """(data folder, run folder) of a finished 1-epoch tiny pretraining run under root (no figure, no kNN)."""
+    data = make_fmnist(root, n_train, n_test)
+    run = root / "run"
+    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
+    return data, run
+
+
 @pytest.fixture()
 def fmnist(tmp_path):
     return make_fmnist(tmp_path)

@@ -17,17 +17,13 @@ from fastmae.cli import main
 from fastmae.config import DataConfig
 from fastmae.data import build_loader
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from .test_cli_pretrain import pretrain_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(data folder, a 1-epoch tiny pretraining run)."""
-    root = tmp_path_factory.mktemp("embed")
-    data = make_fmnist(root, n_train=48, n_test=24)
-    run = root / "run"
-    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
-    return data, run
+    return pretrain_tiny(tmp_path_factory.mktemp("embed"), n_train=48, n_test=24)
 
 
 def _embed(data, run, out, *extra) -> int:

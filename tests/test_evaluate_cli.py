@@ -8,23 +8,19 @@ import pytest
 import torch
 
 from fastmae.backbone import build_classifier, encoder_init
-from fastmae.weights import Weights
 from fastmae.cli import main
 from fastmae.config import ViTModelConfig
 from fastmae.mae import MaskedAutoencoderViT
 from fastmae.vit import VisionTransformer
+from fastmae.weights import Weights
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from .test_cli_pretrain import pretrain_tiny
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny 1-epoch MAE run on a tiny IDX dataset: (data folder, run folder)."""
-    root = tmp_path_factory.mktemp("eval")
-    data = make_fmnist(root)
-    run = root / "pre"
-    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
-    return data, run
+    return pretrain_tiny(tmp_path_factory.mktemp("eval"))
 
 
 TINY_VIT = ["--model.name", "vit_tiny_patch4", "--model.img_size", "28", "28", "--model.embed_dim", "32", "--model.depth", "2",

@@ -12,17 +12,13 @@ from fastmae.checkpoint import load_checkpoint
 from fastmae.cli import main
 from fastmae.pos_embed import resample_pos_embed
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from .test_cli_pretrain import pretrain_tiny, tiny_args
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(data folder, a finished 1-epoch tiny pretraining run) shared by the tests here."""
-    root = tmp_path_factory.mktemp("init")
-    data = make_fmnist(root, n_train=64, n_test=32)
-    run = root / "run"
-    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
-    return data, run
+    return pretrain_tiny(tmp_path_factory.mktemp("init"), n_train=64, n_test=32)
 
 
 def _start_weights(monkeypatch, argv) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from fastmae.pyramid import SimpleFeaturePyramid
 from fastmae.segment import seg_metrics
 from fastmae.weights import read_weights
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from .test_cli_pretrain import make_fmnist, pretrain_tiny
 
 TINY = ["--model.name", "vit_tiny_patch4", "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2"]
 FAST = ["--optim.epochs", "1", "--optim.batch_size", "16", "--run.no_progress", "--run.precision", "fp32"]
@@ -238,11 +238,7 @@ def test_segment_folder_end_to_end(tmp_path):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny 1-epoch MAE run (28x28 images, patch 4): (data folder, run folder)."""
-    root = tmp_path_factory.mktemp("segpre")
-    data = make_fmnist(root)
-    run = root / "pre"
-    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
-    return data, run
+    return pretrain_tiny(tmp_path_factory.mktemp("segpre"))
 
 
 @pytest.mark.parametrize("finetune", [False, True])
