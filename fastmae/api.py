@@ -22,7 +22,21 @@ from .mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .vit import VARIANTS, VisionTransformer, variant_kwargs
 from .weights import Weights, default_stats, read_weights
 
-Pool = Literal["avg", "token", "dense"]
+Pool = Literal["avg", "token", "tokens", "dense"]
+
+# Frozen-feature choice for kNN and linear probes (`--model.global_pool auto`): every patch token when the patch
+# grid is this small, the mean of the patch tokens above. On 28x28 Fashion-MNIST (7x7 grid) the flattened tokens
+# keep the layout mean pooling throws away (BENCHMARKS.md, "Which features"); on 224 px images (196 tokens) they
+# would be 196 x D numbers per image, too many to keep for a whole dataset.
+TOKENS_MAX_PATCHES = 64
+
+
+def feature_pool(pool: str, model: nn.Module) -> str:
+    """'auto' -> 'tokens' for a patch grid of at most TOKENS_MAX_PATCHES patches, else 'avg'; others unchanged."""
+    if pool != "auto":
+        return pool
+    h, w = model.patch_embed.grid_size
+    return "tokens" if h * w <= TOKENS_MAX_PATCHES else "avg"
 
 
 # The decoder tensors every MAE has besides its blocks (12 tensors per decoder block, 'decoder_blocks.{i}.*').
@@ -141,7 +155,8 @@ def require_decoder(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: s
 
 def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg",
            layers: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """Images -> features: 'avg' mean of patch tokens (B, D), 'token' the cls token (B, D), 'dense' (B, D, h, w).
+    """Images -> features: 'avg' mean of patch tokens (B, D), 'token' the cls token (B, D), 'tokens' every patch
+    token flattened in patch order (B, L*D), 'dense' (B, D, h, w).
 
     Tokens come from the model's `forward_features` (after its final `norm`). For a classification ViT, the
     pool matching its global_pool returns exactly what its head sees (`forward_head(pre_logits=True)`).
@@ -152,8 +167,8 @@ def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg",
     per index, each after the final `norm` as in timm's `forward_intermediates` (an avg-pool ViT's `norm` is
     Identity: its maps are un-normalised). layers=None returns the last block's map alone.
     """
-    if pool not in ("avg", "token", "dense"):
-        raise ValueError(f"pool must be 'avg', 'token' or 'dense', got {pool!r}")
+    if pool not in ("avg", "token", "tokens", "dense"):
+        raise ValueError(f"pool must be 'avg', 'token', 'tokens' or 'dense', got {pool!r}")
     if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
         raise TypeError(f"expected a MaskedAutoencoderViT or VisionTransformer, got {type(model).__name__}")
     if pool == "dense":
@@ -166,4 +181,6 @@ def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg",
         return model.forward_head(tokens, pre_logits=True)  # (B, D)
     if pool == "avg":
         return tokens[:, 1:].mean(dim=1)  # (B, D)
+    if pool == "tokens":
+        return tokens[:, 1:].flatten(1)  # (B, L*D)
     return tokens[:, 0]  # (B, D)

@@ -170,6 +170,17 @@ class ViTModelConfig:
 
 
 @dataclass(frozen=True)
+class ProbeModelConfig(ViTModelConfig):
+    """The frozen encoder judged by kNN / a linear probe, and which of its features are used."""
+
+    global_pool: Literal["auto", "avg", "token", "tokens"] = "auto"
+    """Features (after the encoder's final norm): avg: mean of the patch tokens; token: the cls token; tokens: every
+    patch token, flattened (L x D numbers); auto: tokens for a patch grid of at most 64 patches (small images, where
+    layout matters: chosen on held-out Fashion-MNIST training images, BENCHMARKS.md), else avg."""
+    drop_path: float = 0.0
+
+
+@dataclass(frozen=True)
 class AugConfig:
     """Fine-tuning regularisation (the paper's ViT-B values are 0.8 / 1.0 / 0.1 / rand-m9 / 0.25)."""
 
@@ -218,7 +229,7 @@ class LinprobeConfig:
     init: str = "runs/pretrain"
     """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
-    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(global_pool="token", drop_path=0.0))
+    model: ProbeModelConfig = field(default_factory=ProbeModelConfig)
     augment: bool = False
     """True: the paper's RandomResizedCrop + flip every epoch (the encoder runs each epoch); False: features
     of the unaugmented images are extracted once and cached (much faster on a CPU)."""
@@ -246,7 +257,7 @@ class KnnConfig:
     init: str = "runs/pretrain"
     """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
     data: DataConfig = field(default_factory=DataConfig)
-    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
+    model: ProbeModelConfig = field(default_factory=ProbeModelConfig)
     knn: KnnParams = field(default_factory=KnnParams)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/knn"))
 

@@ -1,8 +1,8 @@
 """`fastmae knn` and `fastmae linprobe`: judge a frozen encoder by its features, as in the paper.
 
-Shapes: N samples, D feature width, K classes. Both build the encoder with its final `norm` kept and
-pool features by --model.global_pool ('token': cls token; 'avg': mean of patch tokens), the same
-features the pretraining kNN monitor uses.
+Shapes: N samples, D feature width, K classes. Both build the encoder with its final `norm` kept and take
+the features --model.global_pool names ('token': cls token; 'avg': mean of patch tokens; 'tokens': every patch
+token, flattened; 'auto': tokens on small patch grids, else avg), as the pretraining kNN monitor does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .api import encode
+from .api import encode, feature_pool
 from .backbone import build_classifier, data_for, encoder_init
 from .checkpoint import atomic_write_text, save_checkpoint
 from .config import DataConfig, KnnConfig, LinprobeConfig, OptimConfig, ViTModelConfig, validate
@@ -63,7 +63,7 @@ def run_knn(cfg: KnnConfig) -> dict:
     encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.knn.batch_size)
     if train.num_classes == 0:
         raise ValueError("kNN needs labels: use a labelled source (fashion-mnist, folder, or a list with labels)")
-    pool = cfg.model.global_pool
+    pool = feature_pool(cfg.model.global_pool, encoder)
     tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
     result = knn_accuracy(*tr, *va, num_classes=train.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
     result.update(init=cfg.init, pool=pool, k=cfg.knn.k, temperature=cfg.knn.temperature, train=len(tr[1]), eval=len(va[1]),
@@ -146,8 +146,9 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
     encoder, train, val, data_cfg = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.optim.batch_size)
     if train.num_classes == 0:
         raise ValueError("a linear probe needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
-    pool, K = cfg.model.global_pool, train.num_classes
-    head = LinearHead(encoder.embed_dim, K).to(rt.device)
+    pool, K = feature_pool(cfg.model.global_pool, encoder), train.num_classes
+    dim = encoder.embed_dim * (encoder.patch_embed.num_patches if pool == "tokens" else 1)
+    head = LinearHead(dim, K).to(rt.device)
     if not cfg.augment:
         tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
         feat_s = time.perf_counter() - t0
@@ -157,7 +158,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         if rt.dist.is_main:
             save_checkpoint(rt.out_dir, {"model": head.state_dict(), "epoch": cfg.optim.epochs, "batch": 0,
                                          "step": cfg.optim.epochs, "rng": {}},
-                            {"kind": "linear_head", "dim": encoder.embed_dim, "num_classes": K, "pool": pool,
+                            {"kind": "linear_head", "dim": dim, "num_classes": K, "pool": pool,
                              "init": cfg.init})
     else:
         train_aug = build_loader(data_cfg, "train", tuple(encoder.patch_embed.img_size), cfg.optim.batch_size,
@@ -167,7 +168,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         lr = sched.peak
         opt = LARS(head.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay)
         task = Task(model, opt, loss=lambda m, x, y: F.cross_entropy(m(x), y), lr=sched,
-                    meta=model_meta("linprobe", {"dim": encoder.embed_dim, "num_classes": K}, cfg))
+                    meta=model_meta("linprobe", {"dim": dim, "num_classes": K}, cfg))
         fit(rt, task, train_aug, cfg.optim.epochs)
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .api import encode
+from .api import encode, feature_pool
 from .checkpoint import find_latest
 from .config import MAEModelConfig, PretrainConfig, validate
 from .curves import plot_learning_curve
@@ -122,7 +122,7 @@ def mae_loss(model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, mask_ra
 
 class Monitor:
     """What pretraining shows at the end of an epoch: the reconstruction figure (rank 0) and the kNN top-1 of the
-    mean-pooled encoder features (all ranks take part), per --figure_every and --knn_every and at the last epoch."""
+    encoder's features (`fastmae knn`'s default ones; all ranks take part), per --figure_every and --knn_every and at the last epoch."""
 
     def __init__(self, cfg: PretrainConfig, rt: Runtime, train):
         self.cfg, self.rt, self.train = cfg, rt, train
@@ -160,16 +160,18 @@ class Monitor:
         save_figure(panels, self.rt.out_dir / "figures" / f"reconstruction-{epoch + 1:04d}.png")
 
     def knn(self, model: MaskedAutoencoderViT) -> dict:
-        """knn_top1 / knn_top5 (k=20, T=0.07) of mean-pooled features, evaluation split against training split."""
+        """knn_top1 / knn_top5 (k=20, T=0.07) of the features `fastmae knn` uses by default (`feature_pool('auto')`:
+        every patch token on small patch grids, else their mean), evaluation split against training split."""
         cfg, rt, d = self.cfg, self.rt, self.rt.dist
+        pool = feature_pool("auto", model)
         feats = {}
         for name in ("train", "eval"):
             loader = build_loader(cfg.data, name, tuple(cfg.model.img_size), 256, train=False, seed=cfg.run.seed,
                                   rank=d.rank, world_size=d.world_size)
             loader.set_epoch(0)
-            feats[name] = extract_features(lambda x: encode(model, x, "avg"), loader, rt.device, rt.precision, d)
+            feats[name] = extract_features(lambda x: encode(model, x, pool), loader, rt.device, rt.precision, d)
         acc = knn_accuracy(*feats["train"], *feats["eval"], num_classes=self.train.num_classes)
-        return {f"knn_{k}": v for k, v in acc.items()}
+        return {**{f"knn_{k}": v for k, v in acc.items()}, "knn_pool": pool}
 
 
 def run_pretrain(cfg: PretrainConfig) -> Path | None:
@@ -224,7 +226,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
         if monitor.images is not None:
             msg += f", figure {monitor.figure_path}"
         if monitor.last_knn:
-            msg += f", kNN top-1 {monitor.last_knn['knn_top1']:.2f}%"
+            msg += f", kNN top-1 {monitor.last_knn['knn_top1']:.2f}% ({monitor.last_knn['knn_pool']} features)"
         print0(d, msg)
     return path
 

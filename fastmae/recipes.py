@@ -17,6 +17,7 @@ from .config import (
     MAEModelConfig,
     OptimConfig,
     PretrainConfig,
+    ProbeModelConfig,
     RunConfig,
     ViTModelConfig,
 )
@@ -105,7 +106,7 @@ def linprobe_paper() -> LinprobeConfig:
     return LinprobeConfig(
         recipe="paper",
         data=DataConfig(source="folder", path=IMAGENET_TRAIN, crop_scale=(0.08, 1.0), num_workers=10),
-        model=ViTModelConfig(img_size=(224, 224), global_pool="token", drop_path=0.0),
+        model=ProbeModelConfig(img_size=(224, 224), global_pool="token"),
         augment=True,
         optim=OptimConfig(epochs=90, warmup_epochs=10.0, batch_size=512, blr=0.1, weight_decay=0.0),
     )

@@ -78,7 +78,7 @@ def test_pretrain_end_to_end_outputs(fmnist, tmp_path, capsys):
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     epochs = [e for e in log if "epoch" in e and "loss" in e]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(np.isfinite(e["loss"]) for e in epochs)
-    assert "knn_top1" in epochs[-1]  # the pretraining log prefixes the monitor's keys
+    assert "knn_top1" in epochs[-1] and epochs[-1]["knn_pool"] == "tokens"  # the monitor's keys, prefixed
     assert (out / "reconstruction.png").stat().st_size > 0
     assert list((out / "tensorboard").iterdir())
     state, meta = load_checkpoint(out)

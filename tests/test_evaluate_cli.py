@@ -36,7 +36,10 @@ def test_knn_from_pretrained_and_random(pretrained, tmp_path, capsys):
     assert main(["knn", "--init", str(run), *common(data, tmp_path / "k1")]) == 0
     res = json.loads((tmp_path / "k1" / "knn.json").read_text())
     assert 0 <= res["top1"] <= 100 and res["train"] == 96 and res["eval"] == 40
+    assert res["pool"] == "tokens"  # auto on a 7x7 patch grid: every patch token
     assert "kNN" in capsys.readouterr().out
+    assert main(["knn", "--init", str(run), "--model.global_pool", "avg", *common(data, tmp_path / "k3")]) == 0
+    assert json.loads((tmp_path / "k3" / "knn.json").read_text())["pool"] == "avg"
     assert main(["knn", "--init", "random", *TINY_VIT, *common(data, tmp_path / "k2")]) == 0
     assert (tmp_path / "k2" / "knn.json").exists()
 
@@ -47,7 +50,9 @@ def test_linprobe_cached_and_augmented(pretrained, tmp_path):
             "--optim.batch_size", "32"]
     assert main(args + common(data, tmp_path / "lp")) == 0
     res = json.loads((tmp_path / "lp" / "linprobe.json").read_text())
-    assert 0 <= res["top1"] <= 100 and res["augment"] is False
+    assert 0 <= res["top1"] <= 100 and res["augment"] is False and res["pool"] == "tokens"
+    meta = json.loads(next((tmp_path / "lp").glob("checkpoint-*.json")).read_text())
+    assert meta["dim"] == 49 * 32  # the head reads all 49 patch tokens of the 32-wide tiny encoder
     assert main(args + ["--augment"] + common(data, tmp_path / "lpa")) == 0
     res = json.loads((tmp_path / "lpa" / "linprobe.json").read_text())
     assert res["augment"] is True and 0 <= res["top1"] <= 100

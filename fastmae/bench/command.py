@@ -37,6 +37,7 @@ class Timing:
     optim_impl: str = "default"
     quiet_wait: float = 5.0
     min_cpu_share: float = 0.9
+    ceiling: bool = True  # also replay each step's own matmuls alone (fastmae.bench.ceiling)
 
 
 def in_chans(cfg: BenchConfig) -> int:

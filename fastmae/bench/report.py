@@ -42,12 +42,16 @@ def machine_info(device: torch.device) -> dict:
 def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
     """Medians over the clean rounds; 'best' is the fastest of them; 'clean' = clean rounds / rounds run.
 
-    GPU rows add the batch that ran (it may have been halved after running out of memory) and the
+    With the ceiling measured (bench_model --ceiling): the step's own matmuls replayed alone, and that time as a
+    share of the step (100% = nothing but matmuls). GPU rows add the batch that ran (it may have been halved after running out of memory) and the
     implementation's peak allocated memory.
     """
     gpu = any("peak_mem_gib" in r for r in rows)
+    ceiling = any("of_ceiling" in r for r in rows)
     head = "| case | precision | impl | img/s | step ms | best ms | spread | clean | TFLOP/s | % of peak | vs HF |"
     align = "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if ceiling:
+        head, align = head + " matmul-only ms | % of own matmul limit |", align + " ---: | ---: |"
     if gpu:
         head, align = head + " batch | peak GiB |", align + " ---: | ---: |"
     lines = [head, align]
@@ -59,6 +63,9 @@ def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
             f"| {r['rounds_clean']}/{r['rounds_run']}{' (!)' if r['contended'] else ''} | {r['tflops']:.3f} "
             f"| {100 * r['tflops'] / peaks[r['precision']]:.0f}% | {vs} |"
         )
+        if ceiling:
+            line += (f" {1e3 * r['gemm_seconds']:.0f} | {100 * r['of_ceiling']:.0f}% |" if "of_ceiling" in r
+                     else " - | - |")
         if gpu:
             line += f" {r['batch']} | {r.get('peak_mem_gib', float('nan')):.1f} |"
         lines.append(line)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .cases import COMPILED, Case, Runner, sync
+from .ceiling import step_ceiling
 
 
 def peak_matmul_size(device: torch.device) -> int:
@@ -123,6 +124,14 @@ def bench_case(case: Case, precision: str, impls: list[str], args, device: torch
     for impl in impls:
         runners[impl], warm[impl] = build_and_warm_up(impl, case, precision, args, device)
     steps = args.steps or max(1, round(args.round_seconds / max(w["last_warmup_step_s"] for w in warm.values())))
+    ceilings = {}
+    if getattr(args, "ceiling", False):  # each step's own matmuls replayed alone: its limit at these shapes
+        for impl, runner in runners.items():
+            if impl == COMPILED:  # same products as the eager model; a dispatch mode would disturb the graph
+                continue
+            if device.type == "cpu":
+                wait_for_quiet(args.quiet_wait)
+            ceilings[impl] = step_ceiling(runner.step, device)
     # Rounds A, B then B, A, ... until `rounds` of them are clean (every implementation kept
     # its threads busy for >= --min-cpu-share of the wall time, i.e. no other process took a
     # core) or `max_rounds` have run. Statistics use the clean rounds (all rounds if too few).
@@ -169,6 +178,8 @@ def bench_case(case: Case, precision: str, impls: list[str], args, device: torch
             "params": runners[impl].n_params,
             **warm[impl],
         }
+        if impl in ceilings:  # the matmul-only time as a share of the step: 100% = nothing but matmuls
+            row.update(ceilings[impl], of_ceiling=ceilings[impl]["gemm_seconds"] / t)
         if "hf" in times:
             row["vs_hf"] = statistics.median(times["hf"][k] / times[impl][k] for k in use)
         rows.append(row)

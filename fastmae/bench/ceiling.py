@@ -1,0 +1,88 @@
+"""The matmul ceiling of a train step at its own shapes: the step's matrix products replayed alone.
+
+The square-matmul peak (timing.matmul_peak_tflops) is what the hardware reaches on one large 2048^3 product; a
+ViT-Ti step multiplies (B*N, 192) by (192, 576) and smaller, which the same kernels run well below that peak.
+Recording every mm/addmm/bmm of one real step (forward and backward, through a dispatch mode) and timing those
+products alone, with nothing else in between, gives the fastest the step could be if everything that is not a
+matmul were free: the limit the rest of the step is measured against.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+class _RecordGemms(TorchDispatchMode):
+    """Counts (op, operand shapes, dtype) of every matmul dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in GEMMS:
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+            self.calls[(func, shapes, dtype)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def record_gemms(step: Callable[[], object]) -> Counter:
+    """{(op, shapes, dtype): calls} of one call of `step` (a full train step: forward, backward, optimizer)."""
+    with _RecordGemms() as rec:
+        step()
+    return rec.calls
+
+
+def gemm_flops(calls: Counter) -> float:
+    """2 x multiply-adds of the recorded products (mm/addmm: m*k*n; bmm: b*m*k*n)."""
+    total = 0.0
+    for (func, shapes, _), n in calls.items():
+        a, b = shapes[-2], shapes[-1]  # addmm's bias comes first
+        batch = a[0] if func is torch.ops.aten.bmm.default else 1
+        total += n * 2.0 * batch * a[-2] * a[-1] * b[-1]
+    return total
+
+
+def replay_seconds(calls: Counter, device: torch.device, reps: int = 5) -> float:
+    """Median seconds to run every recorded product once (each as often as the step ran it), on contiguous random
+    operands: the step's matmul time with nothing else in between."""
+    ops = []
+    g = torch.Generator(device).manual_seed(0)
+    for (func, shapes, dtype), n in calls.items():
+        args = [torch.randn(s, generator=g, device=device).to(dtype) for s in shapes]
+        ops.append((func, args, n))
+
+    def once() -> None:
+        for func, args, n in ops:
+            for _ in range(n):
+                func(*args)
+
+    once()  # warm-up: kernels chosen, caches filled
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_ceiling(step: Callable[[], object], device: torch.device, reps: int = 5) -> dict:
+    """{'gemm_flops', 'gemm_seconds', 'gemm_tflops'}: the step's own matmuls, recorded once and replayed alone."""
+    calls = record_gemms(step)
+    flops = gemm_flops(calls)
+    seconds = replay_seconds(calls, device, reps)
+    return {"gemm_flops": flops, "gemm_seconds": seconds, "gemm_tflops": flops / seconds / 1e12,
+            "gemm_calls": sum(calls.values())}
