@@ -1,16 +1,20 @@
 """Which encoder features (and which kNN) are best on Fashion-MNIST? Chosen on a held-out slice of train, never on test.
 
 For a pretrained run folder: the kNN top-1 (k=20, T=0.07, cosine) and optionally the linear-probe top-1 of several
-feature choices: the mean of the patch tokens or the cls token of the last block, or the mean over the last k blocks
-of each block's mean patch token; each after the encoder's final norm (as timm's forward_intermediates) or before
-it ('-raw'); kNN on the features as they are or centred (the memory's mean subtracted before the cosine, '+c').
-Selection split: the last --holdout training images are queries against (or the probe is trained on) the first
-60,000 - holdout; 'pixels' (the normalised images, flattened) is the raw-pixel reference. The test split is scored only for the choices passed with --report (so the reported numbers were
-not tuned on it). Runs in the precision `--run.precision auto` picks (bf16 autocast on a CPU with native bf16).
+feature choices: the mean of the patch tokens or the cls token of the last block, the mean over the last k blocks of
+each block's mean patch token, each after the encoder's final norm (as timm's forward_intermediates) or before it
+('-raw'); with --grids, region means of the last block's tokens on a g x g grid, flattened ('gridG-last1'; g = the
+patch grid is every token, `--model.global_pool tokens`); kNN on the features as they are or centred (the memory's
+mean subtracted before the cosine, '+c'). 'pixels' (the normalised images, flattened) is the raw-pixel reference;
+--random scores a freshly initialised encoder of the same shape instead (the control for what pretraining adds).
+
+Selection split: the last --holdout training images are the queries (kNN) or the evaluation set (probe), the first
+60,000 - holdout the memory or training set. The test split is scored only for the choices passed with --report, with
+all 60,000 training images, so those numbers were not tuned on it. Runs in the precision `--run.precision auto` picks.
 
     python benchmarks/bench_features.py --init runs/pretrain                        # selection table
-    python benchmarks/bench_features.py --init runs/pretrain --probe 4              # + linear probe of the best 4
-    python benchmarks/bench_features.py --init runs/pretrain --report avg-last3+c   # + test top-1 of one choice
+    python benchmarks/bench_features.py --init runs/pretrain --blocks 1 --grids 3,7 --probe 1   # + probes
+    python benchmarks/bench_features.py --init runs/pretrain --report grid7-last1,pixels        # + test top-1
 """
 
 from __future__ import annotations

@@ -140,8 +140,8 @@ class PretrainConfig:
     figure_every: int = 1
     """Save a reconstruction figure every N epochs (0 = never)."""
     knn_every: int = 0
-    """kNN monitor (k=20, T=0.07, mean-pooled encoder features) on the evaluation split every N epochs and at the
-    end (0 = only at the end, -1 = never; needs a labelled source with an evaluation split)."""
+    """kNN monitor (k=20, T=0.07, the features `fastmae knn` uses by default) on the evaluation split every N
+    epochs and at the end (0 = only at the end, -1 = never; needs a labelled source with an evaluation split)."""
     init: str = ""
     """Weights to continue pretraining from ('' = random init): a fastmae run folder or checkpoint, an official
     *_full.pth / mae_visualize_*.pth, a Hugging Face ViTMAE folder, or a released name (mae_pretrain_vit_base_full).

@@ -29,11 +29,14 @@ def knn_scores(
     if train_feats.shape[0] == 0:
         raise ValueError("kNN needs at least one training feature")
     k = min(k, train_feats.shape[0])
-    train = F.normalize(train_feats.float(), dim=1)  # (N, D)
+    # Cosine similarity without a normalised copy of the memory (with every patch token as features it is
+    # N x L*D numbers, gigabytes): divide each chunk's dot products by the memory's norms instead.
+    train = train_feats.float()  # (N, D)
+    train_inv_norm = 1.0 / train.norm(dim=1).clamp_min(1e-12)  # (N,)
     test = F.normalize(test_feats.float(), dim=1)  # (M, D)
     out = torch.empty(test.shape[0], num_classes, dtype=torch.float32, device=test.device)
     for s in range(0, test.shape[0], chunk):
-        sim = test[s : s + chunk] @ train.T  # (m, N)
+        sim = (test[s : s + chunk] @ train.T) * train_inv_norm  # (m, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
         votes = F.one_hot(train_labels[top_idx], num_classes).float()  # (m, k, K)
         weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (m, k), topk is sorted: column 0 = max
