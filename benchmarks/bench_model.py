@@ -270,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="peak RSS per implementation, a fresh process each")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput table (e.g. with --memory)")
     p.add_argument("--ceiling", action="store_true",
-                   help="also replay each step's own matmuls alone: the step's limit at its shapes (fastmae.bench.ceiling)")
+                   help="also replay each step's own matmuls alone: its limit at these shapes (fastmae.bench.ceiling)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top ops for each selection")
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--selfcheck", action="store_true", help="check the FLOP count against FlopCounterMode, exit")

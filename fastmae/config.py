@@ -178,6 +178,7 @@ class ProbeModelConfig(ViTModelConfig):
     patch token, flattened (L x D numbers); auto: tokens for a patch grid of at most 64 patches (small images, where
     layout matters: chosen on held-out Fashion-MNIST training images, BENCHMARKS.md), else avg."""
     drop_path: float = 0.0
+    """Unused: the probed encoder is frozen and runs in eval mode."""
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,8 @@ def mae_loss(model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, mask_ra
 
 class Monitor:
     """What pretraining shows at the end of an epoch: the reconstruction figure (rank 0) and the kNN top-1 of the
-    encoder's features (`fastmae knn`'s default ones; all ranks take part), per --figure_every and --knn_every and at the last epoch."""
+    encoder's features (`fastmae knn`'s default ones; all ranks take part), per --figure_every and --knn_every and
+    at the last epoch."""
 
     def __init__(self, cfg: PretrainConfig, rt: Runtime, train):
         self.cfg, self.rt, self.train = cfg, rt, train
@@ -161,7 +162,8 @@ class Monitor:
 
     def knn(self, model: MaskedAutoencoderViT) -> dict:
         """knn_top1 / knn_top5 (k=20, T=0.07) of the features `fastmae knn` uses by default (`feature_pool('auto')`:
-        every patch token on small patch grids, else their mean), evaluation split against training split."""
+        every patch token on small patch grids, else their mean), evaluation split against training split; and
+        knn_pool, which features those were."""
         cfg, rt, d = self.cfg, self.rt, self.rt.dist
         pool = feature_pool("auto", model)
         feats = {}

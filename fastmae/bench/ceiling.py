@@ -1,10 +1,11 @@
 """The matmul ceiling of a train step at its own shapes: the step's matrix products replayed alone.
 
 The square-matmul peak (timing.matmul_peak_tflops) is what the hardware reaches on one large 2048^3 product; a
-ViT-Ti step multiplies (B*N, 192) by (192, 576) and smaller, which the same kernels run well below that peak.
-Recording every mm/addmm/bmm of one real step (forward and backward, through a dispatch mode) and timing those
-products alone, with nothing else in between, gives the fastest the step could be if everything that is not a
-matmul were free: the limit the rest of the step is measured against.
+ViT-Ti step multiplies (B*N, 192) by (192, 576) and smaller, which may run below that peak. Recording every
+mm/addmm/bmm of one real step (forward and backward, through a dispatch mode) and timing those products alone, with
+nothing else in between, gives the fastest the step could be if everything that is not a matmul were free: the
+limit the rest of the step is measured against. Products inside fused kernels (CPU flash attention) and
+convolutions are not recorded, so the limit is slightly optimistic.
 """
 
 from __future__ import annotations

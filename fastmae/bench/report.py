@@ -42,9 +42,9 @@ def machine_info(device: torch.device) -> dict:
 def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
     """Medians over the clean rounds; 'best' is the fastest of them; 'clean' = clean rounds / rounds run.
 
-    With the ceiling measured (bench_model --ceiling): the step's own matmuls replayed alone, and that time as a
-    share of the step (100% = nothing but matmuls). GPU rows add the batch that ran (it may have been halved after running out of memory) and the
-    implementation's peak allocated memory.
+    With the ceiling measured (`fastmae bench`, bench_model --ceiling): the step's own matmuls replayed alone, and
+    that time as a share of the step (100% = nothing but matmuls). GPU rows add the batch that ran (it may have been
+    halved after running out of memory) and the implementation's peak allocated memory.
     """
     gpu = any("peak_mem_gib" in r for r in rows)
     ceiling = any("of_ceiling" in r for r in rows)
