@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .api import encode
 from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
@@ -48,6 +47,7 @@ from .engine import Task
 from .optim import build_adamw, param_groups_lrd, param_groups_weight_decay, schedule
 from .pyramid import LayerNorm2d, SimpleFeaturePyramid
 from .trainer import Runtime, fit, model_meta, setup
+from .visualize import enlargement, save_grid, to_pil
 
 # ---------------------------------------------------------------------------------------------------
 # Heads and the model.
@@ -199,33 +199,21 @@ def seg_metrics(conf: torch.Tensor, classes: list[str]) -> dict:
     }
 
 
-def _to_rgb(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    """A normalised (C, H, W) image -> (H, W, 3) uint8 (grey replicated; first three channels otherwise)."""
-    img = x * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)  # (C, H, W)
-    img = img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)  # (3, H, W)
-    return img.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)  # (H, W, 3)
-
-
 def save_seg_figure(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path, mean: tuple, std: tuple,
                     ignore_index: int, min_side: int = 168) -> Path:
-    """image / ground truth / prediction, one row per (image (C, H, W), label (H, W), prediction (H, W)); atomic."""
+    """image / ground truth / prediction, one row per (image (C, H, W) normalised, label (H, W), prediction (H, W))."""
     colours = palette(ignore_index)  # (256, 3)
     H, W = rows[0][1].shape
-    scale = max(1, -(-min_side // min(H, W)))
-    cw, ch, pad, head = W * scale, H * scale, 4, 18
-    grid = Image.new("RGB", (3 * (cw + pad) + pad, head + len(rows) * (ch + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(("image", "ground truth", "prediction")):
-        draw.text((pad + c * (cw + pad), 3), title, fill="black")
-    for r, (img, y, pred) in enumerate(rows):
-        panels = (_to_rgb(img, mean, std), colours[y.long().clamp(0, 255)], colours[pred.long().clamp(0, 255)])
-        for c, arr in enumerate(panels):  # each (H, W, 3) uint8
-            pil = Image.fromarray(arr.numpy(), "RGB").resize((cw, ch), Image.NEAREST)
-            grid.paste(pil, (pad + c * (cw + pad), head + r * (ch + pad)))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    scale = enlargement(H, W, min_side)
+    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def label_pil(y: torch.Tensor) -> Image.Image:
+        return Image.fromarray(colours[y.long().clamp(0, 255)].numpy(), "RGB").resize((W * scale, H * scale),
+                                                                                      Image.NEAREST)
+
+    cells = [[to_pil((img * std_t + mean_t).clamp(0, 1), scale), label_pil(y), label_pil(pred)]
+             for img, y, pred in rows]
+    return save_grid(("image", "ground truth", "prediction"), cells, path)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import safe_join
+from .checkpoint import atomic_write, safe_join
 from .config import DataConfig, VisualizeConfig, validate
 from .device import resolve_device
 from .mae import MaskedAutoencoderViT
@@ -80,7 +80,7 @@ def reconstruct(
     }
 
 
-def _to_pil(img: torch.Tensor, scale: int) -> Image.Image:
+def to_pil(img: torch.Tensor, scale: int) -> Image.Image:
     """(C, H, W) in [0, 1] -> a PIL image; 1 channel as grey, 3+ channels show the first three as RGB."""
     arr = (img[:3] if img.shape[0] >= 3 else img[:1]).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGB")
@@ -89,24 +89,32 @@ def _to_pil(img: torch.Tensor, scale: int) -> Image.Image:
     return pil.convert("RGB")
 
 
+def enlargement(H: int, W: int, min_side: int) -> int:
+    """Integer nearest-neighbour factor that brings the shorter side to at least min_side (28 px -> 4x for 112)."""
+    return max(1, -(-min_side // min(H, W)))
+
+
+def save_grid(titles: Sequence[str], rows: Sequence[Sequence[Image.Image]], path: str | Path) -> Path:
+    """A PNG of equal-size cells under column titles, one row per sample; written atomically (figures of
+    `pretrain`, `visualize` and `segment`)."""
+    cw, ch = rows[0][0].size
+    pad, head = 4, 18
+    grid = Image.new("RGB", (len(titles) * (cw + pad) + pad, head + len(rows) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(titles):
+        draw.text((pad + j * (cw + pad), 3), title, fill="black")
+    for i, cells in enumerate(rows):
+        for j, cell in enumerate(cells):
+            grid.paste(cell, (pad + j * (cw + pad), head + i * (ch + pad)))
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
 def save_figure(panels: dict[str, torch.Tensor], path: str | Path, max_rows: int = 8, min_side: int = 112) -> Path:
     """A grid PNG: one row per image, columns original / masked / reconstruction / reconstruction + visible."""
-    path = Path(path)
     n = min(panels["original"].shape[0], max_rows)
-    H, W = panels["original"].shape[-2:]
-    scale = max(1, -(-min_side // min(H, W)))  # small images (28 px) are enlarged with nearest neighbour
-    cw, ch, pad, head = W * scale, H * scale, 4, 18
-    grid = Image.new("RGB", (len(PANELS) * (cw + pad) + pad, head + n * (ch + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, name in enumerate(PANELS):
-        draw.text((pad + j * (cw + pad), 3), name, fill="black")
-        for i in range(n):
-            grid.paste(_to_pil(panels[name][i], scale), (pad + j * (cw + pad), head + i * (ch + pad)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    scale = enlargement(*panels["original"].shape[-2:], min_side)  # small images (28 px) are enlarged
+    rows = [[to_pil(panels[name][i], scale) for name in PANELS] for i in range(n)]
+    return save_grid(PANELS, rows, path)
 
 
 # ---------------------------------------------------------------------------------------------------
