@@ -6,7 +6,9 @@ compiled, Hugging Face ViTMAEForPreTraining / ViTForImageClassification) and a R
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -160,6 +162,18 @@ def make_images(case: Case, device: torch.device) -> torch.Tensor:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median wall seconds of `reps` calls of fn, each between device synchronisations."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class Runner:

@@ -10,13 +10,13 @@ convolutions are not recorded, so the limit is slightly optimistic.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .cases import median_seconds
 
 GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
@@ -68,16 +68,7 @@ def replay_seconds(calls: Counter, device: torch.device, reps: int = 5) -> float
                 func(*args)
 
     once()  # warm-up: kernels chosen, caches filled
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(once, device, reps)
 
 
 def step_ceiling(step: Callable[[], object], device: torch.device, reps: int = 5) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import COMPILED, Case, Runner, sync
+from .cases import COMPILED, Case, Runner, median_seconds, sync
 from .ceiling import step_ceiling
 
 
@@ -34,15 +34,12 @@ def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 0, rep
     b = torch.randn(n, n, generator=g, device=device).to(dtype)
     for _ in range(2):
         a @ b
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def products() -> None:
         for _ in range(inner):
             a @ b
-        sync(device)
-        times.append((time.perf_counter() - t0) / inner)
-    return 2 * n**3 / statistics.median(times) / 1e12
+
+    return 2 * n**3 / (median_seconds(products, device, reps) / inner) / 1e12
 
 
 def gpu_memory_mark(device: torch.device) -> int:

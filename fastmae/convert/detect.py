@@ -120,10 +120,10 @@ def _num_blocks(keys, prefix: str) -> int:
 
 def _grid(n_pos: int, patch: int, img_size, what: str) -> tuple[int, int]:
     """Image (H, W) for a position embedding with 1 + n_pos rows: img_size if given, else a square grid."""
-    if isinstance(img_size, int) and img_size > 0:
-        img_size = (img_size, img_size)
-    if img_size and not isinstance(img_size, int) and tuple(img_size) != (0, 0):
-        H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if isinstance(img_size, int):  # a side; 0 or less = not given
+        img_size = (img_size, img_size) if img_size > 0 else None
+    if img_size and tuple(img_size) != (0, 0):
+        H, W = tuple(img_size)
         if (H // patch) * (W // patch) != n_pos:
             raise ValueError(
                 f"img_size {H}x{W} with patch {patch} gives {(H // patch) * (W // patch)} patches, "
