@@ -422,7 +422,8 @@ class BenchRunConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     """Speed on this machine: train-step img/s, ms/step, peak memory, FLOPs/img and share of the measured matmul
-    peak for a model; the data loader's img/s beside it; with --compare hf, Hugging Face side by side."""
+    peak for a model, and how much of the step its matmuls alone take; the data loader's img/s beside it; with
+    --compare hf, Hugging Face side by side."""
 
     model: MAEModelConfig = field(default_factory=MAEModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=PRETRAIN_CROP_SCALE))
