@@ -49,6 +49,9 @@ class DataConfig:
     (0 = Pillow's limit, 178,956,970 pixels)."""
     limit: int = 0
     """Use only the first N samples of each split (0 = all): for quick runs."""
+    holdout: int = 0
+    """Hold out N training samples (a fixed random choice, the same in every run) as the evaluation split instead
+    of the test / --data.eval_path one: tune on them, then report on the test split with 0 (the default)."""
 
 
 @dataclass(frozen=True)
@@ -536,6 +539,7 @@ _FRACTION = _within(0, 1, open_hi=True)
 RULES: dict[type, dict[str, Rule]] = {
     DataConfig: {
         "channels": _at_least(0, " (0 = the source's own)"), "num_workers": _NON_NEGATIVE, "limit": _NON_NEGATIVE,
+        "holdout": _at_least(0, " (0 = the source's own evaluation split)"),
         "max_image_pixels": _at_least(0, " (0 = Pillow's limit)"), "mean": _each((_finite, "finite")),
         "std": _each(_above(0)),
         "crop_scale": ((lambda v: len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1] <= 1),
@@ -606,6 +610,9 @@ def _show(value: Any) -> str:
 
 def _check_relations(cfg, prefix: str) -> None:
     """Rules between fields, and model names against the variant tables."""
+    if isinstance(cfg, DataConfig) and cfg.holdout > 0 and cfg.eval_path:
+        raise ValueError(f"{prefix}holdout takes the evaluation split from the training data, so "
+                         f"{prefix}eval_path would be ignored: pass one of the two")
     if isinstance(cfg, OptimConfig) and cfg.lr > 0 and cfg.min_lr > cfg.lr:
         raise ValueError(f"{prefix}min_lr must be <= {prefix}lr ({cfg.lr}), got {cfg.min_lr}")
     if isinstance(cfg, (MAEModelConfig, ViTModelConfig)):

@@ -1,6 +1,7 @@
-"""The learning-curve figure of a run: loss and kNN top-1 per epoch from its log.jsonl, as a PNG beside it.
+"""The learning-curve figure of a run: loss and kNN or evaluation top-1 per epoch from its log.jsonl, as a PNG beside it.
 
-Users would rather look than read: `fastmae pretrain` writes `learning_curve.png` at the end of a run.
+Users would rather look than read: `fastmae pretrain` and `fastmae finetune` write `learning_curve.png` at the
+end of a run; `plot_runs` puts several runs' curves on one axis (docs/finetune_curves.png).
 """
 
 from __future__ import annotations
@@ -27,32 +28,78 @@ def epoch_entries(log_path: str | Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str = "") -> Path | None:
-    """Write loss (left axis) and kNN top-1 (right axis, where measured) per epoch; None when no epoch is logged."""
-    entries = epoch_entries(log_path)
-    if not entries:
-        return None
+# the per-epoch metric of each command's log, as (log key, axis label)
+PRETRAIN_METRIC = ("knn_top1", "kNN top-1 (%)")
+FINETUNE_METRIC = ("top1", "top-1 (%)")
+
+
+def _pyplot():
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_path: str | Path) -> Path:
+    out = Path(out_path)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    _pyplot().close(fig)
+    return out
+
+
+def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str = "",
+                        loss_label: str = "loss (MSE on masked patches)",
+                        metric: tuple[str, str] = PRETRAIN_METRIC) -> Path | None:
+    """Write loss (left axis) and the run's metric (right axis, where measured) per epoch; None when no epoch is
+    logged. Pretraining plots kNN top-1, fine-tuning evaluation top-1 (`metric=FINETUNE_METRIC`)."""
+    entries = epoch_entries(log_path)
+    if not entries:
+        return None
+    import matplotlib.ticker
+
+    plt = _pyplot()
     epochs = [e["epoch"] for e in entries]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(epochs, [e["loss"] for e in entries], "o-", color="tab:blue", label="training loss")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("loss (MSE on masked patches)", color="tab:blue")
-    knn = [(e["epoch"], e["knn_top1"]) for e in entries if "knn_top1" in e]
-    if knn:
+    ax.set_ylabel(loss_label, color="tab:blue")
+    key, label = metric
+    points = [(e["epoch"], e[key]) for e in entries if key in e]
+    if points:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*knn), "s-", color="tab:orange", label="kNN top-1")
-        ax2.set_ylabel("kNN top-1 (%)", color="tab:orange")
+        ax2.plot(*zip(*points), "s-", color="tab:orange", label=label)
+        ax2.set_ylabel(label, color="tab:orange")
     ax.set_title(title or "learning curve")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out_path)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return out
+    return _save(fig, out_path)
+
+
+def plot_runs(logs: dict[str, str | Path], out_path: str | Path, title: str = "",
+              metric: tuple[str, str] = FINETUNE_METRIC) -> Path:
+    """One curve per run (label -> log.jsonl) of a metric per epoch on one axis, e.g. fine-tuning top-1 from MAE
+    against from random init; the last value is written beside each curve. ValueError if a run logged none."""
+    plt = _pyplot()
+    import matplotlib.ticker
+
+    key, label = metric
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for name, log in logs.items():
+        points = [(e["epoch"], e[key]) for e in epoch_entries(log) if key in e]
+        if not points:
+            plt.close(fig)
+            raise ValueError(f"{log} has no epoch with {key!r}: is it the log.jsonl of a finished epoch?")
+        line, = ax.plot(*zip(*points), "o-", ms=3, label=name)
+        ax.annotate(f"{points[-1][1]:.2f}", points[-1], textcoords="offset points", xytext=(4, -3),
+                    color=line.get_color(), fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(label)
+    ax.set_title(title or label)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out_path)

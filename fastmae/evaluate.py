@@ -20,7 +20,7 @@ from .api import encode, feature_pool
 from .backbone import build_classifier, data_for, encoder_init
 from .checkpoint import atomic_write_text, save_checkpoint
 from .config import DataConfig, KnnConfig, LinprobeConfig, OptimConfig, ViTModelConfig, validate
-from .data import build_loader
+from .data import build_loader, eval_split_name
 from .dist import print0
 from .engine import Task, evaluate, extract_features, topk_correct
 from .knn import knn_accuracy
@@ -67,11 +67,11 @@ def run_knn(cfg: KnnConfig) -> dict:
     tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
     result = knn_accuracy(*tr, *va, num_classes=train.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
     result.update(init=cfg.init, pool=pool, k=cfg.knn.k, temperature=cfg.knn.temperature, train=len(tr[1]), eval=len(va[1]),
-                  seconds=time.perf_counter() - t0)
+                  holdout=cfg.data.holdout, seconds=time.perf_counter() - t0)
     if rt.dist.is_main:
         path = _write_result(rt.out_dir, "knn", result)
         print0(rt.dist, f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}, {pool} features of {cfg.init}): top-1 "
-                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({path})")
+                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the {eval_split_name(cfg.data)} ({path})")
     return result
 
 
@@ -172,11 +172,11 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         fit(rt, task, train_aug, cfg.optim.epochs)
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,
-                  seconds=time.perf_counter() - t0)
+                  holdout=cfg.data.holdout, seconds=time.perf_counter() - t0)
     if rt.dist.is_main:
         path = _write_result(rt.out_dir, "linprobe", result)
         print0(rt.dist, f"linear probe ({pool} features of {cfg.init}, {cfg.optim.epochs} epochs): top-1 "
-                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({path})")
+                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the {eval_split_name(cfg.data)} ({path})")
     return result
 
 

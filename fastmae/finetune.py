@@ -17,7 +17,8 @@ from .augment import FinetuneAugment, soft_target_cross_entropy
 from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from .checkpoint import atomic_save, atomic_write_text
 from .config import FinetuneConfig, validate
-from .data import build_loader
+from .curves import FINETUNE_METRIC, plot_learning_curve
+from .data import build_loader, eval_split_name
 from .dist import print0
 from .engine import Task, evaluate
 from .optim import build_adamw, param_groups_lrd, schedule
@@ -78,15 +79,18 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
     prog, last = fit(rt, task, train, cfg.optim.epochs)
     result = {"init": cfg.init, "epochs_done": prog.epoch, "best_top1": prog.extra.get("best_top1"),
-              "best_epoch": prog.extra.get("best_epoch"), "seconds": time.perf_counter() - t0,
+              "best_epoch": prog.extra.get("best_epoch"), "holdout": cfg.data.holdout, "seconds": time.perf_counter() - t0,
               "last_checkpoint": str(last) if last else None, "best_checkpoint": str(best_path)}
     if history:
         result.update(top1=history[-1]["top1"], top5=history[-1]["top5"])
     if d.is_main and prog.epoch >= cfg.optim.epochs:
         atomic_write_text(json.dumps(result, indent=2, sort_keys=True), rt.out_dir / "finetune.json")
-        print0(d, f"fine-tuned {prog.epoch} epochs in {result['seconds']:.0f}s: last top-1 "
+        curve = plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png",
+                                    f"fine-tuning from {cfg.init} on {cfg.data.source}",
+                                    loss_label="training loss (soft-target cross entropy)", metric=FINETUNE_METRIC)
+        print0(d, f"fine-tuned {prog.epoch} epochs in {result['seconds']:.0f}s, on the {eval_split_name(cfg.data)}: last top-1 "
                   f"{result.get('top1', float('nan')):.2f}%, best top-1 {result['best_top1']:.2f}% (epoch "
-                  f"{result['best_epoch']}) | best {best_path}, last {last}")
+                  f"{result['best_epoch']}) | best {best_path}, last {last}, learning curve {curve}")
     return result
 
 

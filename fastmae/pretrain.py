@@ -13,7 +13,7 @@ from .api import encode, feature_pool
 from .checkpoint import find_latest
 from .config import MAEModelConfig, PretrainConfig, validate
 from .curves import plot_learning_curve
-from .data import build_loader
+from .data import build_loader, has_eval_split
 from .dist import print0
 from .engine import Task, extract_features
 from .knn import knn_accuracy
@@ -111,10 +111,6 @@ def read_init(init: str, cfg: MAEModelConfig) -> Weights:
     return w
 
 
-def has_eval_split(cfg: PretrainConfig) -> bool:
-    return cfg.data.source == "fashion-mnist" or bool(cfg.data.eval_path)
-
-
 def mae_loss(model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """The MAE objective of a batch (labels unused): MSE on the removed patches."""
     return model(imgs, mask_ratio)[0]
@@ -130,11 +126,11 @@ class Monitor:
         self.figure_path = rt.out_dir / "reconstruction.png"
         self.images: torch.Tensor | None = None  # (8, C, H, W) fixed images for the figure
         if rt.dist.is_main and cfg.figure_every > 0:
-            split = "eval" if has_eval_split(cfg) else "train"
+            split = "eval" if has_eval_split(cfg.data) else "train"
             loader = build_loader(cfg.data, split, tuple(cfg.model.img_size), 8, train=False, seed=cfg.run.seed)
             loader.set_epoch(0)
             self.images = next(iter(loader))[0].to(rt.device)
-        self.labelled = train.num_classes > 0 and has_eval_split(cfg) and cfg.knn_every >= 0
+        self.labelled = train.num_classes > 0 and has_eval_split(cfg.data) and cfg.knn_every >= 0
         self.last_knn: dict = {}
 
     def __call__(self, epoch: int, model: MaskedAutoencoderViT, prog: Progress) -> dict:

@@ -119,6 +119,9 @@ def build_head(kind: str, dim: int, num_classes: int, channels: int) -> nn.Modul
 
 def seg_splits(data: DataConfig, seg: SegParams, channels: int, seed: int) -> tuple[SegSplit, SegSplit, list[str], int]:
     """(train, eval, class names, K): Fashion-MNIST scenes or an image + label folder pair, labels checked."""
+    if data.holdout:
+        raise ValueError("--data.holdout is not used by `fastmae segment`: its evaluation split is --seg.eval_scenes "
+                         "scenes (Fashion-MNIST) or --data.eval_path with --seg.eval_labels; drop --data.holdout")
     if data.source == "fashion-mnist":
         args = (seg.scene_size, tuple(seg.items), seed)
         train = fashion_scenes(data.path, "train", seg.train_scenes, *args)

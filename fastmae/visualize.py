@@ -162,15 +162,10 @@ def load_images(
     return imgs, names
 
 
-def has_eval_split(data: DataConfig) -> bool:
-    """Fashion-MNIST always has its test split; folder/list/unlabelled sources need --data.eval_path."""
-    return data.source == "fashion-mnist" or bool(data.eval_path)
-
-
 def dataset_images(data: DataConfig, num: int, img_size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
     """The first `num` samples of the evaluation split (the training split, untransformed, when there is
     none), with the eval transform: (images (B, C, H, W), names 'sample-0000', ...)."""
-    from .data import build_loader
+    from .data import build_loader, has_eval_split
 
     if num <= 0:
         raise ValueError(f"--num must be positive, got {num}")

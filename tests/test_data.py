@@ -27,6 +27,7 @@ from fastmae.data import (
     MemoryLoader,
     build_loader,
     decode_image,
+    holdout_indices,
     denormalize,
     normalize,
     read_idx,
@@ -281,6 +282,31 @@ def test_drop_last_and_len():
 # ---------------------------------------------------------------------------------------------
 # file sources
 # ---------------------------------------------------------------------------------------------
+
+
+def test_holdout_takes_a_fixed_disjoint_eval_split_from_train(tmp_path):
+    cfg = DataConfig(path=str(make_fashion(tmp_path / "fm")), holdout=5)
+    values = {}
+    for split in ("train", "eval"):
+        ld = build_loader(cfg, split, (28, 28), batch_size=20, train=False)
+        xs, ys = zip(*ld)
+        pixels = denormalize(torch.cat(xs), ld.mean, ld.std)[:, 0, 0, 0]
+        values[split] = (pixels * 255).round().long()  # image i has value i (label i % 10)
+        assert torch.equal(torch.cat(ys), values[split] % 10)
+    assert (len(values["train"]), len(values["eval"])) == (15, 5)  # the t10k images are not used
+    assert sorted(values["train"].tolist() + values["eval"].tolist()) == list(range(20))
+    assert torch.equal(holdout_indices(20, 5, "eval"), values["eval"])  # same choice whatever --run.seed
+    assert not torch.equal(holdout_indices(20, 5, "eval"), torch.arange(15, 20))  # random, not the last ones
+    root = make_folder(tmp_path / "train")  # files: the held-out ones are among the training files
+    ev = build_loader(DataConfig(source="folder", path=str(root), num_workers=0, holdout=3), "eval", (8, 8), 8,
+                      train=False)
+    assert ev.num_samples == 3 and ev.num_classes == 3
+    with pytest.raises(ValueError, match="--data.holdout 20 must be below the 20 training samples"):
+        build_loader(DataConfig(path=cfg.path, holdout=20), "train", (28, 28), 4, train=True)
+    with pytest.raises(ValueError, match="pass one of the two"):
+        validate(DataConfig(source="folder", path="a", eval_path="b", holdout=3))
+    with pytest.raises(ValueError, match=r"--holdout must be >= 0"):
+        validate(DataConfig(holdout=-1))
 
 
 def test_folder_source_modes_sizes_and_sorted_classes(tmp_path):

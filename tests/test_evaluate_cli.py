@@ -42,6 +42,11 @@ def test_knn_from_pretrained_and_random(pretrained, tmp_path, capsys):
     assert json.loads((tmp_path / "k3" / "knn.json").read_text())["pool"] == "avg"
     assert main(["knn", "--init", "random", *TINY_VIT, *common(data, tmp_path / "k2")]) == 0
     assert (tmp_path / "k2" / "knn.json").exists()
+    capsys.readouterr()
+    assert main(["knn", "--init", str(run), "--data.holdout", "16", *common(data, tmp_path / "k4")]) == 0
+    res = json.loads((tmp_path / "k4" / "knn.json").read_text())
+    assert (res["train"], res["eval"], res["holdout"]) == (80, 16, 16)  # scored on training images, not the test
+    assert "on the 16 held-out training samples" in capsys.readouterr().out
 
 
 def test_linprobe_cached_and_augmented(pretrained, tmp_path):
@@ -67,6 +72,7 @@ def test_finetune_from_pretrained_writes_best_and_last(pretrained, tmp_path):
     res = json.loads((out / "finetune.json").read_text())
     assert res["epochs_done"] == 2 and 0 <= res["best_top1"] <= 100
     assert (out / "best.pt").exists() and list(out.glob("checkpoint-*.pt"))
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all("top1" in e for e in log if "epoch" in e)
     # the best checkpoint rebuilds a classifier that loads strictly

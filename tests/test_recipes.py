@@ -15,7 +15,12 @@ from fastmae.config import (
     replace,
     validate,
 )
-from fastmae.curves import epoch_entries, plot_learning_curve
+from fastmae.curves import (
+    FINETUNE_METRIC,
+    epoch_entries,
+    plot_learning_curve,
+    plot_runs,
+)
 
 from .test_cli_pretrain import make_fmnist, tiny_args
 
@@ -69,8 +74,39 @@ def test_learning_curve_skips_events_and_keeps_the_last_line_per_epoch(tmp_path)
     assert plot_learning_curve(tmp_path / "empty.jsonl", tmp_path / "x.png") is None
 
 
+def test_plot_runs_draws_one_curve_per_run_and_refuses_a_log_without_the_metric(tmp_path):
+    logs = {}
+    for name, top1 in (("mae", [80.0, 90.0]), ("random", [70.0, 75.0])):
+        logs[name] = tmp_path / f"{name}.jsonl"
+        logs[name].write_text("\n".join(json.dumps({"epoch": i + 1, "loss": 1.0, "top1": t})
+                                        for i, t in enumerate(top1)))
+    out = plot_runs(logs, tmp_path / "curves.png", metric=FINETUNE_METRIC)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "pre.jsonl").write_text(json.dumps({"epoch": 1, "loss": 0.3, "knn_top1": 50.0}))
+    with pytest.raises(ValueError, match="has no epoch with 'top1'"):
+        plot_runs({"pre": tmp_path / "pre.jsonl"}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_pretrain_writes_the_learning_curve(tmp_path, capsys):
     data = make_fmnist(tmp_path, 64, 16)
     assert main(tiny_args(data, tmp_path / "run", epochs=2)) == 0
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 1000
     assert "learning curve" in capsys.readouterr().out
+
+
+def test_finetune_curves_benchmark_tables_every_epoch_of_each_run(tmp_path, capsys):
+    from benchmarks.finetune_curves import main as curves_main
+
+    for name, top1 in (("a", [80.0, 90.5]), ("b", [70.0])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("\n".join(
+            json.dumps({"epoch": i + 1, "loss": 1.0, "top1": t, "epoch_seconds": 10.0 * (i + 1)})
+            for i, t in enumerate(top1)))
+    out = tmp_path / "c.png"
+    assert curves_main([f"MAE={tmp_path / 'a'}", f"random={tmp_path / 'b'}", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 2 | 90.50 |  |" in text and "| 1 | 80.00 | 70.00 |" in text and "MAE 20 s/epoch" in text
+    assert out.stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        curves_main([str(tmp_path / "a")])  # no LABEL=

@@ -14,7 +14,7 @@ from (seed, epoch, its position), both computed in the main process, so `set_epo
 replays exactly the batches of an uninterrupted run, whatever the number of workers.
 """
 
-from .build import build_loader
+from .build import build_loader, eval_split_name, has_eval_split, holdout_indices
 from .decode import UnreadableImageError, decode_image, load_image
 from .files import FileLoader, ImageFiles
 from .loader import Loader
@@ -58,7 +58,10 @@ __all__ = [
     "decode_image",
     "denormalize",
     "eval_crop_box",
+    "eval_split_name",
     "find_images",
+    "has_eval_split",
+    "holdout_indices",
     "load_fashion_mnist",
     "load_image",
     "normalize",

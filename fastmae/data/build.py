@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from ..config import DataConfig
 from .files import FileLoader
 from .loader import Loader
@@ -17,6 +19,28 @@ from .sources import (
     file_samples,
     load_fashion_mnist,
 )
+
+HOLDOUT_SEED = 0  # the held-out samples do not follow --run.seed: every run tunes on the same ones
+
+
+def has_eval_split(cfg: DataConfig) -> bool:
+    """Fashion-MNIST always has its test split; other sources need --data.eval_path or --data.holdout."""
+    return cfg.source == "fashion-mnist" or bool(cfg.eval_path) or cfg.holdout > 0
+
+
+def eval_split_name(cfg: DataConfig) -> str:
+    """How results name the split they were scored on: 'evaluation split' or 'N held-out training samples'."""
+    return f"{cfg.holdout} held-out training samples" if cfg.holdout else "evaluation split"
+
+
+def holdout_indices(n: int, holdout: int, split: Literal["train", "eval"]) -> torch.Tensor:
+    """Sorted indices of one side of a fixed random split of n training samples: `holdout` of them for "eval",
+    the rest for "train". A ValueError naming the flag when nothing would be left to train on."""
+    if not 0 < holdout < n:
+        raise ValueError(f"--data.holdout {holdout} must be below the {n} training samples (it leaves the rest "
+                         f"to train on); pass fewer")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return (perm[:holdout] if split == "eval" else perm[holdout:]).sort().values
 
 
 def norm_stats(cfg: DataConfig, channels: int, default_mean: tuple, default_std: tuple) -> tuple[tuple, tuple]:
@@ -39,7 +63,8 @@ def build_loader(
 ) -> Loader:
     """The loader for a split: train=True augments (random resized crop, flip), False resizes and centre-crops.
 
-    drop_last defaults to `train`. With world_size > 1 each rank gets a disjoint shard of the
+    drop_last defaults to `train`. With --data.holdout both splits come from the training data, disjoint. With
+    world_size > 1 each rank gets a disjoint shard of the
     epoch. Images of any size and aspect ratio work; smaller ones are upscaled by the resize.
     """
     if split not in ("train", "eval"):
@@ -49,7 +74,10 @@ def build_loader(
         hflip=cfg.hflip, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
     )
     if cfg.source == "fashion-mnist":
-        images, labels = load_fashion_mnist(cfg.path, split)  # (N, 1, 28, 28), (N,)
+        images, labels = load_fashion_mnist(cfg.path, "train" if cfg.holdout else split)  # (N, 1, 28, 28), (N,)
+        if cfg.holdout:
+            keep = holdout_indices(len(images), cfg.holdout, split)
+            images, labels = images[keep], labels[keep]
         if cfg.limit > 0:
             images, labels = images[: cfg.limit], labels[: cfg.limit]
         channels = cfg.channels or 1
@@ -57,7 +85,9 @@ def build_loader(
         num_classes = max(len(FASHION_MNIST_CLASSES), int(labels.max()) + 1 if len(labels) else 0)
         return MemoryLoader(images, labels, channels=channels, mean=mean, std=std, num_classes=num_classes,
                             classes=FASHION_MNIST_CLASSES, **common)
-    samples, classes, num_classes, missing = file_samples(cfg, split)
+    samples, classes, num_classes, missing = file_samples(cfg, "train" if cfg.holdout else split)
+    if cfg.holdout:
+        samples = [samples[i] for i in holdout_indices(len(samples), cfg.holdout, split).tolist()]
     if cfg.limit > 0:
         samples = samples[: cfg.limit]
     channels = cfg.channels or 3
