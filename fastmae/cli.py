@@ -86,6 +86,16 @@ def parse(argv: Sequence[str] | None) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, turn user errors into one clear line and exit code 2."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # whoever read stdout has gone (`fastmae finetune --help | head`): stop quietly, as a shell tool does,
+        # and point stdout at /dev/null so the interpreter's final flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     cfg = parse(argv)  # --help and malformed flags exit here (tyro's message, exit code 2)
     target = next(t for cls, t in COMMANDS.values() if type(cfg) is cls)
     module, fn = target.split(":")

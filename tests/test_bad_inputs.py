@@ -294,3 +294,19 @@ def test_readme_states_the_number_of_bad_input_cases():
     n = len(FILE_CASES) + len(FOLDER_CASES) + len(BAD_FLAGS) + len(BAD_OTHER)
     found = re.search(r"(\d+) bad-input cases", (REPO / "README.md").read_text())
     assert found and int(found.group(1)) == n, f"README should say '{n} bad-input cases'"
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """`fastmae finetune --help | head`: the reader leaves early; no traceback, a plain non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        res = subprocess.run([sys.executable, "-m", "fastmae", "finetune", "--help"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
