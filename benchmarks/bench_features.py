@@ -38,7 +38,7 @@ from fastmae.device import autocast, resolve_precision
 from fastmae.evaluate import LinearHead, head_accuracy, train_head_on_features
 from fastmae.knn import knn_accuracy
 from fastmae.weights import read_weights
-from fastmae.vit import pos_embed_for
+from fastmae.vit import encoder_tokens
 
 
 @torch.no_grad()
@@ -53,20 +53,16 @@ def block_tokens(model, loader, blocks: int, precision: str, grids: tuple[int, .
     cpu = torch.device("cpu")
     for imgs, y in loader:
         with autocast(cpu, precision):
-            pos = pos_embed_for(model, model.patch_embed.grid_for(imgs.shape[-2], imgs.shape[-1]))  # (1, 1+L, D)
-            t = model.patch_embed(imgs, any_size=True) + pos[:, 1:]  # (B, L, D)
-            t = torch.cat([(model.cls_token + pos[:, :1]).expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1+L, D)
-            for i, blk in enumerate(model.blocks):
-                t = blk(t)
-                if i >= first:
-                    n = model.norm(t)
-                    if i == depth - 1 and grids:
-                        h, w = model.patch_embed.grid_for(imgs.shape[-2], imgs.shape[-1])
-                        m = n[:, 1:].float().transpose(1, 2).reshape(t.shape[0], -1, h, w)  # (B, D, h, w)
-                        for g in grids:  # (B, D * g * g): a g x g grid of region means, keeping coarse layout
-                            out.setdefault(f"grid{g}-last1", []).append(F.adaptive_avg_pool2d(m, g).flatten(1))
-                    out.setdefault(f"avg-b{i - depth}", []).append(n[:, 1:].mean(1).float())
-                    out.setdefault(f"avg-b{i - depth}-raw", []).append(t[:, 1:].float().mean(1))
+            raw = encoder_tokens(model, imgs, list(range(first, depth)), norm=False)  # each (B, 1+L, D)
+            for i, t in zip(range(first, depth), raw):
+                n = model.norm(t)
+                if i == depth - 1 and grids:
+                    h, w = model.patch_embed.grid_for(imgs.shape[-2], imgs.shape[-1])
+                    m = n[:, 1:].float().transpose(1, 2).reshape(t.shape[0], -1, h, w)  # (B, D, h, w)
+                    for g in grids:  # (B, D * g * g): a g x g grid of region means, keeping coarse layout
+                        out.setdefault(f"grid{g}-last1", []).append(F.adaptive_avg_pool2d(m, g).flatten(1))
+                out.setdefault(f"avg-b{i - depth}", []).append(n[:, 1:].mean(1).float())
+                out.setdefault(f"avg-b{i - depth}-raw", []).append(t[:, 1:].float().mean(1))
             out.setdefault("cls-b-1", []).append(n[:, 0].float())
             out.setdefault("pixels", []).append(imgs.flatten(1).float())  # the reference: normalised raw pixels
         labels.append(y)

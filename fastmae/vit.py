@@ -245,6 +245,26 @@ def normalise_indices(indices: int | tuple[int, ...] | list[int], depth: int) ->
     return out
 
 
+def encoder_tokens(model: nn.Module, x: torch.Tensor, indices: int | tuple[int, ...] | list[int] = (-1,),
+                   norm: bool = True) -> list[torch.Tensor]:
+    """Token sequences (B, 1+L, D), cls token first, of the chosen encoder blocks for images (B, C, H, W) of any
+    size that is a multiple of the patch: `encoder_intermediates` with the prefix token kept (timm's
+    `return_prefix_tokens`). norm=True applies the model's final `norm`. Returned in the order of `indices`."""
+    wanted = normalise_indices(indices if isinstance(indices, int) else tuple(indices), len(model.blocks))
+    if x.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    pos = pos_embed_for(model, model.patch_embed.grid_for(x.shape[-2], x.shape[-1]))  # (1, 1+L, D)
+    t = model.patch_embed(x, any_size=True) + pos[:, 1:]  # (B, L, D)
+    cls = (model.cls_token + pos[:, :1]).expand(t.shape[0], -1, -1)  # (B, 1, D)
+    t = torch.cat([cls, t], dim=1)  # (B, 1+L, D)
+    found: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(model.blocks[: max(wanted) + 1]):
+        t = blk(t)
+        if i in wanted:
+            found[i] = model.norm(t) if norm else t
+    return [found[i] for i in wanted]
+
+
 def encoder_intermediates(model: nn.Module, x: torch.Tensor, indices: int | tuple[int, ...] | list[int] = (-1,),
                           norm: bool = True) -> list[torch.Tensor]:
     """Maps (B, D, h, w) of the chosen encoder blocks for images (B, C, H, W) of any size that is a multiple of
@@ -254,21 +274,10 @@ def encoder_intermediates(model: nn.Module, x: torch.Tensor, indices: int | tupl
     final `norm` to every returned map, as timm does; an avg-pool ViT's `norm` is Identity (its fc_norm acts
     after pooling), so its maps are un-normalised. Returned in the order of `indices`.
     """
-    wanted = normalise_indices(indices if isinstance(indices, int) else tuple(indices), len(model.blocks))
-    if x.ndim != 4:
-        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    tokens = encoder_tokens(model, x, indices, norm)
     h, w = model.patch_embed.grid_for(x.shape[-2], x.shape[-1])
-    pos = pos_embed_for(model, (h, w))  # (1, 1+L, D)
-    t = model.patch_embed(x, any_size=True) + pos[:, 1:]  # (B, L, D)
-    cls = (model.cls_token + pos[:, :1]).expand(t.shape[0], -1, -1)  # (B, 1, D)
-    t = torch.cat([cls, t], dim=1)  # (B, 1+L, D)
-    found: dict[int, torch.Tensor] = {}
-    for i, blk in enumerate(model.blocks[: max(wanted) + 1]):
-        t = blk(t)
-        if i in wanted:
-            found[i] = model.norm(t) if norm else t
-    B, D = t.shape[0], t.shape[-1]
-    return [found[i][:, 1:].transpose(1, 2).reshape(B, D, h, w) for i in wanted]  # each (B, D, h, w)
+    B, D = x.shape[0], tokens[0].shape[-1]
+    return [t[:, 1:].transpose(1, 2).reshape(B, D, h, w) for t in tokens]  # each (B, D, h, w)
 
 
 class VisionTransformer(nn.Module):

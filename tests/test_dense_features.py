@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastmae import encode
 from fastmae.mae import MaskedAutoencoderViT
 from fastmae.pos_embed import resample_pos_embed
-from fastmae.vit import VisionTransformer, pos_embed_for
+from fastmae.vit import VisionTransformer, encoder_tokens, pos_embed_for
 
 KW = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2)
 
@@ -61,6 +61,22 @@ def test_intermediate_maps_are_normed_like_timm():
     avg = _vit("avg")  # norm is Identity: maps are un-normalised whatever norm says
     a, b = avg.forward_intermediates(x, (1,), norm=True)[0], avg.forward_intermediates(x, (1,), norm=False)[0]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [_vit, _mae])
+def test_encoder_tokens_keep_the_cls_token_of_each_chosen_block(make):
+    model = make()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        first, last = encoder_tokens(model, x, (0, -1), norm=True)
+        (last_raw,) = encoder_tokens(model, x, 1, norm=False)  # an int: the last N blocks, as in timm
+        (map_last,) = model.forward_intermediates(x, (-1,), norm=True) if hasattr(model, "forward_intermediates") \
+            else encode(model, x, "dense", layers=(-1,))
+    assert first.shape == last.shape == (2, 1 + 16, 32) and not torch.equal(first, last)
+    assert torch.equal(last[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4), map_last)  # the maps drop only the cls
+    assert torch.allclose(model.norm(last_raw), last, atol=1e-6)
+    if isinstance(model, VisionTransformer):
+        assert torch.allclose(last, model.forward_features(x), atol=1e-6)
 
 
 def test_position_embedding_native_is_the_parameter_and_others_are_resampled_and_cached():
