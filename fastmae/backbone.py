@@ -8,13 +8,16 @@ Position embeddings are resampled (bicubic) when the target grid differs from th
 from __future__ import annotations
 
 import dataclasses
+from typing import TypeVar
 
 import torch.nn as nn
 
-from .config import DataConfig, ViTModelConfig
+from .config import SourceConfig, ViTModelConfig
 from .pos_embed import resample_pos_embed
 from .vit import VARIANTS, VisionTransformer, variant_kwargs
 from .weights import Weights, read_weights
+
+SourceT = TypeVar("SourceT", bound=SourceConfig)
 
 
 def encoder_kwargs(model: nn.Module) -> dict:
@@ -38,7 +41,7 @@ def encoder_init(init: str, model_cfg: ViTModelConfig) -> Weights:
     return read_weights(init).encoder()
 
 
-def data_for(bb: Weights, data_cfg: DataConfig) -> DataConfig:
+def data_for(bb: Weights, data_cfg: SourceT) -> SourceT:
     """Feed the encoder its own channel count and (unless given) the normalisation it was pretrained with."""
     changes: dict = {}
     if data_cfg.channels == 0 and bb.model_kwargs.get("in_chans"):

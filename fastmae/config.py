@@ -19,8 +19,8 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where images come from and how they become tensors."""
+class SourceConfig:
+    """Where images come from and how they are normalised: the data flags every command shares."""
 
     source: Literal["fashion-mnist", "folder", "unlabelled", "list"] = "fashion-mnist"
     """fashion-mnist: IDX .gz files; folder: one subfolder per class (ImageNet layout);
@@ -36,10 +36,18 @@ class DataConfig:
     """Per-channel normalisation mean (empty = the source's default: Fashion-MNIST's own, ImageNet's for RGB)."""
     std: tuple[float, ...] = ()
     """Per-channel normalisation std (empty = the source's default)."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area range as a fraction of the image (the paper: 0.2-1.0)."""
     hflip: bool = True
     """Random horizontal flip in training."""
+    limit: int = 0
+    """Use only the first N samples of each split (0 = all): for quick runs."""
+
+
+@dataclass(frozen=True)
+class DataConfig(SourceConfig):
+    """Where images come from and how they become tensors."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range as a fraction of the image (the paper: 0.2-1.0)."""
     num_workers: int = 2
     """DataLoader worker processes for file-based sources (in-memory sources need none)."""
     skip_corrupt: bool = False
@@ -47,11 +55,19 @@ class DataConfig:
     max_image_pixels: int = 0
     """Largest image (width x height) decoded; bigger files are refused as possible decompression bombs
     (0 = Pillow's limit, 178,956,970 pixels)."""
-    limit: int = 0
-    """Use only the first N samples of each split (0 = all): for quick runs."""
     holdout: int = 0
     """Hold out N training samples (a fixed random choice, the same in every run) as the evaluation split instead
     of the test / --data.eval_path one: tune on them, then report on the test split with 0 (the default)."""
+
+
+@dataclass(frozen=True)
+class SegDataConfig(SourceConfig):
+    """Segmentation images: Fashion-MNIST scenes or an image folder (label maps: --seg.labels); batched at their
+    own size, so no crop, loader workers or held-out split."""
+
+    source: Literal["fashion-mnist", "folder"] = "fashion-mnist"
+    """fashion-mnist: scenes pasted from its items (--seg.*); folder: images under --data.path, label maps under
+    --seg.labels."""
 
 
 @dataclass(frozen=True)
@@ -306,7 +322,7 @@ class SegmentConfig:
     """Train the encoder too (layer-wise lr decay, --layer_decay); default: frozen encoder, only the head trains."""
     layer_decay: float = 0.75
     """With --finetune: block i gets lr x layer_decay^(depth + 1 - i); the head gets the full lr."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
     model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(global_pool="token", drop_path=0.0))
     seg: SegParams = field(default_factory=SegParams)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
@@ -536,12 +552,16 @@ _NON_NEGATIVE = _at_least(0)
 _POSITIVE_INT = _at_least(1)
 _FRACTION = _within(0, 1, open_hi=True)
 
+_SOURCE_RULES: dict[str, Rule] = {
+    "channels": _at_least(0, " (0 = the source's own)"), "limit": _NON_NEGATIVE, "mean": _each((_finite, "finite")),
+    "std": _each(_above(0)),
+}
+
 RULES: dict[type, dict[str, Rule]] = {
+    SegDataConfig: _SOURCE_RULES,
     DataConfig: {
-        "channels": _at_least(0, " (0 = the source's own)"), "num_workers": _NON_NEGATIVE, "limit": _NON_NEGATIVE,
-        "holdout": _at_least(0, " (0 = the source's own evaluation split)"),
-        "max_image_pixels": _at_least(0, " (0 = Pillow's limit)"), "mean": _each((_finite, "finite")),
-        "std": _each(_above(0)),
+        **_SOURCE_RULES, "num_workers": _NON_NEGATIVE, "holdout": _at_least(0, " (0 = the source's own evaluation split)"),
+        "max_image_pixels": _at_least(0, " (0 = Pillow's limit)"),
         "crop_scale": ((lambda v: len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1] <= 1),
                        "(min, max) with 0 < min <= max <= 1"),
     },

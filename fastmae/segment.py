@@ -23,7 +23,7 @@ from PIL import Image
 from .api import encode
 from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from .checkpoint import atomic_write_text
-from .config import DataConfig, SegmentConfig, SegParams, validate
+from .config import SegDataConfig, SegmentConfig, SegParams, validate
 from .data.build import norm_stats
 from .data.segmentation import (
     SCENE_CLASSES,
@@ -117,11 +117,8 @@ def build_head(kind: str, dim: int, num_classes: int, channels: int) -> nn.Modul
 # Data.
 
 
-def seg_splits(data: DataConfig, seg: SegParams, channels: int, seed: int) -> tuple[SegSplit, SegSplit, list[str], int]:
+def seg_splits(data: SegDataConfig, seg: SegParams, channels: int, seed: int) -> tuple[SegSplit, SegSplit, list[str], int]:
     """(train, eval, class names, K): Fashion-MNIST scenes or an image + label folder pair, labels checked."""
-    if data.holdout:
-        raise ValueError("--data.holdout is not used by `fastmae segment`: its evaluation split is --seg.eval_scenes "
-                         "scenes (Fashion-MNIST) or --data.eval_path with --seg.eval_labels; drop --data.holdout")
     if data.source == "fashion-mnist":
         args = (seg.scene_size, tuple(seg.items), seed)
         train = fashion_scenes(data.path, "train", seg.train_scenes, *args)
@@ -149,7 +146,7 @@ def seg_splits(data: DataConfig, seg: SegParams, channels: int, seed: int) -> tu
     return train, val, classes, K
 
 
-def check_patch(size: tuple[int, int], patch: int, data: DataConfig, example: str) -> None:
+def check_patch(size: tuple[int, int], patch: int, data: SegDataConfig, example: str) -> None:
     """ValueError unless the image size is a multiple of the encoder's patch size, naming the fix."""
     H, W = size
     if H % patch or W % patch:
@@ -159,7 +156,7 @@ def check_patch(size: tuple[int, int], patch: int, data: DataConfig, example: st
         raise ValueError(f"images are {H}x{W} (HxW, e.g. {example}) but the encoder's patch size is {patch}: {fix}")
 
 
-def _stats(data: DataConfig, channels: int) -> tuple[tuple, tuple]:
+def _stats(data: SegDataConfig, channels: int) -> tuple[tuple, tuple]:
     """Normalisation: the checkpoint's / --data.mean, else Fashion-MNIST's for scenes, ImageNet's (RGB) or 0.5."""
     if data.source == "fashion-mnist":
         return norm_stats(data, channels, FASHION_MNIST_MEAN, FASHION_MNIST_STD)

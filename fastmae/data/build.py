@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, SourceConfig
 from .files import FileLoader
 from .loader import Loader
 from .memory import MemoryLoader
@@ -43,7 +43,7 @@ def holdout_indices(n: int, holdout: int, split: Literal["train", "eval"]) -> to
     return (perm[:holdout] if split == "eval" else perm[holdout:]).sort().values
 
 
-def norm_stats(cfg: DataConfig, channels: int, default_mean: tuple, default_std: tuple) -> tuple[tuple, tuple]:
+def norm_stats(cfg: SourceConfig, channels: int, default_mean: tuple, default_std: tuple) -> tuple[tuple, tuple]:
     """cfg.mean/std if given, else the source's defaults, replicated when they are per grey channel."""
     mean = tuple(cfg.mean) or (default_mean if len(default_mean) == channels else default_mean[:1] * channels)
     std = tuple(cfg.std) or (default_std if len(default_std) == channels else default_std[:1] * channels)
