@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR of finished fastmae finetune runs")
     p.add_argument("--out", default="docs/finetune_curves.png", help="figure path")
-    p.add_argument("--title", default="fine-tuning on Fashion-MNIST, top-1 on the 10,000 test images")
+    p.add_argument("--title", default="fmnist-small fine-tuning: top-1 on the 10,000 Fashion-MNIST test images")
     args = p.parse_args(argv)
     runs: dict[str, Path] = {}
     for item in args.runs:

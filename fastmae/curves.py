@@ -95,10 +95,11 @@ def plot_runs(logs: dict[str, str | Path], out_path: str | Path, title: str = ""
         line, = ax.plot(*zip(*points), "o-", ms=3, label=name)
         ax.annotate(f"{points[-1][1]:.2f}", points[-1], textcoords="offset points", xytext=(4, -3),
                     color=line.get_color(), fontsize=8)
+    ax.margins(x=0.1)  # room for the last values
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(label)
-    ax.set_title(title or label)
+    ax.set_title(title or label, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
