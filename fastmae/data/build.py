@@ -64,8 +64,8 @@ def build_loader(
     """The loader for a split: train=True augments (random resized crop, flip), False resizes and centre-crops.
 
     drop_last defaults to `train`. With --data.holdout both splits come from the training data, disjoint. With
-    world_size > 1 each rank gets a disjoint shard of the
-    epoch. Images of any size and aspect ratio work; smaller ones are upscaled by the resize.
+    world_size > 1 each rank gets a disjoint shard of the epoch. Images of any size and aspect ratio work; smaller
+    ones are upscaled by the resize.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
