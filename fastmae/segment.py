@@ -24,7 +24,7 @@ from .api import encode
 from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from .checkpoint import atomic_write_text
 from .config import SegDataConfig, SegmentConfig, SegParams, validate
-from .data.build import norm_stats
+from .data.build import source_norm_stats
 from .data.segmentation import (
     SCENE_CLASSES,
     SegLoader,
@@ -34,12 +34,6 @@ from .data.segmentation import (
     folder_split,
     infer_num_classes,
     palette,
-)
-from .data.sources import (
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
 )
 from .device import autocast
 from .dist import all_reduce_mean, print0
@@ -156,13 +150,6 @@ def check_patch(size: tuple[int, int], patch: int, data: SegDataConfig, example:
         raise ValueError(f"images are {H}x{W} (HxW, e.g. {example}) but the encoder's patch size is {patch}: {fix}")
 
 
-def _stats(data: SegDataConfig, channels: int) -> tuple[tuple, tuple]:
-    """Normalisation: the checkpoint's / --data.mean, else Fashion-MNIST's for scenes, ImageNet's (RGB) or 0.5."""
-    if data.source == "fashion-mnist":
-        return norm_stats(data, channels, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-    return norm_stats(data, channels, *((IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Scoring and the figure.
 
@@ -254,7 +241,7 @@ def run_segment(cfg: SegmentConfig) -> dict:
     if cfg.model.img_size[0] and tuple(cfg.model.img_size) != size:
         raise ValueError(f"--model.img_size {cfg.model.img_size[0]} {cfg.model.img_size[1]} differs from the data's "
                          f"{size[0]}x{size[1]}; segment uses images at their own size: leave --model.img_size unset")
-    mean, std = _stats(data_cfg, channels)
+    mean, std = source_norm_stats(data_cfg, channels)
     common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
                   world_size=d.world_size, num_classes=K, classes=classes, batch_size=cfg.optim.batch_size)
     train_loader = SegLoader(train, train=True, **common)

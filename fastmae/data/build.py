@@ -50,6 +50,13 @@ def norm_stats(cfg: SourceConfig, channels: int, default_mean: tuple, default_st
     return mean, std
 
 
+def source_norm_stats(cfg: SourceConfig, channels: int) -> tuple[tuple, tuple]:
+    """Normalisation: --data.mean/std (or the checkpoint's), else Fashion-MNIST's for it, ImageNet's for RGB, 0.5."""
+    if cfg.source == "fashion-mnist":
+        return norm_stats(cfg, channels, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    return norm_stats(cfg, channels, *((IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))))
+
+
 def build_loader(
     cfg: DataConfig,
     split: Literal["train", "eval"],
@@ -81,7 +88,7 @@ def build_loader(
         if cfg.limit > 0:
             images, labels = images[: cfg.limit], labels[: cfg.limit]
         channels = cfg.channels or 1
-        mean, std = norm_stats(cfg, channels, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        mean, std = source_norm_stats(cfg, channels)
         num_classes = max(len(FASHION_MNIST_CLASSES), int(labels.max()) + 1 if len(labels) else 0)
         return MemoryLoader(images, labels, channels=channels, mean=mean, std=std, num_classes=num_classes,
                             classes=FASHION_MNIST_CLASSES, **common)
@@ -91,7 +98,7 @@ def build_loader(
     if cfg.limit > 0:
         samples = samples[: cfg.limit]
     channels = cfg.channels or 3
-    mean, std = norm_stats(cfg, channels, *((IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))))
+    mean, std = source_norm_stats(cfg, channels)
     loader = FileLoader(samples, channels=channels, mean=mean, std=std, num_workers=cfg.num_workers,
                         skip_corrupt=cfg.skip_corrupt, max_image_pixels=cfg.max_image_pixels,
                         num_classes=num_classes, classes=classes, **common)
