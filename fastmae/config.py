@@ -226,7 +226,7 @@ class FinetuneConfig:
 
     recipe: Literal["", "fmnist-small", "paper"] = ""
     """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
-    fmnist-small: small images on a CPU (15 epochs, light augmentation); the defaults here are the paper's schedule at a small batch; paper: the paper's ImageNet values (pass --data.path)."""
+    fmnist-small: small images on a CPU (30 epochs, light augmentation); the defaults here are the paper's schedule at a small batch; paper: the paper's ImageNet values (pass --data.path)."""
     init: str = "runs/pretrain"
     """MAE/ViT checkpoint file or run folder to start from, or 'random' for training from scratch."""
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))

@@ -56,19 +56,20 @@ def pretrain_paper() -> PretrainConfig:
 
 
 def finetune_fmnist_small() -> FinetuneConfig:
-    """`fastmae finetune --init runs/pretrain --recipe fmnist-small`: 15 epochs (1 warmup), batch 64, blr 2e-3,
-    layer decay 0.75, drop path 0.1, crop 0.5-1 + flip, random erasing 0.25, label smoothing 0.1, no RandAugment,
-    no mixup/cutmix: light regularisation for a short schedule on 28x28 images, average pooling.
+    """`fastmae finetune --init runs/pretrain --recipe fmnist-small`: 30 epochs (1 warmup), batch 64, blr 2e-3,
+    layer decay 0.75, drop path 0.05, crop 0.8-1 + flip, label smoothing 0.1, no random erasing, no RandAugment,
+    no mixup/cutmix: light regularisation for a small model that underfits its data, average pooling.
 
-    Produced (BENCHMARKS.md "Fine-tuning curves", 2026-11-26, chosen before the run, not tuned): 91.05% top-1 on
-    the 10,000 test images after 15 epochs from the default pretraining run, 87.39% from `--init random`
-    (docs/finetune_curves.png); ~400 s per epoch on 2 cores, two runs side by side.
+    Chosen on 10,000 held-out training images (`--data.holdout 10000`, 5-epoch pilots, BENCHMARKS.md): it beat
+    the earlier 15-epoch recipe's augmentation (crop 0.5-1, erasing 0.25, drop path 0.1) at every epoch.
+    Produced: 90.47% on those held-out images after a 5-epoch pilot (the earlier recipe: 89.39%).
     """
     return FinetuneConfig(
         recipe="fmnist-small",
-        data=DataConfig(crop_scale=(0.5, 1.0)),
-        aug=AugConfig(mixup=0.0, cutmix=0.0, randaug_ops=0, reprob=0.25, smoothing=0.1),
-        optim=OptimConfig(epochs=15, warmup_epochs=1.0, batch_size=64, blr=2e-3, min_lr=1e-6, weight_decay=0.05,
+        data=DataConfig(crop_scale=(0.8, 1.0)),
+        model=ViTModelConfig(drop_path=0.05),
+        aug=AugConfig(mixup=0.0, cutmix=0.0, randaug_ops=0, reprob=0.0, smoothing=0.1),
+        optim=OptimConfig(epochs=30, warmup_epochs=1.0, batch_size=64, blr=2e-3, min_lr=1e-6, weight_decay=0.05,
                           betas=(0.9, 0.999)),
         layer_decay=0.75,
     )
