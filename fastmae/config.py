@@ -133,7 +133,7 @@ class RunConfig:
     num_threads: int = 0
     """torch intra-op threads (0 = leave torch's default)."""
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Show progress on rank 0: a bar on a terminal, a plain line a minute when the output is redirected."""
     resume: str = ""
     """Checkpoint to resume from ('' = auto-resume from output_dir if it holds one)."""
     dist_timeout: float = 1800.0

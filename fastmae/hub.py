@@ -108,7 +108,10 @@ def fetch(name: str, progress: bool = True) -> Path:
 
 def download(url: str, dest: Path, size: int | None = None, sha256: str | None = None,
              progress: bool = True) -> Path:
-    """Stream `url` into `dest` atomically (temp file + rename); refuse a short or mismatching file."""
+    """Stream `url` into `dest` atomically (temp file + rename); refuse a short or mismatching file.
+
+    The byte bar shows on a terminal only (tqdm disable=None), so a redirected log gets no carriage returns.
+    """
     from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
@@ -122,7 +125,7 @@ def download(url: str, dest: Path, size: int | None = None, sha256: str | None =
         def write(tmp: Path) -> None:
             got = 0
             with open(tmp, "wb") as f, tqdm(total=expect, unit="B", unit_scale=True, desc=dest.name,
-                                            disable=not progress, leave=False) as bar:
+                                            disable=None if progress else True, leave=False) as bar:
                 while chunk := resp.read(CHUNK):
                     f.write(chunk)
                     digest.update(chunk)

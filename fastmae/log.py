@@ -1,9 +1,11 @@
-"""Run logging: JSON-lines metrics, TensorBoard scalars on a global-step axis, a tqdm progress bar."""
+"""Run logging: JSON-lines metrics, TensorBoard scalars on a global-step axis, progress (a tqdm bar on a terminal,
+periodic plain lines in a log file)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -54,10 +56,69 @@ class RunLogger:
             self._tb.close()
 
 
-def progress(iterable, total: int, enabled: bool, desc: str = "", initial: int = 0):
-    """A tqdm bar on rank 0 when enabled, the bare iterable otherwise."""
+class LineProgress:
+    """Progress for a log file (nohup, SLURM, CI): one plain line every `interval` seconds and one at the end.
+
+    tqdm redraws with carriage returns several times a second, which in a redirected stream becomes megabytes of
+    one unreadable line; this writes whole lines (done/total, elapsed, time left, the latest postfix).
+    """
+
+    def __init__(self, iterable, total: int, desc: str = "", initial: int = 0, interval: float = 60.0,
+                 stream=None):
+        self.iterable, self.total, self.desc, self.initial = iterable, total, desc, initial
+        self.interval, self.stream = interval, stream if stream is not None else sys.stderr
+        self.postfix: dict[str, str] = {}
+        self.n = self._handed = 0  # items finished / handed out (a consumer may break before asking for more)
+        self._t0 = self._last = time.monotonic()
+        self._closed = False
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = {k: str(v) for k, v in values.items()}
+
+    def __iter__(self):
+        for item in self.iterable:
+            self._handed += 1
+            yield item
+            self.n = self._handed
+            now = time.monotonic()
+            if now - self._last >= self.interval and self.initial + self.n < self.total:
+                self._last = now
+                self._write(now)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed, self.n = True, self._handed
+            self._write(time.monotonic())
+
+    def _write(self, now: float) -> None:
+        elapsed = now - self._t0
+        done, total = self.initial + self.n, self.total
+        left = elapsed / self.n * (total - done) if self.n else 0.0
+        parts = [f"{self.desc}: " if self.desc else "", f"{done}/{total} ({100 * done / max(total, 1):.0f}%)",
+                 f" {_clock(elapsed)} elapsed"]
+        if self.n and done < total:
+            parts.append(f", ~{_clock(left)} left")
+        if self.postfix:
+            parts.append(", " + ", ".join(f"{k}={v}" for k, v in self.postfix.items()))
+        self.stream.write("".join(parts) + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS or M:SS."""
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+def progress(iterable, total: int, enabled: bool, desc: str = "", initial: int = 0, stream=None):
+    """Rank 0's progress when enabled (a tqdm bar on a terminal, LineProgress otherwise); the bare iterable if not."""
     if not enabled:
         return iterable
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty is not None and isatty()):
+        return LineProgress(iterable, total=total, desc=desc, initial=initial, stream=stream)
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False)
+    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, file=stream)

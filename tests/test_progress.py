@@ -1,0 +1,71 @@
+"""Progress output: a tqdm bar on a terminal, whole plain lines in a redirected log (no carriage returns)."""
+
+from __future__ import annotations
+
+import io
+
+from fastmae.cli import main
+from fastmae.log import LineProgress, progress
+from tests.test_cli_pretrain import make_fmnist, tiny_args
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_redirected_stream_gets_lines_not_a_bar():
+    out = io.StringIO()
+    bar = progress(range(5), total=5, enabled=True, desc="epoch 1/2", stream=out)
+    assert isinstance(bar, LineProgress)
+    for _ in bar:
+        bar.set_postfix(loss="0.5000")
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    assert text.splitlines() == [text.splitlines()[0]]  # interval 60 s: only the closing line
+    assert text.startswith("epoch 1/2: 5/5 (100%)") and "loss=0.5000" in text and "left" not in text
+
+
+def test_interval_zero_writes_a_line_per_step_with_time_left():
+    out = io.StringIO()
+    bar = LineProgress(range(4), total=4, desc="e", interval=0.0, stream=out)
+    for _ in bar:
+        pass
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [l.split(" ")[1] for l in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all("left" in l for l in lines[:-1]) and "left" not in lines[-1]
+
+
+def test_consumer_that_breaks_at_the_last_item_is_counted_done():
+    """The training loop breaks inside its last batch (before asking for more): close() still says total/total."""
+    out = io.StringIO()
+    bar = LineProgress(range(10), total=3, stream=out)
+    for i, _ in enumerate(bar):
+        if i + 1 >= 3:
+            break
+    bar.close()
+    bar.close()  # idempotent
+    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[0]]
+    assert out.getvalue().startswith("3/3 (100%)")
+
+
+def test_terminal_gets_tqdm_and_disabled_gets_the_iterable():
+    from tqdm import tqdm
+
+    items = [1, 2]
+    assert progress(items, total=2, enabled=False) is items
+    bar = progress(items, total=2, enabled=True, stream=TTY())
+    assert isinstance(bar, tqdm)
+    assert list(bar) == items
+    bar.close()
+
+
+def test_pretrain_with_progress_into_a_captured_stream_writes_whole_lines(tmp_path, capsys):
+    data = make_fmnist(tmp_path)
+    args = [a for a in tiny_args(data, tmp_path / "run", epochs=1) if a != "--run.no_progress"]
+    assert main(args + ["--knn_every", "-1", "--figure_every", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "epoch 1/1: 3/3 (100%)" in err and "loss=" in err
