@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch.nn as nn
 
-from .config import SourceConfig, ViTModelConfig
+from .config import EncoderConfig, SourceConfig
 from .pos_embed import resample_pos_embed
 from .vit import VARIANTS, VisionTransformer, variant_kwargs
 from .weights import Weights, read_weights
@@ -29,7 +29,7 @@ def encoder_kwargs(model: nn.Module) -> dict:
                 num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / D)
 
 
-def encoder_init(init: str, model_cfg: ViTModelConfig) -> Weights:
+def encoder_init(init: str, model_cfg: EncoderConfig) -> Weights:
     """The encoder to start from: `init`'s encoder weights (any checkpoint `read_weights` takes, or a run
     folder), or 'random' sizes from --model.name and its overrides (in_chans 0: decided by the data)."""
     if init == "random":
@@ -51,16 +51,18 @@ def data_for(bb: Weights, data_cfg: SourceT) -> SourceT:
     return dataclasses.replace(data_cfg, **changes)
 
 
-def build_classifier(bb: Weights, model_cfg: ViTModelConfig, num_classes: int, in_chans: int) -> VisionTransformer:
-    """A VisionTransformer with the backbone's encoder weights, a fresh head (std 2e-5), and the requested pooling."""
+def build_classifier(bb: Weights, model_cfg: EncoderConfig, num_classes: int, in_chans: int, *, global_pool: str,
+                     drop_path: float = 0.0) -> VisionTransformer:
+    """A VisionTransformer with the backbone's encoder weights, a fresh head (std 2e-5), and the requested pooling
+    ('token' keeps the encoder's final norm: what a frozen encoder is read through)."""
     kw = dict(bb.model_kwargs)
     if not kw.get("in_chans"):
         kw["in_chans"] = in_chans
     old_hw = tuple(kw["img_size"])
     if model_cfg.img_size[0]:
         kw["img_size"] = tuple(model_cfg.img_size)
-    model = VisionTransformer(**kw, num_classes=num_classes, global_pool=model_cfg.global_pool,
-                              drop_path_rate=model_cfg.drop_path)
+    model = VisionTransformer(**kw, num_classes=num_classes, global_pool=global_pool,
+                              drop_path_rate=drop_path)
     if bb.state_dict is None:
         return model
     sd = dict(bb.state_dict)

@@ -169,8 +169,8 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
-class ViTModelConfig:
-    """The classification ViT built for fine-tuning / probing (its sizes come from the MAE checkpoint)."""
+class EncoderConfig:
+    """The ViT encoder a command builds: its sizes come from the checkpoint; name and overrides act with --init random."""
 
     name: str = "vit_tiny_d6_patch4"
     """Variant from fastmae.vit.VARIANTS, used only with --init random (else the checkpoint decides)."""
@@ -182,6 +182,12 @@ class ViTModelConfig:
     """With --init random: heads override (0 = the variant's)."""
     img_size: tuple[int, int] = (0, 0)
     """Input height and width (0, 0 = the checkpoint's; else position embeddings are resampled)."""
+
+
+@dataclass(frozen=True)
+class ViTModelConfig(EncoderConfig):
+    """The classification ViT fine-tuning trains: the encoder, its pooling and stochastic depth."""
+
     global_pool: Literal["avg", "token"] = "avg"
     """avg: mean of patch tokens + fc_norm (the MAE fine-tuning default); token: cls token + norm."""
     drop_path: float = 0.1
@@ -189,15 +195,21 @@ class ViTModelConfig:
 
 
 @dataclass(frozen=True)
-class ProbeModelConfig(ViTModelConfig):
+class ProbeModelConfig(EncoderConfig):
     """The frozen encoder judged by kNN / a linear probe, and which of its features are used."""
 
     global_pool: Literal["auto", "avg", "token", "tokens"] = "auto"
     """Features (after the encoder's final norm): avg: mean of the patch tokens; token: the cls token; tokens: every
     patch token, flattened (L x D numbers); auto: tokens for a patch grid of at most 64 patches (small images, where
     layout matters: chosen on held-out Fashion-MNIST training images, BENCHMARKS.md), else avg."""
+
+
+@dataclass(frozen=True)
+class SegModelConfig(EncoderConfig):
+    """The encoder under a segmentation head (its patch tokens after the final norm, at the data's own size)."""
+
     drop_path: float = 0.0
-    """Unused: the probed encoder is frozen and runs in eval mode."""
+    """With --finetune: stochastic depth rate of the last block (linearly increasing from 0); frozen: unused."""
 
 
 @dataclass(frozen=True)
@@ -323,7 +335,7 @@ class SegmentConfig:
     layer_decay: float = 0.75
     """With --finetune: block i gets lr x layer_decay^(depth + 1 - i); the head gets the full lr."""
     data: SegDataConfig = field(default_factory=SegDataConfig)
-    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(global_pool="token", drop_path=0.0))
+    model: SegModelConfig = field(default_factory=SegModelConfig)
     seg: SegParams = field(default_factory=SegParams)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         epochs=5, warmup_epochs=0.5, batch_size=64, blr=4e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
@@ -480,8 +492,8 @@ class EmbedConfig:
     init: str = "runs/pretrain"
     """MAE/ViT checkpoint file or run folder, a released name (mae_pretrain_vit_base), or 'random'."""
     data: DataConfig = field(default_factory=DataConfig)
-    model: ViTModelConfig = field(default_factory=lambda: ViTModelConfig(drop_path=0.0))
-    """The encoder (--model.img_size: inputs at another size, positions resampled; --model.global_pool unused)."""
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    """The encoder (--model.img_size: inputs at another size, positions resampled)."""
     embed: EmbedParams = field(default_factory=lambda: EmbedParams())
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/embed"))
 
@@ -552,15 +564,12 @@ _NON_NEGATIVE = _at_least(0)
 _POSITIVE_INT = _at_least(1)
 _FRACTION = _within(0, 1, open_hi=True)
 
-_SOURCE_RULES: dict[str, Rule] = {
-    "channels": _at_least(0, " (0 = the source's own)"), "limit": _NON_NEGATIVE, "mean": _each((_finite, "finite")),
-    "std": _each(_above(0)),
-}
-
+# per class; validate applies a class's rules and those of its bases (a subclass adds fields, never relaxes one)
 RULES: dict[type, dict[str, Rule]] = {
-    SegDataConfig: _SOURCE_RULES,
+    SourceConfig: {"channels": _at_least(0, " (0 = the source's own)"), "limit": _NON_NEGATIVE,
+                   "mean": _each((_finite, "finite")), "std": _each(_above(0))},
     DataConfig: {
-        **_SOURCE_RULES, "num_workers": _NON_NEGATIVE, "holdout": _at_least(0, " (0 = the source's own evaluation split)"),
+        "num_workers": _NON_NEGATIVE, "holdout": _at_least(0, " (0 = the source's own evaluation split)"),
         "max_image_pixels": _at_least(0, " (0 = Pillow's limit)"),
         "crop_scale": ((lambda v: len(v) == 2 and all(map(_finite, v)) and 0 < v[0] <= v[1] <= 1),
                        "(min, max) with 0 < min <= max <= 1"),
@@ -581,8 +590,10 @@ RULES: dict[type, dict[str, Rule]] = {
                 "seed": ((lambda v: _finite(v) and 0 <= v <= 2**63 - 1), "in [0, 2**63-1]"),
                 "dist_timeout": ((lambda v: _finite(v) and 0 < v <= 7 * 86400), "> 0 and at most 604800 (7 days)")},
     PretrainConfig: {"figure_every": _at_least(0, " (0 = never)"), "knn_every": _at_least(-1, " (-1 = never)")},
-    ViTModelConfig: {"img_size": _size(zero_ok=True), "embed_dim": _NON_NEGATIVE, "depth": _NON_NEGATIVE,
-                     "num_heads": _NON_NEGATIVE, "drop_path": _FRACTION},
+    EncoderConfig: {"img_size": _size(zero_ok=True), "embed_dim": _NON_NEGATIVE, "depth": _NON_NEGATIVE,
+                    "num_heads": _NON_NEGATIVE},
+    ViTModelConfig: {"drop_path": _FRACTION},
+    SegModelConfig: {"drop_path": _FRACTION},
     AugConfig: {"mixup": _NON_NEGATIVE, "cutmix": _NON_NEGATIVE, "mix_prob": _within(0, 1),
                 "smoothing": _FRACTION, "randaug_ops": _NON_NEGATIVE, "randaug_magnitude": _within(0, 10),
                 "reprob": _within(0, 1)},
@@ -613,7 +624,7 @@ def validate(cfg, prefix: str = "--") -> None:
 
     Commands call it first, so a typo fails in a second instead of after the data is indexed.
     """
-    rules = RULES.get(type(cfg), {})
+    rules = {k: v for t in reversed(type(cfg).__mro__) for k, v in RULES.get(t, {}).items()}
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -635,7 +646,7 @@ def _check_relations(cfg, prefix: str) -> None:
                          f"{prefix}eval_path would be ignored: pass one of the two")
     if isinstance(cfg, OptimConfig) and cfg.lr > 0 and cfg.min_lr > cfg.lr:
         raise ValueError(f"{prefix}min_lr must be <= {prefix}lr ({cfg.lr}), got {cfg.min_lr}")
-    if isinstance(cfg, (MAEModelConfig, ViTModelConfig)):
+    if isinstance(cfg, (MAEModelConfig, EncoderConfig)):
         from .mae import MAE_VARIANTS
         from .vit import VARIANTS, variant_kwargs
 

@@ -7,7 +7,6 @@ token, flattened; 'auto': tokens on small patch grids, else avg), as the pretrai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from .api import encode, feature_pool
 from .backbone import build_classifier, data_for, encoder_init
 from .checkpoint import atomic_write_text, save_checkpoint
-from .config import DataConfig, KnnConfig, LinprobeConfig, OptimConfig, ViTModelConfig, validate
+from .config import DataConfig, EncoderConfig, KnnConfig, LinprobeConfig, OptimConfig, validate
 from .data import build_loader, eval_split_name
 from .dist import print0
 from .engine import Task, evaluate, extract_features, topk_correct
@@ -28,7 +27,7 @@ from .optim import LARS, schedule, set_lr
 from .trainer import Runtime, fit, model_meta, setup
 
 
-def probe_encoder(init: str, model_cfg: ViTModelConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int):
+def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int):
     """(frozen encoder, train loader without augmentation, eval loader, data config used) for probing."""
     bb = encoder_init(init, model_cfg)
     data_cfg = data_for(bb, data_cfg)
@@ -36,8 +35,8 @@ def probe_encoder(init: str, model_cfg: ViTModelConfig, data_cfg: DataConfig, rt
     d = rt.dist
     loaders = [build_loader(data_cfg, split, img_size, batch_size, train=False, seed=rt.run.seed, rank=d.rank,
                             world_size=d.world_size, drop_last=False) for split in ("train", "eval")]
-    enc_cfg = dataclasses.replace(model_cfg, global_pool="token", drop_path=0.0)  # keeps the encoder's norm
-    encoder = build_classifier(bb, enc_cfg, num_classes=0, in_chans=loaders[0].channels).to(rt.device).eval()
+    encoder = build_classifier(bb, model_cfg, num_classes=0, in_chans=loaders[0].channels, global_pool="token")
+    encoder = encoder.to(rt.device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder, loaders[0], loaders[1], data_cfg

@@ -40,7 +40,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if train.num_classes == 0:
         raise ValueError("fine-tuning needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
     K = train.num_classes
-    model = build_classifier(bb, cfg.model, K, train.channels).to(rt.device)
+    model = build_classifier(bb, cfg.model, K, train.channels, global_pool=cfg.model.global_pool,
+                             drop_path=cfg.model.drop_path).to(rt.device)
     lr = schedule(cfg.optim, len(train), d.world_size)
     groups = param_groups_lrd(model, cfg.optim.weight_decay, cfg.layer_decay)
     optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)

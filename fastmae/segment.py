@@ -246,9 +246,8 @@ def run_segment(cfg: SegmentConfig) -> dict:
                   world_size=d.world_size, num_classes=K, classes=classes, batch_size=cfg.optim.batch_size)
     train_loader = SegLoader(train, train=True, **common)
     val_loader = SegLoader(val, train=False, drop_last=False, **common)
-    enc_cfg = dataclasses.replace(cfg.model, img_size=size, global_pool="token",
-                                  drop_path=cfg.model.drop_path if cfg.finetune else 0.0)  # token: keeps the norm
-    encoder = build_classifier(bb, enc_cfg, num_classes=0, in_chans=channels)
+    encoder = build_classifier(bb, dataclasses.replace(cfg.model, img_size=size), num_classes=0, in_chans=channels,
+                               global_pool="token", drop_path=cfg.model.drop_path if cfg.finetune else 0.0)
     model = Segmenter(encoder, build_head(cfg.head, encoder.embed_dim, K, cfg.seg.fpn_channels), cfg.finetune)
     model = model.to(rt.device)
     lr = schedule(cfg.optim, len(train_loader), d.world_size)

@@ -82,6 +82,11 @@ BAD_OTHER = [
     (["knn", "--init", "random", "--knn.k", "0"], "--knn.k must be >= 1, got 0"),
     (["knn", "--init", "random", "--knn.temperature", "0"], "--knn.temperature must be > 0"),
     (["linprobe", "--init", "random", "--optim.epochs", "0"], "--optim.epochs must be >= 1"),
+    (["knn", "--init", "random", "--model.img_size", "-4", "4"], "--model.img_size must be two positive integers"),
+    (["linprobe", "--init", "random", "--model.depth", "-1"], "--model.depth must be >= 0"),
+    (["embed", "--init", "random", "--model.num_heads", "-2"], "--model.num_heads must be >= 0"),
+    (["segment", "--init", "random", "--model.drop_path", "1.5"], "--model.drop_path must be in [0, 1)"),
+    (["segment", "--init", "random", "--model.name", "vit_nope"], "--model.name:"),
 ]
 
 

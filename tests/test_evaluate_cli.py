@@ -93,7 +93,7 @@ def test_backbone_resamples_position_embeddings(pretrained):
     _, run = pretrained
     bb = encoder_init(str(run), ViTModelConfig())
     assert tuple(bb.model_kwargs["img_size"]) == (28, 28)
-    vit = build_classifier(bb, ViTModelConfig(img_size=(36, 44)), num_classes=3, in_chans=1)
+    vit = build_classifier(bb, ViTModelConfig(img_size=(36, 44)), num_classes=3, in_chans=1, global_pool="avg")
     assert vit.pos_embed.shape == (1, 1 + 9 * 11, 32)
     # copied weights are the checkpoint's; the cls slot of the position embedding is kept
     assert torch.equal(vit.blocks[0].attn.qkv.weight, bb.state_dict["blocks.0.attn.qkv.weight"])
@@ -110,4 +110,20 @@ def test_backbone_refuses_mismatched_weights():
     bb = Weights("encoder", state, dict(img_size=(8, 8), patch_size=4, in_chans=1, embed_dim=16, depth=1,
                                        num_heads=2), source="test")
     with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight"):
-        build_classifier(bb, ViTModelConfig(), num_classes=2, in_chans=1)
+        build_classifier(bb, ViTModelConfig(), num_classes=2, in_chans=1, global_pool="avg")
+
+
+@pytest.mark.parametrize(("command", "offered", "absent"), [
+    ("finetune", ["--model.drop_path", "--model.global_pool", "--model.img_size"], []),
+    ("segment", ["--model.drop_path", "--model.img_size"], ["--model.global_pool"]),
+    ("knn", ["--model.global_pool", "--model.img_size"], ["--model.drop_path"]),
+    ("linprobe", ["--model.global_pool", "--model.img_size"], ["--model.drop_path"]),
+    ("embed", ["--model.img_size", "--model.name"], ["--model.drop_path", "--model.global_pool"]),
+])
+def test_help_offers_only_model_flags_that_act(capsys, command, offered, absent):
+    """A frozen encoder has no stochastic depth; segment and embed choose their own features (no --model.global_pool)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in offered), offered
+    assert not any(flag in out for flag in absent), absent
