@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -48,10 +47,14 @@ def features_of(encoder: nn.Module, loader, pool: str, rt: Runtime) -> tuple[tor
     return extract_features(lambda x: encode(encoder, x, pool), loader, rt.device, rt.precision, rt.dist)
 
 
-def _write_result(out_dir: Path, name: str, result: dict) -> Path:
-    path = out_dir / f"{name}.json"
+def _report(rt: Runtime, name: str, what: str, result: dict, data_cfg: DataConfig) -> None:
+    """Rank 0 writes `<name>.json` atomically and prints `<what>: top-1 a%  top-5 b% on the <split> (<file>)`."""
+    if not rt.dist.is_main:
+        return
+    path = rt.out_dir / f"{name}.json"
     atomic_write_text(json.dumps(result, indent=2, sort_keys=True), path)
-    return path
+    print0(rt.dist, f"{what}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the "
+                    f"{eval_split_name(data_cfg)} ({path})")
 
 
 def run_knn(cfg: KnnConfig) -> dict:
@@ -67,10 +70,7 @@ def run_knn(cfg: KnnConfig) -> dict:
     result = knn_accuracy(*tr, *va, num_classes=train.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
     result.update(init=cfg.init, pool=pool, k=cfg.knn.k, temperature=cfg.knn.temperature, train=len(tr[1]), eval=len(va[1]),
                   holdout=cfg.data.holdout, seconds=time.perf_counter() - t0)
-    if rt.dist.is_main:
-        path = _write_result(rt.out_dir, "knn", result)
-        print0(rt.dist, f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}, {pool} features of {cfg.init}): top-1 "
-                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the {eval_split_name(cfg.data)} ({path})")
+    _report(rt, "knn", f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}, {pool} features of {cfg.init})", result, cfg.data)
     return result
 
 
@@ -172,10 +172,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,
                   holdout=cfg.data.holdout, seconds=time.perf_counter() - t0)
-    if rt.dist.is_main:
-        path = _write_result(rt.out_dir, "linprobe", result)
-        print0(rt.dist, f"linear probe ({pool} features of {cfg.init}, {cfg.optim.epochs} epochs): top-1 "
-                        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the {eval_split_name(cfg.data)} ({path})")
+    _report(rt, "linprobe", f"linear probe ({pool} features of {cfg.init}, {cfg.optim.epochs} epochs)", result, cfg.data)
     return result
 
 
