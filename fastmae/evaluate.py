@@ -26,8 +26,10 @@ from .optim import LARS, schedule, set_lr
 from .trainer import Runtime, fit, model_meta, setup
 
 
-def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int):
-    """(frozen encoder, train loader without augmentation, eval loader, data config used) for probing."""
+def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int,
+                  labels_for: str = ""):
+    """(frozen encoder, train loader without augmentation, eval loader, data config used) for probing; with
+    `labels_for` (the method's name) an unlabelled source is refused before any feature is computed."""
     bb = encoder_init(init, model_cfg)
     data_cfg = data_for(bb, data_cfg)
     img_size = tuple(model_cfg.img_size) if model_cfg.img_size[0] else tuple(bb.model_kwargs["img_size"])
@@ -36,6 +38,9 @@ def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt:
                             world_size=d.world_size, drop_last=False) for split in ("train", "eval")]
     encoder = build_classifier(bb, model_cfg, num_classes=0, in_chans=loaders[0].channels, global_pool="token")
     encoder = encoder.to(rt.device).eval()
+    if labels_for and loaders[0].num_classes == 0:
+        raise ValueError(f"{labels_for} needs labels: use a labelled source (fashion-mnist, folder, or a list with "
+                         f"labels)")
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder, loaders[0], loaders[1], data_cfg
@@ -62,9 +67,7 @@ def run_knn(cfg: KnnConfig) -> dict:
     validate(cfg)
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
-    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.knn.batch_size)
-    if train.num_classes == 0:
-        raise ValueError("kNN needs labels: use a labelled source (fashion-mnist, folder, or a list with labels)")
+    encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.knn.batch_size, labels_for="kNN")
     pool = feature_pool(cfg.model.global_pool, encoder)
     tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
     result = knn_accuracy(*tr, *va, num_classes=train.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
@@ -142,9 +145,8 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
     validate(cfg)
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
-    encoder, train, val, data_cfg = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.optim.batch_size)
-    if train.num_classes == 0:
-        raise ValueError("a linear probe needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
+    encoder, train, val, data_cfg = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.optim.batch_size,
+                                                  labels_for="a linear probe")
     pool, K = feature_pool(cfg.model.global_pool, encoder), train.num_classes
     dim = encoder.embed_dim * (encoder.patch_embed.num_patches if pool == "tokens" else 1)
     head = LinearHead(dim, K).to(rt.device)

@@ -127,3 +127,20 @@ def test_help_offers_only_model_flags_that_act(capsys, command, offered, absent)
     out = capsys.readouterr().out
     assert all(flag in out for flag in offered), offered
     assert not any(flag in out for flag in absent), absent
+
+
+@pytest.mark.parametrize(("command", "name"), [("knn", "kNN"), ("linprobe", "a linear probe")])
+def test_probe_on_unlabelled_images_is_refused(pretrained, tmp_path, capsys, command, name):
+    from PIL import Image
+
+    _, run = pretrained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("L", (28, 28), 20 * i).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    argv = [command, "--init", str(run), "--data.source", "unlabelled", "--data.holdout", "4", "--data.num_workers", "0",
+            *common(folder, out)]
+    assert main(argv) == 2
+    assert f"{name} needs labels: use a labelled source" in capsys.readouterr().err
+    assert not (out / f"{command}.json").exists()
