@@ -5,9 +5,10 @@
     to 224, flip, normalise, through `fastmae.data.build_loader` (source 'unlabelled'): with --workers 0 one
     worker process's rate; with --workers N (e.g. 16 on a GPU machine) the loader's rate as training uses it.
 
-(D) One worker's decode + RandomResizedCrop to 224 (load_image, train) of generated JPEGs, with the full
-    decode (fast_jpeg=False: the reference, as before) and the reduced-size JPEG decode (fast_jpeg=True),
-    interleaved in one process, --repeats times; median images/s of each and their ratio, per JPEG size.
+(D) One worker's decode + RandomResizedCrop to 224 of generated JPEGs, three paths interleaved in one process,
+    --repeats times; median images/s of each, per JPEG size: the reference (`reference_load_image`, the per-file
+    transform as it was when issue #12 was filed), today's load_image with the full decode (fast_jpeg=False) and
+    today's default (fast_jpeg=True: reduced-size JPEG decode where the crop allows). Same seeds: same boxes.
 
     python benchmarks/bench_data.py [--files 256] [--epochs 2]
     python benchmarks/bench_data.py --decode-only --decode-sizes 500x375,1024x768,2048x1536 --repeats 7
@@ -31,10 +32,11 @@ if __package__ in (None, ""):  # run as a file: make the repository's `fastmae` 
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastmae.config import DataConfig
-from fastmae.data import MemoryLoader, build_loader, load_image
+from fastmae.data import MemoryLoader, build_loader, load_image, normalize, sample_crop_boxes
+from fastmae.data.transforms import CROP_RATIO
 
 JPEG_SIZE = (500, 375)  # width, height
 DECODE_SIZES = "500x375,1024x768,2048x1536"  # (D)'s JPEG sizes with --decode-only
@@ -109,29 +111,57 @@ def jpeg_rate(folder: str | Path, workers: int, batch: int, epochs: int) -> floa
     return rate(loader, epochs)
 
 
-def decode_rates(paths: list[str], repeats: int) -> dict:
-    """(D): one process's images/s of load_image (train, 224) over `paths`, full decode vs fast JPEG path.
+def reference_load_image(path: str, mean, std, generator: torch.Generator) -> torch.Tensor:
+    """(D)'s reference: load_image's train transform for an RGB file as it was when issue #12 was filed.
 
-    The two run alternately (which goes first alternates too), `repeats` times each, after one warm-up
-    pass of each; the same seeds, so both draw the same crop boxes. Medians and the ratio of medians.
+    Full decode, the EXIF-transposed copy, the crop box by the batched tensor rule, Pillow bicubic to 224,
+    the flip, float conversion with cat and clamp, then normalize: same boxes and pixels as today's full decode.
+    """
+    img = Image.open(path)
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    top, left, h, w = sample_crop_boxes(1, img.height, img.width, (0.2, 1.0), CROP_RATIO, generator)[0].tolist()
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    img = img.resize((224, 224), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)  # (3, 224, 224)
+    return normalize(torch.cat([x]).clamp_(0.0, 1.0), mean, std)
+
+
+PATHS = ("reference", "full", "fast")  # (D): reference_load_image, load_image(fast_jpeg=False), load_image default
+
+
+def decode_rates(paths: list[str], repeats: int) -> dict:
+    """(D): one process's images/s over `paths` (train, 224) of the reference, today's full decode and today's
+    default (reduced-size JPEG decode).
+
+    The three run in turn (the order rotates every pass), `repeats` times each, after one warm-up pass of each;
+    the same seeds, so all draw the same crop boxes. Medians and the ratios of medians.
     """
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    def one_pass(fast: bool) -> float:
+    def one_pass(which: str) -> float:
         t0 = time.perf_counter()
         for i, p in enumerate(paths):
-            load_image(p, (224, 224), 3, mean, std, train=True, generator=torch.Generator().manual_seed(i),
-                       fast_jpeg=fast)
+            g = torch.Generator().manual_seed(i)
+            if which == "reference":
+                reference_load_image(p, mean, std, g)
+            else:
+                load_image(p, (224, 224), 3, mean, std, train=True, generator=g, fast_jpeg=which == "fast")
         return len(paths) / (time.perf_counter() - t0)
 
-    one_pass(False), one_pass(True)  # warm-up
-    rates: dict[bool, list[float]] = {False: [], True: []}
+    for which in PATHS:  # warm-up
+        one_pass(which)
+    rates: dict[str, list[float]] = {which: [] for which in PATHS}
     for r in range(repeats):
-        for fast in ((False, True) if r % 2 == 0 else (True, False)):
-            rates[fast].append(one_pass(fast))
-    full, fast = float(np.median(rates[False])), float(np.median(rates[True]))
-    return {"full_img_per_s": full, "fast_img_per_s": fast, "ratio": fast / full,
-            "full_runs": rates[False], "fast_runs": rates[True]}
+        for which in PATHS[r % 3:] + PATHS[: r % 3]:
+            rates[which].append(one_pass(which))
+    med = {which: float(np.median(runs)) for which, runs in rates.items()}
+    return {"reference_img_per_s": med["reference"], "full_img_per_s": med["full"], "fast_img_per_s": med["fast"],
+            "ratio": med["fast"] / med["reference"], "fast_vs_full": med["fast"] / med["full"],
+            **{f"{which}_runs": runs for which, runs in rates.items()}}
 
 
 def decode_rows(sizes: list[tuple[int, int]], files: int, repeats: int, content: str = "noise") -> list[dict]:
@@ -193,10 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]
     decode = decode_rows(sizes, args.decode_files, args.repeats, args.decode_content) if sizes else []
     if decode:
-        print(f"\n| (D) decode + RandomResizedCrop 224, one process, median of {args.repeats} | full decode img/s "
-              f"| reduced-size decode img/s | ratio |\n| --- | ---: | ---: | ---: |")
+        print(f"\n| (D) decode + RandomResizedCrop 224, one process, median of {args.repeats} | reference img/s "
+              f"| today, full decode | today (default) | default vs reference | reduced vs full decode |\n"
+              f"| --- | ---: | ---: | ---: | ---: | ---: |")
         for r in decode:
-            print(f"| {r['title']} | {r['full_img_per_s']:.0f} | {r['fast_img_per_s']:.0f} | {r['ratio']:.2f}x |")
+            print(f"| {r['title']} | {r['reference_img_per_s']:.0f} | {r['full_img_per_s']:.0f} | "
+                  f"{r['fast_img_per_s']:.0f} | {r['ratio']:.2f}x | {r['fast_vs_full']:.2f}x |")
     if args.json:
         info = {"cpus": os.cpu_count(), "torch": torch.__version__, "epochs": args.epochs}
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows + decode}, indent=2))

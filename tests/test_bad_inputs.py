@@ -32,7 +32,7 @@ from fastmae.config import (
 from fastmae.convert import read_file
 from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
 
-from .test_cli_pretrain import tiny_args
+from .test_cli_pretrain import make_fmnist, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -315,3 +315,13 @@ def test_help_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(w)
     assert res.returncode == 1 and "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("flags", [["--data.mean", "0.1", "0.2"], ["--data.std", "0.3", "0.3", "0.3"]])
+def test_normalisation_values_must_match_the_channels(tmp_path, capsys, flags):
+    """Fashion-MNIST is one channel: 2 means or 3 stds cannot apply (a single value or one per channel can)."""
+    data = make_fmnist(tmp_path)
+    assert main([*tiny_args(data, tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"--data.{flags[0][7:]} has {len(flags) - 1} values but the images have 1 channel(s)" in err, err
+    assert err.count("\n") == 1

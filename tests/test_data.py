@@ -497,3 +497,27 @@ def test_skip_corrupt_skips_and_records(tmp_path, workers):
     assert sorted(p.rsplit("/", 1)[1] for p in ld.skipped) == ["cut.jpg", "empty.jpg", "text.jpg"]
     again = loader_batches(ld)  # known-bad files are not reported twice, and substitutes are stable
     assert len(ld.skipped) == 3 and same(batches, again)
+
+
+def test_one_crop_box_is_the_batched_rule_with_the_same_draws():
+    """sample_crop_box (Python arithmetic, per file) gives sample_crop_boxes(1)'s box and leaves the generator alike."""
+    rnd = np.random.default_rng(0)
+    for seed in range(400):
+        height, width = (int(v) for v in rnd.integers(1, 700, 2))
+        scale = (float(rnd.uniform(0.02, 1.0)), 1.0)
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        one = sample_crop_box(height, width, scale, T.CROP_RATIO, g1)
+        assert one == tuple(sample_crop_boxes(1, height, width, scale, T.CROP_RATIO, g2)[0].tolist())
+        assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize(("mode", "mean", "std"), [("RGB", IMAGENET_MEAN, IMAGENET_STD), ("L", (0.286,), (0.353,)),
+                                                   ("RGB", (0.5,), (0.25,))])
+def test_file_normalisation_equals_normalize_of_the_pixels(mode, mean, std):
+    from fastmae.data.decode import _normalized, _planes_to_tensor
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert(mode)
+    pixels = torch.from_numpy(np.array(img)).float().div(255)  # (h, w[, 3])
+    pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    assert torch.equal(_planes_to_tensor([img]), pixels)
+    torch.testing.assert_close(_normalized([img], mean, std), normalize(pixels, mean, std), rtol=1e-6, atol=1e-5)

@@ -214,3 +214,19 @@ def test_pixel_limit_checked_before_the_draft(tmp_path):
     path = save_jpeg(tmp_path / "big.jpg", 2048, 1536)
     with pytest.raises(decode.UnreadableImageError, match="too large to decode safely"):
         load_image(path, (224, 224), 3, MEAN, STD, max_image_pixels=2048 * 1536 - 1)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_benchmark_reference_equals_todays_full_decode(tmp_path, orientation):
+    """bench_data's reference (the per-file transform when issue #12 was filed) and today's load_image with the full
+    decode give the same pixels for the same seed: the speed ratio between them is for the same work."""
+    from benchmarks.bench_data import decode_rates, reference_load_image
+
+    path = save_jpeg(tmp_path / "a.jpg", 500, 375, orientation=orientation)
+    for seed in range(6):
+        ref = reference_load_image(path, MEAN, STD, torch.Generator().manual_seed(seed))
+        today = load_image(path, (224, 224), 3, MEAN, STD, train=True, generator=torch.Generator().manual_seed(seed),
+                           fast_jpeg=False)
+        torch.testing.assert_close(today, ref, rtol=0, atol=1e-6)
+    rates = decode_rates([path], repeats=1)
+    assert set(rates) >= {"reference_img_per_s", "full_img_per_s", "fast_img_per_s", "ratio", "fast_vs_full"}

@@ -115,7 +115,7 @@ def _decode_planes(
                 before_load(img)
             img.load()  # decode now, so a truncated file fails here
             pages = getattr(img, "n_frames", 1)
-            first = ImageOps.exif_transpose(img)
+            first = img if _orientation(img) == 1 else ImageOps.exif_transpose(img)  # upright: no copy
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise _unreadable(path, e) from e
         return _to_channels(img, first, pages, channels, path)
@@ -149,6 +149,8 @@ def _to_channels(img: Image.Image, first: Image.Image, pages: int, channels: int
 
 def _planes_to_tensor(planes: list[Image.Image]) -> torch.Tensor:
     """Pillow planes ('L', 'RGB' 8-bit; 'F' in [0, 1]) -> (C, h, w) float32 in [0, 1]."""
+    if len(planes) == 1 and planes[0].mode in ("L", "RGB"):  # the common case: one conversion, no cat or clamp
+        return _uint8_chw(planes[0]).float().div_(255.0)
     parts = []
     for p in planes:
         a = torch.from_numpy(np.array(p))  # (h, w) or (h, w, 3)
@@ -156,6 +158,28 @@ def _planes_to_tensor(planes: list[Image.Image]) -> torch.Tensor:
         a = a.permute(2, 0, 1)  # (c, h, w)
         parts.append(a.float().div_(255.0) if a.dtype == torch.uint8 else a.float())
     return torch.cat(parts).clamp_(0.0, 1.0)  # (C, h, w)
+
+
+def _uint8_chw(plane: Image.Image) -> torch.Tensor:
+    """An 8-bit 'L' or 'RGB' Pillow image -> (c, h, w) uint8 (a view of one copy of its pixels)."""
+    a = torch.from_numpy(np.array(plane))  # (h, w) or (h, w, 3)
+    return a.unsqueeze(0) if a.ndim == 2 else a.permute(2, 0, 1)
+
+
+def _normalized(planes: list[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Planes -> (C, H, W) float32 (pixels / 255 - mean) / std; 8-bit images in one multiply-add from uint8."""
+    if len(planes) == 1 and planes[0].mode in ("L", "RGB"):
+        x = _uint8_chw(planes[0])  # (C, H, W)
+        c = x.shape[0]
+        scale = torch.tensor([1.0 / (255.0 * v) for v in _per_channel(std, c)]).view(c, 1, 1)
+        bias = torch.tensor([-m / v for m, v in zip(_per_channel(mean, c), _per_channel(std, c))]).view(c, 1, 1)
+        return torch.addcmul(bias, x.float(), scale)
+    return normalize(_planes_to_tensor(planes), mean, std)
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list[float]:
+    """Per-channel statistics, a single value broadcast to every channel (as normalize's view(-1, 1, 1) does)."""
+    return list(values) * channels if len(values) == 1 else list(values)
 
 
 def decode_image(path: str | Path, channels: int, max_image_pixels: int = 0) -> torch.Tensor:
@@ -265,4 +289,4 @@ def load_image(
         planes = [p.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)) for p in planes]
     if flip:
         planes = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in planes]
-    return normalize(_planes_to_tensor(planes), mean, std)  # (C, H, W)
+    return _normalized(planes, mean, std)  # (C, H, W)

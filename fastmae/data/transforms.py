@@ -54,9 +54,22 @@ def sample_crop_box(
     ratio: tuple[float, float],
     generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
-    """One RandomResizedCrop box (top, left, h, w) inside a height x width image."""
-    top, left, h, w = sample_crop_boxes(1, height, width, scale, ratio, generator)[0].tolist()
-    return top, left, h, w
+    """One RandomResizedCrop box (top, left, h, w) inside a height x width image.
+
+    sample_crop_boxes(1, ...)'s rule and its draws from `generator` (the same numbers, in the same order), with the
+    arithmetic in Python: a file loader calls this once per image, where ~20 tiny tensor ops cost more than the box.
+    """
+    tries = 10
+    area = height * width
+    targets = torch.empty(tries).uniform_(scale[0], scale[1], generator=generator).tolist()
+    log_ratios = torch.empty(tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).tolist()
+    u_top, u_left = torch.rand(2, generator=generator).tolist()
+    for target, log_ratio in zip(targets, log_ratios):
+        aspect = math.exp(log_ratio)
+        w, h = round(math.sqrt(area * target * aspect)), round(math.sqrt(area * target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return min(int(u_top * (height - h + 1)), height - h), min(int(u_left * (width - w + 1)), width - w), h, w
+    return _fallback_box(height, width, ratio)
 
 
 def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
