@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .config import RunConfig, save_json, to_dict
 from .device import make_scaler, resolve_device, resolve_precision
 from .dist import DistInfo, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
-from .log import RunLogger
+from .log import RunLogger, epoch_line
 from .runlock import acquire as acquire_lock
 from .runlock import release as release_lock
 
@@ -277,8 +278,9 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
             write_resumed_config(rt)
         model = wrap_for_training(rt, task.model)
         stop.install()
+        walls: list[float] = []  # this process's epochs, training and evaluation, for the time left
         while prog.epoch < epochs:
-            epoch = prog.epoch
+            epoch, t_epoch = prog.epoch, time.perf_counter()
             res: EpochResult = train_one_epoch(task, model, loader, rt, prog, scaler, stop, epochs)
             step = epoch * len(loader) + prog.batch + res.steps
             if res.stopped:  # preempted: save where this epoch stopped, and leave
@@ -296,7 +298,8 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
                 entry.update(task.on_epoch_end(epoch, task.model, prog))
             rt.logger.scalars(step, {"epoch_loss": res.loss}, prefix="epoch")
             rt.logger.record(entry)
-            print0(rt.dist, json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in entry.items()}))
+            walls.append(time.perf_counter() - t_epoch)
+            print0(rt.dist, epoch_line(entry, epochs, sum(walls) / len(walls) * (epochs - epoch - 1)))
             if (epoch + 1) % max(rt.run.save_every, 1) == 0 or epoch + 1 == epochs:
                 last_path = save(rt, task.model, task.optimizer, scaler, prog, step, task.meta)
     finally:

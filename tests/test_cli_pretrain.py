@@ -73,6 +73,9 @@ def test_pretrain_end_to_end_outputs(fmnist, tmp_path, capsys):
     assert main(tiny_args(fmnist, out)) == 0
     printed = capsys.readouterr().out
     assert "checkpoint" in printed and "reconstruction.png" in printed and "kNN top-1" in printed
+    first, second = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert first.startswith("epoch 1/2 done: loss ") and "knn_top1 " in first and " left" in first
+    assert second.startswith("epoch 2/2 done: ") and " left" not in second  # the run is over
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["optim"]["epochs"] == 2 and cfg["model"]["embed_dim"] == 32
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]

@@ -69,3 +69,14 @@ def test_pretrain_with_progress_into_a_captured_stream_writes_whole_lines(tmp_pa
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "epoch 1/1: 3/3 (100%)" in err and "loss=" in err
+
+
+def test_epoch_line_names_the_log_keys_and_the_time_left():
+    from fastmae.log import clock, epoch_line
+
+    entry = {"epoch": 2, "step": 1874, "loss": 0.9930087, "lr": 0.0005, "images_per_s": 128.76, "epoch_seconds": 465.7,
+             "top1": 81.06, "knn_pool": "tokens"}
+    line = epoch_line(entry, 30, left_s=13043.0)
+    assert line == "epoch 2/30 done: loss 0.99301, lr 0.0005, top1 81.06, knn_pool tokens | 466 s, 129 img/s, ~3:37:23 left"
+    assert epoch_line(entry, 2).endswith("| 466 s, 129 img/s")
+    assert (clock(59.6), clock(61), clock(3600)) == ("1:00", "1:01", "1:00:00")

@@ -101,7 +101,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_a_checkpoint(tmp_path):
     seen = []
     for line in proc.stdout:  # training has started once the first epoch line is printed
         seen.append(line)
-        if line.startswith("{") and '"epoch"' in line:
+        if line.startswith("epoch ") and " done: " in line:
             break
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGTERM)  # the main process and its worker processes alike
