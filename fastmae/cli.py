@@ -6,8 +6,11 @@ Flags and --help come from the dataclass fields (tyro); a command's module is im
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -72,16 +75,94 @@ def parse(argv: Sequence[str] | None) -> object:
         except ValueError as e:
             print(f"fastmae: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        return tyro.cli(cls, default=default, args=args[1:], prog=f"fastmae {args[0]}", use_underscores=True,
-                        description=cls.__doc__)
-    return tyro.extras.subcommand_cli_from_dict(
+        return _one_line_errors(lambda: tyro.cli(cls, default=default, args=args[1:], prog=f"fastmae {args[0]}",
+                                                 use_underscores=True, description=cls.__doc__))
+    return _one_line_errors(lambda: tyro.extras.subcommand_cli_from_dict(
         {name: cls for name, (cls, _) in COMMANDS.items()},
         prog="fastmae",
         description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, visualize, "
                     "convert, bench.",
         args=args,
         use_underscores=True,
-    )
+    ))
+
+
+def _one_line_errors(parse_fn):
+    """Run a tyro parse; a malformed command line becomes one `fastmae: error: ...` line on stderr (exit 2).
+
+    tyro draws its errors as a box of 5-40 lines (with every subcommand's help for a misspelt flag); the box's own
+    words are kept: the problem, the flag it suggests, and where the help is. --help (stdout) is untouched.
+    """
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            cfg = parse_fn()
+    except SystemExit as e:
+        text = captured.getvalue()
+        if e.code not in (0, None) and text.strip():
+            print(f"fastmae: error: {parser_error_line(text)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        sys.stderr.write(text)
+        raise
+    sys.stderr.write(captured.getvalue())  # warnings printed while parsing
+    return cfg
+
+
+def parser_error_line(box: str) -> str:
+    """tyro's boxed error -> one line: `<problem>[; did you mean <flag> (<commands>)?]; see <help>`.
+
+    tyro (rich) draws the box with line characters on a UTF-8 stream and as plain indented text with dashed
+    rules elsewhere: sections are split at the rules, indentation is read relative to a section's first line.
+    """
+    boxed = "\u2502" in box
+    sections: list[list[str]] = [[]]
+    for raw in box.splitlines():
+        if boxed:
+            if "\u2502" not in raw:
+                continue  # the top border (title) and the bottom one
+            raw = raw[raw.index("\u2502") + 1 : raw.rindex("\u2502")]
+        body = raw.strip()
+        if len(body) >= 10 and set(body) <= {"\u2500", "-"}:
+            sections.append([])
+        else:
+            sections[-1].append(raw.rstrip())
+    if not boxed and len(sections) > 1:
+        sections = sections[1:]  # the plain layout puts the title above the first rule
+    sections = [sec for sec in sections if any(ln.strip() for ln in sec)]
+    if not sections:
+        return " ".join(box.split())
+
+    def text(sec: list[str]) -> str:  # a section's words; a blank line ends a paragraph
+        joined = re.sub(r" \(applied to [^)]*\)", "", "\n".join(sec))
+        return "; ".join(" ".join(para.split()) for para in joined.split("\n\n") if para.strip())
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    def flags_under(sec: list[str]) -> dict[str, list[str]]:  # flag -> the commands whose help lists it
+        base, found, flag = indent(sec[0]), {}, ""
+        for ln in sec[1:]:
+            if ln.strip().startswith("-") and indent(ln) == base + 4:
+                flag = ln.split()[0]
+                found.setdefault(flag, [])
+            elif flag and (cmd := re.match(r"in fastmae (\w+) --help", ln.strip())) and cmd.group(1) not in found[flag]:
+                found[flag].append(cmd.group(1))
+        return found
+
+    first = text(sections[0])
+    parts = [first.rstrip(".")]
+    if first.startswith("Missing from"):  # required flags: their names, not their help
+        parts = [f"missing required {', '.join(flags_under(sections[0]))}"]
+    for sec in sections[1:]:
+        words = text(sec)
+        if words.startswith("Perhaps you meant") and (where := flags_under(sec)):
+            named = [f"{f} ({', '.join(c)})" if c else f for f, c in list(where.items())[:3]]
+            parts.append(f"did you mean {' or '.join(named)}?")
+        elif words.startswith("Available subcommands"):
+            parts.append(words[0].lower() + words[1:])
+        elif (help_at := re.search(r"(fastmae[\w ]*--help)", words)) and words.startswith("For full helptext"):
+            parts.append(f"see `{help_at.group(1)}`")
+    return "; ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    cfg = parse(argv)  # --help and malformed flags exit here (tyro's message, exit code 2)
+    cfg = parse(argv)  # --help exits here (0), a malformed command line too (one error line, exit code 2)
     target = next(t for cls, t in COMMANDS.values() if type(cfg) is cls)
     module, fn = target.split(":")
     run = getattr(importlib.import_module(module), fn)

@@ -98,6 +98,30 @@ def test_bad_evaluation_flag_is_refused(tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
+PARSE_CASES = [
+    (["pretrain", "--optim.epochs", "abc"], "Error parsing --optim.epochs: invalid literal for int()"),
+    (["pretrain", "--optim.epochs"], "Missing value for argument '--optim.epochs'"),
+    (["pretrain", "--run.precison", "fp32"], "did you mean --run.precision (pretrain"),
+    (["pretrain", "--run.precision", "bf17"], "invalid choice 'bf17' for argument '--run.precision'. Expected one of"),
+    (["pretrian"], "available subcommands: pretrain, finetune"),
+    (["convert"], "missing required --init, --output; see `fastmae convert --help`"),
+    (["segment", "--head", "nope"], "invalid choice 'nope' for argument '--head'"),
+    (["knn", "--model.drop_path", "0.1"], "did you mean --model.drop_path (finetune, segment)"),
+    (["finetune", "--recipe", "fmnist-small", "--optim.epoch", "3"], "did you mean --optim.epochs"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), PARSE_CASES, ids=[" ".join(a) for a, _ in PARSE_CASES])
+def test_malformed_command_line_is_one_line(capsys, argv, message):
+    """The parser's boxed errors become one `fastmae: error:` line that keeps the problem and the suggestion."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
 def test_validate_accepts_every_default():
     for cls in (PretrainConfig, FinetuneConfig, LinprobeConfig, KnnConfig):
         validate(cls())
@@ -296,7 +320,7 @@ def test_messy_folder(tmp_path, monkeypatch, case, make, error, message):
 
 def test_readme_states_the_number_of_bad_input_cases():
     """The README's count is the size of the tables above (files, folders, flags)."""
-    n = len(FILE_CASES) + len(FOLDER_CASES) + len(BAD_FLAGS) + len(BAD_OTHER)
+    n = len(FILE_CASES) + len(FOLDER_CASES) + len(BAD_FLAGS) + len(BAD_OTHER) + len(PARSE_CASES)
     found = re.search(r"(\d+) bad-input cases", (REPO / "README.md").read_text())
     assert found and int(found.group(1)) == n, f"README should say '{n} bad-input cases'"
 
@@ -325,3 +349,26 @@ def test_normalisation_values_must_match_the_channels(tmp_path, capsys, flags):
     err = capsys.readouterr().err
     assert f"--data.{flags[0][7:]} has {len(flags) - 1} values but the images have 1 channel(s)" in err, err
     assert err.count("\n") == 1
+
+
+def test_parser_error_line_reads_the_boxed_layout_too():
+    """On a UTF-8 terminal tyro draws a box (pytest's capture gets the plain layout the test above reads)."""
+    from fastmae.cli import parser_error_line
+
+    rule = "\u2500" * 40
+    box = "\n".join([
+        f"\u256d\u2500 Unrecognized options {rule}\u256e",
+        "\u2502 Unrecognized options: --run.precison, fp32    \u2502",
+        f"\u2502 {rule} \u2502",
+        "\u2502 Perhaps you meant:                            \u2502",
+        "\u2502     --run.precision {auto,bf16,fp16,fp32}      \u2502",
+        "\u2502         auto = bf16 where native. (default:    \u2502",
+        "\u2502         auto)                                  \u2502",
+        "\u2502         in fastmae pretrain --help             \u2502",
+        f"\u2502 {rule} \u2502",
+        "\u2502 For full helptext, run fastmae pretrain --help \u2502",
+        f"\u2570{rule}\u256f",
+    ])
+    assert parser_error_line(box) == ("Unrecognized options: --run.precison, fp32; did you mean --run.precision "
+                                      "(pretrain)?; see `fastmae pretrain --help`")
+    assert parser_error_line("something\n  unexpected") == "something unexpected"
