@@ -175,8 +175,27 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def _check_torch_format(path: str | Path) -> None:
+    """A torch.save file is a zip archive (PyTorch >= 1.6) or a pickle (protocol byte 0x80); say what else it is."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if not head:
+        what = "the file is empty"
+    elif head.lstrip()[:1] in (b"{", b"["):
+        what = "it is JSON text"
+    elif all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        what = "it is text"
+    else:
+        what = f"it starts with bytes {head[:8].hex(' ')}"
+    raise ValueError(f"{path} is not a PyTorch checkpoint ({what}); pass a checkpoint (.pt/.pth), a .safetensors "
+                     f"file, a Hugging Face folder or a run folder")
+
+
 def torch_load(path: str | Path) -> Any:
     """torch.load with weights_only=True only: a pickle that needs code is refused, never executed."""
+    _check_torch_format(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

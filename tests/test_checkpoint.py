@@ -75,6 +75,17 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         torch_load(path)
 
 
+@pytest.mark.parametrize(("content", "what"), [(b'{"epoch": 1, "loss": 0.5}\n', "it is JSON text"),
+                                               (b"epoch,loss\n1,0.5\n", "it is text"), (b"", "the file is empty"),
+                                               (b"\x00\x01\x02\x03binary", "it starts with bytes 00 01 02 03")])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, what):
+    """A log or config passed as --init is named as such, not as an unsafe pickle."""
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"is not a PyTorch checkpoint \\({what}"):
+        torch_load(path)
+
+
 def test_architecture_mismatch_names_keys_and_shapes():
     small = MaskedAutoencoderViT(**TINY_MAE)
     other = MaskedAutoencoderViT(**{**TINY_MAE, "embed_dim": 32, "depth": 3})
