@@ -343,11 +343,12 @@ def test_help_into_a_closed_pipe_ends_quietly():
 
 @pytest.mark.parametrize("flags", [["--data.mean", "0.1", "0.2"], ["--data.std", "0.3", "0.3", "0.3"]])
 def test_normalisation_values_must_match_the_channels(tmp_path, capsys, flags):
-    """Fashion-MNIST is one channel: 2 means or 3 stds cannot apply (a single value or one per channel can)."""
+    """Fashion-MNIST is one channel: 2 means or 3 stds cannot apply (Loader's check_norm, before any batch)."""
     data = make_fmnist(tmp_path)
     assert main([*tiny_args(data, tmp_path / "run"), *flags]) == 2
     err = capsys.readouterr().err
-    assert f"--data.{flags[0][7:]} has {len(flags) - 1} values but the images have 1 channel(s)" in err, err
+    expected = f"--data.{flags[0][7:]} has {len(flags) - 1} values but the model takes 1 channel; give one per channel"
+    assert expected in err, err
     assert err.count("\n") == 1
 
 

@@ -45,10 +45,6 @@ def holdout_indices(n: int, holdout: int, split: Literal["train", "eval"]) -> to
 
 def norm_stats(cfg: SourceConfig, channels: int, default_mean: tuple, default_std: tuple) -> tuple[tuple, tuple]:
     """cfg.mean/std if given, else the source's defaults, replicated when they are per grey channel."""
-    for name, given in (("mean", cfg.mean), ("std", cfg.std)):
-        if len(given) not in (0, 1, channels):
-            raise ValueError(f"--data.{name} has {len(given)} values but the images have {channels} channel(s); "
-                             f"give one value per channel or a single value for all")
     mean = tuple(cfg.mean) or (default_mean if len(default_mean) == channels else default_mean[:1] * channels)
     std = tuple(cfg.std) or (default_std if len(default_std) == channels else default_std[:1] * channels)
     return mean, std

@@ -14,10 +14,10 @@ log = logging.getLogger(__name__)
 
 def check_norm(channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
     """ValueError unless mean and std have one positive-std entry per channel."""
-    if len(mean) != channels:
-        raise ValueError(f"--data.mean has {len(mean)} values but the model takes {channels} channels")
-    if len(std) != channels:
-        raise ValueError(f"--data.std has {len(std)} values but the model takes {channels} channels")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise ValueError(f"--data.{name} has {len(values)} values but the model takes {channels} channel"
+                             f"{'s' if channels != 1 else ''}; give one per channel")
     if any(s <= 0 for s in std):
         raise ValueError(f"--data.std must be positive, got {tuple(std)}")
 
