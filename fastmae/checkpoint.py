@@ -131,11 +131,25 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Training checkpoints in a folder, oldest first (by global step)."""
+    """Training checkpoints in a folder, oldest first: by the (epoch, batch) their .json records, then the step.
+
+    Not by name alone: a run resumed with fewer batches per epoch (more processes, less data) numbers its
+    steps lower than the checkpoints it continues, and the newest must still come last.
+    """
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+    return sorted((p for p in d.iterdir() if CKPT_RE.match(p.name)), key=_progress_key)
+
+
+def _progress_key(path: Path) -> tuple[int, int, int]:
+    """(epoch, batch, step) of a checkpoint from its .json (a file without one sorts by its step alone, first)."""
+    step = int(CKPT_RE.match(path.name).group(1))
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return int(meta["epoch"]), int(meta.get("batch", 0)), step
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, 0, step
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
@@ -147,13 +161,24 @@ def find_latest(output_dir: str | Path) -> Path | None:
 def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: int = 0) -> Path:
     """Write checkpoint-{step}.pt and its .json atomically; then prune older ones beyond keep_last.
 
+    The name is the global step, unless an older checkpoint of the run already has that number (then the next
+    free number above all: the state's own 'step' is unchanged); "older" is by training progress.
+
     Temp files a killed writer left behind are removed first (only rank 0 writes into a run folder).
     """
+    existing = list_checkpoints(output_dir)
+    progress = (int(state["epoch"]), int(state.get("batch", 0)))
     path = checkpoint_path(output_dir, int(state["step"]))
+    same = [p for p in existing if _progress_key(p)[:2] == progress]
+    if same:
+        path = same[-1]  # this training point saved again (e.g. a stop right after an epoch's checkpoint)
+    elif path in existing:  # an older checkpoint has this step number (batches per epoch changed): keep it
+        path = checkpoint_path(output_dir, max(int(CKPT_RE.match(p.name).group(1)) for p in existing) + 1)
     for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
         stale.unlink(missing_ok=True)
     atomic_save(state, path)
-    meta = {**meta, "step": int(state["step"]), "epoch": int(state["epoch"]), "saved_at": time.time()}
+    meta = {**meta, "step": int(state["step"]), "epoch": int(state["epoch"]), "batch": int(state.get("batch", 0)),
+            "saved_at": time.time()}
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), path.with_suffix(".json"))
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:

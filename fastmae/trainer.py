@@ -143,6 +143,7 @@ class Progress:
     extra: dict = field(default_factory=dict)  # command-specific state (e.g. best accuracy)
     loss_sum: float = 0.0  # this rank's running loss sum of the unfinished epoch (float32 value), for its mean
     loss_count: int = 0  # batches in loss_sum
+    steps_per_epoch: int = 0  # batches per epoch of this run's loader (recorded in checkpoints)
 
 
 def flat_flags(d: dict, prefix: str = "--") -> dict[str, object]:
@@ -194,14 +195,16 @@ def restore_rank_state(rt: Runtime, state: dict, prog: "Progress") -> None:
 
 
 def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler | None, meta: dict | None = None) -> Progress:
+           scaler: torch.amp.GradScaler | None, meta: dict | None = None, steps_per_epoch: int = 0) -> Progress:
     """Load --run.resume, or the newest checkpoint in the output folder, if any; else start fresh.
 
     With `meta` (the new run's checkpoint metadata), changed model flags are refused (check_resume_config).
+    A checkpoint written mid-epoch continues only with the batches per epoch it was written with: with other
+    data, batch size or process count its batch position means nothing (at an epoch's end any change is fine).
     """
     path = rt.run.resume or find_latest(rt.out_dir)
     if not path:
-        return Progress()
+        return Progress(steps_per_epoch=steps_per_epoch)
     state, saved_meta = load_checkpoint(path)
     if "optimizer" not in state:
         raise ValueError(f"{path} is a weights-only file, not a training checkpoint; pass it as the "
@@ -215,7 +218,14 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     prog = Progress(epoch=int(state["epoch"]), batch=int(state["batch"]), resumed_from=str(path),
-                    extra=dict(state.get("extra", {})))
+                    extra=dict(state.get("extra", {})), steps_per_epoch=steps_per_epoch)
+    saved = int(state.get("steps_per_epoch", 0)) or (  # older checkpoints: from step = epoch x per epoch + batch
+        (int(state["step"]) - prog.batch) // prog.epoch if prog.epoch else 0)
+    if prog.batch and steps_per_epoch and saved and saved != steps_per_epoch:
+        raise ValueError(f"{path} stopped at batch {prog.batch} of {saved} in epoch {prog.epoch + 1}, but this run "
+                         f"has {steps_per_epoch} batches per epoch (the data, --optim.batch_size or the number of "
+                         f"processes changed), so that epoch cannot go on where it stopped; resume with the settings "
+                         f"it was started with, or pass another --run.output_dir")
     restore_rank_state(rt, state, prog)
     return prog
 
@@ -253,6 +263,7 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
             "epoch": progress.epoch,
             "batch": progress.batch,
             "step": step,
+            "steps_per_epoch": progress.steps_per_epoch,
             "rng": mine["rng"],
             "rank_states": ranks,
             "extra": progress.extra,
@@ -272,7 +283,7 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
     stop = StopFlag()
     last_path: Path | None = None
     try:
-        prog = resume(rt, task.model, task.optimizer, scaler, task.meta)
+        prog = resume(rt, task.model, task.optimizer, scaler, task.meta, steps_per_epoch=len(loader))
         if prog.resumed_from:
             print0(rt.dist, f"resumed from {prog.resumed_from} at epoch {prog.epoch}, batch {prog.batch}")
             write_resumed_config(rt)

@@ -35,6 +35,33 @@ def test_save_load_prune_and_no_temp_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def _at(epoch: int, step: int, batch: int = 0) -> dict:
+    return {**_state(step), "epoch": epoch, "batch": batch}
+
+
+def test_newest_is_by_progress_when_steps_per_epoch_shrink(tmp_path):
+    """Resumed with fewer batches per epoch (more processes, less data), a run numbers its steps lower than the
+    checkpoints it continues: the newest must stay last, not be pruned at once."""
+    save_checkpoint(tmp_path, _at(19, 7020), {}, keep_last=2)
+    save_checkpoint(tmp_path, _at(20, 9360), {}, keep_last=2)
+    new = save_checkpoint(tmp_path, _at(21, 42), {}, keep_last=2)  # 2 batches per epoch now
+    assert new.exists() and find_latest(tmp_path) == new
+    assert [load_checkpoint(p)[0]["epoch"] for p in list_checkpoints(tmp_path)] == [20, 21]  # epoch 19 pruned
+    mid = save_checkpoint(tmp_path, _at(21, 43, batch=1), {}, keep_last=0)  # mid-epoch 22 sorts after epoch 21's end
+    assert find_latest(tmp_path) == mid
+
+
+def test_a_step_number_taken_by_an_older_checkpoint_is_not_overwritten(tmp_path):
+    first = save_checkpoint(tmp_path, _at(1, 42), {}, keep_last=0)
+    save_checkpoint(tmp_path, _at(20, 9360), {}, keep_last=0)
+    new = save_checkpoint(tmp_path, _at(21, 42), {}, keep_last=0)
+    assert new != first and new.name == "checkpoint-00009361.pt"
+    assert load_checkpoint(first)[0]["epoch"] == 1 and load_checkpoint(new)[0]["step"] == 42
+    assert find_latest(tmp_path) == new
+    again = save_checkpoint(tmp_path, _at(21, 42), {}, keep_last=0)  # the same progress again: same file
+    assert again == new
+
+
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, _state(1), {})
 

@@ -127,6 +127,36 @@ def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkey
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
+def test_resume_with_fewer_batches_per_epoch(fmnist, tmp_path, monkeypatch, capsys):
+    """At an epoch's end the data may change (here 3 -> 2 batches per epoch: the new steps number lower, and the
+    new checkpoints still count as the newest); mid-epoch it may not (the batch position would mean nothing)."""
+    import fastmae.trainer as trainer
+
+    out = tmp_path / "run"
+    knobs = ["--knn_every", "-1", "--figure_every", "0"]
+    assert main(tiny_args(fmnist, out, epochs=2) + knobs) == 0  # steps 3, 6
+    assert main(tiny_args(fmnist, out, epochs=3) + knobs + ["--data.limit", "64"]) == 0  # epoch 3: step 6 again
+    state, _ = load_checkpoint(out)
+    assert (state["epoch"], state["step"], state["steps_per_epoch"]) == (3, 6, 2)
+    assert [load_checkpoint(p)[0]["epoch"] for p in list_checkpoints(out)] == [2, 3]  # keep_last 2, by progress
+
+    calls = {"n": 0}
+
+    def fake_stop(self):  # SIGTERM after the first batch of epoch 4
+        calls["n"] += 1
+        if calls["n"] >= 1:
+            self.signal = 15
+        return self.signal is not None
+
+    monkeypatch.setattr(trainer.StopFlag, "__call__", fake_stop)
+    assert main(tiny_args(fmnist, out, epochs=4) + knobs + ["--data.limit", "64"]) == 0
+    monkeypatch.undo()
+    assert (load_checkpoint(out)[0]["epoch"], load_checkpoint(out)[0]["batch"]) == (3, 1)
+    capsys.readouterr()
+    assert main(tiny_args(fmnist, out, epochs=4) + knobs) == 2  # 3 batches per epoch again, mid-epoch
+    assert "stopped at batch 1 of 2 in epoch 4, but this run has 3 batches per epoch" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_architecture(fmnist, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_args(fmnist, out, epochs=1)) == 0
