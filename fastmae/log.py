@@ -18,20 +18,27 @@ class RunLogger:
     def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = Path(output_dir) / "log.jsonl"
+        self._tb_dir = Path(output_dir) / "tensorboard" if enabled and tensorboard else None
         self._tb = None
-        if enabled and tensorboard:
+
+    def _writer(self):
+        """The SummaryWriter, made at the first scalar (a run refused before training leaves no events file)."""
+        if self._tb is None and self._tb_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(self._tb_dir))
             except Exception as e:  # tensorboard missing or broken: keep training, say so once
-                warnings.warn(f"TensorBoard logging disabled: {e}", stacklevel=2)
+                warnings.warn(f"TensorBoard logging disabled: {e}", stacklevel=3)
+                self._tb_dir = None
+        return self._tb
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         """TensorBoard scalars at a global step."""
-        if self._tb is not None:
+        tb = self._writer()
+        if tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+                tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def record(self, entry: dict[str, Any]) -> None:
         """Append one JSON line (with a timestamp)."""

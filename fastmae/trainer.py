@@ -194,6 +194,10 @@ def restore_rank_state(rt: Runtime, state: dict, prog: "Progress") -> None:
                         f"{rt.dist.world_size}: random streams restart, the run is not bit-for-bit anymore")
 
 
+COMMAND_OF_KIND = {"mae": "fastmae pretrain", "vit": "fastmae finetune", "linprobe": "fastmae linprobe",
+                   "segmenter": "fastmae segment"}  # checkpoint meta 'kind' -> the command that writes it
+
+
 def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
            scaler: torch.amp.GradScaler | None, meta: dict | None = None, steps_per_epoch: int = 0) -> Progress:
     """Load --run.resume, or the newest checkpoint in the output folder, if any; else start fresh.
@@ -209,6 +213,11 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if "optimizer" not in state:
         raise ValueError(f"{path} is a weights-only file, not a training checkpoint; pass it as the "
                          f"initialisation (e.g. --init PATH) instead of --run.resume")
+    kinds = (saved_meta.get("kind"), (meta or {}).get("kind"))
+    if all(kinds) and kinds[0] != kinds[1]:
+        raise ValueError(f"{path} is a checkpoint of another command ({COMMAND_OF_KIND.get(kinds[0], kinds[0])}), "
+                         f"not of this {COMMAND_OF_KIND.get(kinds[1], kinds[1])} run; pass another --run.output_dir "
+                         f"(to start from its weights: --init {Path(path).parent})")
     check_state_dict(state["model"], {k: tuple(v.shape) for k, v in model.state_dict().items()},
                      f"this run's model (checkpoint {path})",
                      advice="Use the same model flags as the run that wrote it, or a fresh output directory.")

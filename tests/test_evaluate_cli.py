@@ -144,3 +144,18 @@ def test_probe_on_unlabelled_images_is_refused(pretrained, tmp_path, capsys, com
     assert main(argv) == 2
     assert f"{name} needs labels: use a labelled source" in capsys.readouterr().err
     assert not (out / f"{command}.json").exists()
+
+
+def test_finetune_into_a_pretraining_folder_is_refused(pretrained, tmp_path, capsys):
+    """The output folder holds another command's checkpoints: named as such, and nothing in it changes."""
+    import shutil
+
+    data, run = pretrained
+    folder = tmp_path / "pretrain_copy"
+    shutil.copytree(run, folder)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    argv = ["finetune", "--init", str(folder), "--optim.epochs", "1", *common(data, folder)]
+    assert main(argv) == 2
+    assert "is a checkpoint of another command (fastmae pretrain), not of this fastmae finetune run" in (
+        capsys.readouterr().err)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
