@@ -159,3 +159,17 @@ def test_finetune_into_a_pretraining_folder_is_refused(pretrained, tmp_path, cap
     assert "is a checkpoint of another command (fastmae pretrain), not of this fastmae finetune run" in (
         capsys.readouterr().err)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_convert_a_run_folder_and_never_overwrite(pretrained, tmp_path, capsys):
+    """A run folder has a config.json too: it is still read as a run (its newest checkpoint), not as HF."""
+    _, run = pretrained
+    out = tmp_path / "export" / "mae"
+    assert main(["convert", "--init", str(run), "--output", str(out)]) == 0
+    assert "converted" in capsys.readouterr().out
+    meta = json.loads(out.with_name("mae.json").read_text())
+    assert meta["kind"] == "mae" and meta["source"].endswith(".pt")
+    before = out.with_name("mae.safetensors").read_bytes()
+    assert main(["convert", "--init", str(run), "--output", str(out), "--to", "fastmae"]) == 2
+    assert "mae.safetensors exists; fastmae convert does not overwrite files" in capsys.readouterr().err
+    assert out.with_name("mae.safetensors").read_bytes() == before

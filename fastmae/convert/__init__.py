@@ -56,9 +56,10 @@ from .detect import (
     unwrap_state_dict,
 )
 from .files import (
+    HF_PREPROCESSOR,
     HF_WEIGHT_FILES,
     hf_preprocessor_config,
-        read_file,
+    read_file,
     save_fastmae,
     save_hf,
     save_official,
@@ -114,7 +115,15 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
 
 def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads: int = 0,
             decoder_num_heads: int = 0, img_size: tuple[int, int] | None = None) -> Path:
-    """Read `src` (any supported format), convert, and write `dst` in format `to`; returns what was written."""
+    """Read `src` (any supported format, a run folder: its newest checkpoint), convert, and write `dst` in format
+    `to`; returns what was written. Existing files are never replaced: an output that exists is refused first."""
+    from ..weights import find_source
+
+    taken = [p for p in output_files(dst, to) if p.exists()]
+    if taken:
+        raise ValueError(f"{taken[0]} exists; fastmae convert does not overwrite files: pass another --output or "
+                         f"remove it first")
+    src = find_source(Path(src).expanduser())
     sd, config = read_file(src)
     kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
     if to == "fastmae":
@@ -136,11 +145,25 @@ def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads:
     raise ValueError(f"unknown target format {to!r}; choose fastmae, hf, timm or official")
 
 
+def output_files(dst: str | Path, to: Target) -> list[Path]:
+    """The files `convert(..., dst, to)` writes."""
+    d = Path(dst)
+    if to == "fastmae":
+        base = d.with_suffix("") if d.suffix in (".safetensors", ".json") else d
+        return [base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")]
+    if to == "hf":
+        return [d / "model.safetensors", d / "config.json", d / HF_PREPROCESSOR]
+    return [d]
+
+
 def convert_from_config(cfg: ConvertConfig) -> Path:
     """convert() with the fields of a ConvertConfig (what `fastmae convert` runs)."""
     validate(cfg)
     img = cfg.model.img_size if tuple(cfg.model.img_size) != (0, 0) else None
-    return convert(cfg.init, cfg.output, cfg.to, cfg.model.num_heads, cfg.model.decoder_num_heads, img)
+    out = convert(cfg.init, cfg.output, cfg.to, cfg.model.num_heads, cfg.model.decoder_num_heads, img)
+    written = [p for p in output_files(cfg.output, cfg.to) if p.exists()]
+    print(f"converted {cfg.init} to {cfg.to}: {', '.join(map(str, written)) or out}")
+    return out
 
 
 __all__ = [
