@@ -29,7 +29,7 @@ from .trainer import Runtime, fit, model_meta, setup
 def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int,
                   labels_for: str = ""):
     """(frozen encoder, train loader without augmentation, eval loader, data config used) for probing; with
-    `labels_for` (the method's name) an unlabelled source is refused before any feature is computed."""
+    `labels_for` (the method's name) data without two or more classes is refused before any feature is computed."""
     bb = encoder_init(init, model_cfg)
     data_cfg = data_for(bb, data_cfg)
     img_size = tuple(model_cfg.img_size) if model_cfg.img_size[0] else tuple(bb.model_kwargs["img_size"])
@@ -38,9 +38,8 @@ def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt:
                             world_size=d.world_size, drop_last=False) for split in ("train", "eval")]
     encoder = build_classifier(bb, model_cfg, num_classes=0, in_chans=loaders[0].channels, global_pool="token")
     encoder = encoder.to(rt.device).eval()
-    if labels_for and loaders[0].num_classes == 0:
-        raise ValueError(f"{labels_for} needs labels: use a labelled source (fashion-mnist, folder, or a list with "
-                         f"labels)")
+    if labels_for:
+        loaders[0].require_classes(labels_for)
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder, loaders[0], loaders[1], data_cfg

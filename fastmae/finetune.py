@@ -37,8 +37,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                          rank=d.rank, world_size=d.world_size)
     val = build_loader(data_cfg, "eval", img_size, cfg.optim.batch_size, train=False, seed=cfg.run.seed,
                        rank=d.rank, world_size=d.world_size, drop_last=False)
-    if train.num_classes == 0:
-        raise ValueError("fine-tuning needs labels: use a labelled source (fashion-mnist, folder, list with labels)")
+    train.require_classes("fine-tuning")
     K = train.num_classes
     model = build_classifier(bb, cfg.model, K, train.channels, global_pool=cfg.model.global_pool,
                              drop_path=cfg.model.drop_path).to(rt.device)

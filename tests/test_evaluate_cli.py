@@ -129,20 +129,24 @@ def test_help_offers_only_model_flags_that_act(capsys, command, offered, absent)
     assert not any(flag in out for flag in absent), absent
 
 
-@pytest.mark.parametrize(("command", "name"), [("knn", "kNN"), ("linprobe", "a linear probe")])
-def test_probe_on_unlabelled_images_is_refused(pretrained, tmp_path, capsys, command, name):
+@pytest.mark.parametrize(("source", "problem"), [("unlabelled", "needs labels: use a labelled source"),
+                                               ("folder", "needs two or more classes, the data has one (shirts)")])
+@pytest.mark.parametrize(("command", "name"), [("knn", "kNN"), ("linprobe", "a linear probe"),
+                                               ("finetune", "fine-tuning")])
+def test_classification_without_two_classes_is_refused(pretrained, tmp_path, capsys, command, name, source, problem):
+    """No labels, or a single class folder (where every method scores 100%): one line, no result file."""
     from PIL import Image
 
     _, run = pretrained
-    folder = tmp_path / "images"
-    folder.mkdir()
+    folder = tmp_path / "images" / "shirts"
+    folder.mkdir(parents=True)
     for i in range(8):
         Image.new("L", (28, 28), 20 * i).save(folder / f"{i}.png")
     out = tmp_path / "out"
-    argv = [command, "--init", str(run), "--data.source", "unlabelled", "--data.holdout", "4", "--data.num_workers", "0",
-            *common(folder, out)]
+    argv = [command, "--init", str(run), "--data.source", source, "--data.holdout", "4", "--data.num_workers", "0",
+            *common(folder.parent, out)]
     assert main(argv) == 2
-    assert f"{name} needs labels: use a labelled source" in capsys.readouterr().err
+    assert f"{name} {problem}" in capsys.readouterr().err
     assert not (out / f"{command}.json").exists()
 
 

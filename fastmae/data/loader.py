@@ -66,6 +66,16 @@ class Loader:
         self.skipped: list[str] = []
         self.epoch, self.start_batch = 0, 0
 
+    def require_classes(self, what: str) -> None:
+        """ValueError unless the samples carry labels of two or more classes (`what` needs them, e.g. 'kNN')."""
+        if self.num_classes == 0:
+            raise ValueError(f"{what} needs labels: use a labelled source (fashion-mnist, folder, or a list with "
+                             f"labels)")
+        if self.num_classes == 1:
+            name = f" ({self.classes[0]})" if self.classes else ""
+            raise ValueError(f"{what} needs two or more classes, the data has one{name}: put each class's images in "
+                             f"a sub-folder of its own (--data.source folder) or list their labels")
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (order and augmentation) and the batch to start from for the next iterations."""
         if not 0 <= start_batch <= len(self):
