@@ -104,6 +104,9 @@ def _one_line_errors(parse_fn):
             raise SystemExit(2) from None
         sys.stderr.write(text)
         raise
+    except BaseException:
+        sys.stderr.write(captured.getvalue())  # whatever the parser said before it failed
+        raise
     sys.stderr.write(captured.getvalue())  # warnings printed while parsing
     return cfg
 
