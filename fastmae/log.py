@@ -77,6 +77,7 @@ class LineProgress:
         self.postfix: dict[str, str] = {}
         self.n = self._handed = 0  # items finished / handed out (a consumer may break before asking for more)
         self._t0 = self._last = time.monotonic()
+        self._t1 = 0.0  # when the first item was done: the rate for the time left leaves out warm-up (compile)
         self._closed = False
 
     def set_postfix(self, **values: Any) -> None:
@@ -88,6 +89,8 @@ class LineProgress:
             yield item
             self.n = self._handed
             now = time.monotonic()
+            if self.n == 1:
+                self._t1 = now
             if now - self._last >= self.interval and self.initial + self.n < self.total:
                 self._last = now
                 self._write(now)
@@ -100,7 +103,10 @@ class LineProgress:
     def _write(self, now: float) -> None:
         elapsed = now - self._t0
         done, total = self.initial + self.n, self.total
-        left = elapsed / self.n * (total - done) if self.n else 0.0
+        if self.n >= 2 and self._t1:
+            left = (now - self._t1) / (self.n - 1) * (total - done)
+        else:
+            left = elapsed / self.n * (total - done) if self.n else 0.0
         parts = [f"{self.desc}: " if self.desc else "", f"{done}/{total} ({100 * done / max(total, 1):.0f}%)",
                  f" {clock(elapsed)} elapsed"]
         if self.n and done < total:
@@ -123,7 +129,8 @@ def epoch_line(entry: dict[str, Any], epochs: int, left_s: float = 0.0) -> str:
     `epoch 2/30 done: loss 0.99301, lr 0.0005, top1 81.06 | 466 s, 129 img/s, ~3:37:23 left`."""
     timing = ("epoch", "step", "epoch_seconds", "images_per_s")
     fields = ", ".join(f"{k} {f'{v:.5g}' if isinstance(v, float) else v}" for k, v in entry.items() if k not in timing)
-    tail = f"{entry['epoch_seconds']:.0f} s, {entry['images_per_s']:.0f} img/s"
+    secs, ips = entry["epoch_seconds"], entry["images_per_s"]
+    tail = f"{secs:.0f} s, {ips:.0f} img/s" if ips >= 10 else f"{secs:.1f} s, {ips:.2g} img/s"  # tiny runs: digits
     if left_s > 0:
         tail += f", ~{clock(left_s)} left"
     return f"epoch {entry['epoch']}/{epochs} done: {fields} | {tail}"

@@ -80,3 +80,26 @@ def test_epoch_line_names_the_log_keys_and_the_time_left():
     assert line == "epoch 2/30 done: loss 0.99301, lr 0.0005, top1 81.06, knn_pool tokens | 466 s, 129 img/s, ~3:37:23 left"
     assert epoch_line(entry, 2).endswith("| 466 s, 129 img/s")
     assert (clock(59.6), clock(61), clock(3600)) == ("1:00", "1:01", "1:00:00")
+
+
+def test_time_left_leaves_out_a_slow_first_step(monkeypatch):
+    """The first step of a compiled run takes minutes; the time left is read from the steps after it."""
+    import fastmae.log as log
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(log.time, "monotonic", lambda: now["t"])
+    out = io.StringIO()
+    bar = LineProgress(range(10), total=10, interval=0.0, stream=out)
+    for i, _ in enumerate(bar):
+        now["t"] += 100.0 if i == 0 else 1.0  # this step's time, seen when the next item is asked for
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "~15:00 left" in lines[0]  # one step known: nothing better than its own time
+    assert "~0:08 left" in lines[1] and "~0:07 left" in lines[2]  # 1 s a step after the first (not 102 s / 3 x 7)
+
+
+def test_epoch_line_of_a_tiny_run_keeps_digits():
+    from fastmae.log import epoch_line
+
+    entry = {"epoch": 1, "step": 3, "loss": 0.5, "images_per_s": 0.4321, "epoch_seconds": 9.26}
+    assert epoch_line(entry, 1).endswith("| 9.3 s, 0.43 img/s")
