@@ -136,10 +136,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     Not by name alone: a run resumed with fewer batches per epoch (more processes, less data) numbers its
     steps lower than the checkpoints it continues, and the newest must still come last.
     """
+    return [p for _, p in _keyed_checkpoints(output_dir)]
+
+
+def _keyed_checkpoints(output_dir: str | Path) -> list[tuple[tuple[int, int, int], Path]]:
+    """(progress key, path) of the training checkpoints in a folder, oldest first (each .json read once)."""
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if CKPT_RE.match(p.name)), key=_progress_key)
+    return sorted((_progress_key(p), p) for p in d.iterdir() if CKPT_RE.match(p.name))
 
 
 def _progress_key(path: Path) -> tuple[int, int, int]:
@@ -166,14 +171,15 @@ def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: 
 
     Temp files a killed writer left behind are removed first (only rank 0 writes into a run folder).
     """
-    existing = list_checkpoints(output_dir)
+    existing = _keyed_checkpoints(output_dir)
     progress = (int(state["epoch"]), int(state.get("batch", 0)))
-    path = checkpoint_path(output_dir, int(state["step"]))
-    same = [p for p in existing if _progress_key(p)[:2] == progress]
+    number = int(state["step"])
+    same = [key[2] for key, _ in existing if key[:2] == progress]
     if same:
-        path = same[-1]  # this training point saved again (e.g. a stop right after an epoch's checkpoint)
-    elif path in existing:  # an older checkpoint has this step number (batches per epoch changed): keep it
-        path = checkpoint_path(output_dir, max(int(CKPT_RE.match(p.name).group(1)) for p in existing) + 1)
+        number = same[-1]  # this training point saved again (e.g. a stop right after an epoch's checkpoint)
+    elif number in {key[2] for key, _ in existing}:  # an older checkpoint has this number (batches per epoch changed)
+        number = max(key[2] for key, _ in existing) + 1
+    path = checkpoint_path(output_dir, number)
     for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
         stale.unlink(missing_ok=True)
     atomic_save(state, path)
@@ -181,7 +187,8 @@ def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: 
             "saved_at": time.time()}
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), path.with_suffix(".json"))
     if keep_last > 0:
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        after = sorted([(key, p) for key, p in existing if p != path] + [((*progress, number), path)])
+        for _, old in after[:-keep_last]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
     return path

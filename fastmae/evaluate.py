@@ -36,10 +36,10 @@ def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt:
     d = rt.dist
     loaders = [build_loader(data_cfg, split, img_size, batch_size, train=False, seed=rt.run.seed, rank=d.rank,
                             world_size=d.world_size, drop_last=False) for split in ("train", "eval")]
-    encoder = build_classifier(bb, model_cfg, num_classes=0, in_chans=loaders[0].channels, global_pool="token")
-    encoder = encoder.to(rt.device).eval()
     if labels_for:
         loaders[0].require_classes(labels_for)
+    encoder = build_classifier(bb, model_cfg, num_classes=0, in_chans=loaders[0].channels, global_pool="token")
+    encoder = encoder.to(rt.device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder, loaders[0], loaders[1], data_cfg
@@ -173,7 +173,8 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,
                   holdout=cfg.data.holdout, seconds=time.perf_counter() - t0)
-    _report(rt, "linprobe", f"linear probe ({pool} features of {cfg.init}, {cfg.optim.epochs} epochs)", result, cfg.data)
+    _report(rt, "linprobe", f"linear probe ({pool} features of {cfg.init}, {cfg.optim.epochs} epochs)", result,
+            cfg.data)
     return result
 
 

@@ -103,7 +103,7 @@ class LineProgress:
     def _write(self, now: float) -> None:
         elapsed = now - self._t0
         done, total = self.initial + self.n, self.total
-        if self.n >= 2 and self._t1:
+        if self.n >= 2:
             left = (now - self._t1) / (self.n - 1) * (total - done)
         else:
             left = elapsed / self.n * (total - done) if self.n else 0.0

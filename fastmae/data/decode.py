@@ -10,6 +10,7 @@ file at full size, as before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -170,16 +171,19 @@ def _normalized(planes: list[Image.Image], mean: Sequence[float], std: Sequence[
     """Planes -> (C, H, W) float32 (pixels / 255 - mean) / std; 8-bit images in one multiply-add from uint8."""
     if len(planes) == 1 and planes[0].mode in ("L", "RGB"):
         x = _uint8_chw(planes[0])  # (C, H, W)
-        c = x.shape[0]
-        scale = torch.tensor([1.0 / (255.0 * v) for v in _per_channel(std, c)]).view(c, 1, 1)
-        bias = torch.tensor([-m / v for m, v in zip(_per_channel(mean, c), _per_channel(std, c))]).view(c, 1, 1)
+        scale, bias = _uint8_affine(tuple(mean), tuple(std), x.shape[0])
         return torch.addcmul(bias, x.float(), scale)
     return normalize(_planes_to_tensor(planes), mean, std)
 
 
-def _per_channel(values: Sequence[float], channels: int) -> list[float]:
-    """Per-channel statistics, a single value broadcast to every channel (as normalize's view(-1, 1, 1) does)."""
-    return list(values) * channels if len(values) == 1 else list(values)
+@functools.lru_cache(maxsize=16)
+def _uint8_affine(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each (C, 1, 1), with pixel x scale + bias = (pixel / 255 - mean) / std; made once per stats
+    (a single mean/std value applies to every channel, as normalize's view(-1, 1, 1) broadcast does)."""
+    mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(channels, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)]).view(channels, 1, 1)
+    return scale, bias
 
 
 def decode_image(path: str | Path, channels: int, max_image_pixels: int = 0) -> torch.Tensor:
