@@ -7,8 +7,9 @@
 
 (D) One worker's decode + RandomResizedCrop to 224 of generated JPEGs, three paths interleaved in one process,
     --repeats times; median images/s of each, per JPEG size: the reference (`reference_load_image`, the per-file
-    transform as it was when issue #12 was filed), today's load_image with the full decode (fast_jpeg=False) and
-    today's default (fast_jpeg=True: reduced-size JPEG decode where the crop allows). Same seeds: same boxes.
+    transform as it was when issue #12 was filed), load_image resizing with Pillow only (torch_resize=False; the
+    default until torch's uint8 resize was adopted) and today's default (reduced-size JPEG decode where the crop
+    allows, torch's uint8 resize where the CPU has AVX2/AVX-512). Same seeds: same boxes.
 
     python benchmarks/bench_data.py [--files 256] [--epochs 2]
     python benchmarks/bench_data.py --decode-only --decode-sizes 500x375,1024x768,2048x1536 --repeats 7
@@ -35,7 +36,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastmae.config import DataConfig
-from fastmae.data import MemoryLoader, build_loader, load_image, normalize, sample_crop_boxes
+from fastmae.data import MemoryLoader, build_loader, decode, load_image, normalize, sample_crop_boxes
 from fastmae.data.transforms import CROP_RATIO
 
 JPEG_SIZE = (500, 375)  # width, height
@@ -115,7 +116,8 @@ def reference_load_image(path: str, mean, std, generator: torch.Generator) -> to
     """(D)'s reference: load_image's train transform for an RGB file as it was when issue #12 was filed.
 
     Full decode, the EXIF-transposed copy, the crop box by the batched tensor rule, Pillow bicubic to 224,
-    the flip, float conversion with cat and clamp, then normalize: same boxes and pixels as today's full decode.
+    the flip, float conversion with cat and clamp, then normalize: same boxes and pixels as today's full decode resized by Pillow
+    (load_image(fast_jpeg=False, torch_resize=False)).
     """
     img = Image.open(path)
     img.load()
@@ -130,12 +132,12 @@ def reference_load_image(path: str, mean, std, generator: torch.Generator) -> to
     return normalize(torch.cat([x]).clamp_(0.0, 1.0), mean, std)
 
 
-PATHS = ("reference", "full", "fast")  # (D): reference_load_image, load_image(fast_jpeg=False), load_image default
+PATHS = ("reference", "pillow", "default")  # (D): reference_load_image, load_image(torch_resize=False), load_image
 
 
 def decode_rates(paths: list[str], repeats: int) -> dict:
-    """(D): one process's images/s over `paths` (train, 224) of the reference, today's full decode and today's
-    default (reduced-size JPEG decode).
+    """(D): one process's images/s over `paths` (train, 224) of the reference, today's load_image resizing with
+    Pillow only, and today's default.
 
     The three run in turn (the order rotates every pass), `repeats` times each, after one warm-up pass of each;
     the same seeds, so all draw the same crop boxes. Medians and the ratios of medians.
@@ -149,7 +151,8 @@ def decode_rates(paths: list[str], repeats: int) -> dict:
             if which == "reference":
                 reference_load_image(p, mean, std, g)
             else:
-                load_image(p, (224, 224), 3, mean, std, train=True, generator=g, fast_jpeg=which == "fast")
+                load_image(p, (224, 224), 3, mean, std, train=True, generator=g,
+                           torch_resize=False if which == "pillow" else None)
         return len(paths) / (time.perf_counter() - t0)
 
     for which in PATHS:  # warm-up
@@ -159,8 +162,9 @@ def decode_rates(paths: list[str], repeats: int) -> dict:
         for which in PATHS[r % 3:] + PATHS[: r % 3]:
             rates[which].append(one_pass(which))
     med = {which: float(np.median(runs)) for which, runs in rates.items()}
-    return {"reference_img_per_s": med["reference"], "full_img_per_s": med["full"], "fast_img_per_s": med["fast"],
-            "ratio": med["fast"] / med["reference"], "fast_vs_full": med["fast"] / med["full"],
+    return {"reference_img_per_s": med["reference"], "pillow_img_per_s": med["pillow"],
+            "default_img_per_s": med["default"], "ratio": med["default"] / med["reference"],
+            "torch_vs_pillow_resize": med["default"] / med["pillow"], "torch_resize": decode.TORCH_RESIZE,
             **{f"{which}_runs": runs for which, runs in rates.items()}}
 
 
@@ -189,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-only", action="store_true", help="skip the in-memory Fashion-MNIST row")
     p.add_argument("--gen-procs", type=int, default=0, help="processes writing the JPEGs (0: one per core, <= 16)")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
-    p.add_argument("--decode-only", action="store_true", help="only (D): full vs reduced-size JPEG decode")
+    p.add_argument("--decode-only", action="store_true", help="only (D): the per-file transform, three ways")
     p.add_argument("--decode-sizes", default="",
                    help=f"(D) JPEG sizes WxH, comma-separated (default: none, or {DECODE_SIZES} with --decode-only)")
     p.add_argument("--decode-files", type=int, default=64, help="(D) JPEGs per size")
@@ -224,11 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     decode = decode_rows(sizes, args.decode_files, args.repeats, args.decode_content) if sizes else []
     if decode:
         print(f"\n| (D) decode + RandomResizedCrop 224, one process, median of {args.repeats} | reference img/s "
-              f"| today, full decode | today (default) | default vs reference | reduced vs full decode |\n"
+              f"| today, Pillow resize | today (default) | default vs reference | torch vs Pillow resize |\n"
               f"| --- | ---: | ---: | ---: | ---: | ---: |")
         for r in decode:
-            print(f"| {r['title']} | {r['reference_img_per_s']:.0f} | {r['full_img_per_s']:.0f} | "
-                  f"{r['fast_img_per_s']:.0f} | {r['ratio']:.2f}x | {r['fast_vs_full']:.2f}x |")
+            print(f"| {r['title']} | {r['reference_img_per_s']:.0f} | {r['pillow_img_per_s']:.0f} | "
+                  f"{r['default_img_per_s']:.0f} | {r['ratio']:.2f}x | {r['torch_vs_pillow_resize']:.2f}x |")
     if args.json:
         info = {"cpus": os.cpu_count(), "torch": torch.__version__, "epochs": args.epochs}
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows + decode}, indent=2))

@@ -136,6 +136,15 @@ def epoch_line(entry: dict[str, Any], epochs: int, left_s: float = 0.0) -> str:
     return f"epoch {entry['epoch']}/{epochs} done: {fields} | {tail}"
 
 
+def run_time_left(walls: list[tuple[float, int]], batches_left: int) -> float:
+    """Seconds the rest of a run needs, from this process's epochs as (wall seconds, batches run): per batch,
+    so an epoch resumed mid-way counts for its part; once there are two, the first (torch.compile's warm-up,
+    the resume) is left out."""
+    timed = walls[1:] if len(walls) > 1 else walls
+    batches = sum(b for _, b in timed)
+    return sum(s for s, _ in timed) / batches * batches_left if batches else 0.0
+
+
 def progress(iterable, total: int, enabled: bool, desc: str = "", initial: int = 0, stream=None):
     """Rank 0's progress when enabled (a tqdm bar on a terminal, LineProgress otherwise); the bare iterable if not."""
     if not enabled:

@@ -31,7 +31,7 @@ from .config import RunConfig, save_json, to_dict
 from .device import make_scaler, resolve_device, resolve_precision
 from .dist import DistInfo, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
-from .log import RunLogger, epoch_line
+from .log import RunLogger, epoch_line, run_time_left
 from .runlock import acquire as acquire_lock
 from .runlock import release as release_lock
 
@@ -298,9 +298,9 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
             write_resumed_config(rt)
         model = wrap_for_training(rt, task.model)
         stop.install()
-        walls: list[float] = []  # this process's epochs, training and evaluation, for the time left
+        walls: list[tuple[float, int]] = []  # this process's epochs (seconds incl. evaluation, batches): time left
         while prog.epoch < epochs:
-            epoch, t_epoch = prog.epoch, time.perf_counter()
+            epoch, t_epoch, first_batch = prog.epoch, time.perf_counter(), prog.batch
             res: EpochResult = train_one_epoch(task, model, loader, rt, prog, scaler, stop, epochs)
             step = epoch * len(loader) + prog.batch + res.steps
             if res.stopped:  # preempted: save where this epoch stopped, and leave
@@ -318,8 +318,8 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
                 entry.update(task.on_epoch_end(epoch, task.model, prog))
             rt.logger.scalars(step, {"epoch_loss": res.loss}, prefix="epoch")
             rt.logger.record(entry)
-            walls.append(time.perf_counter() - t_epoch)
-            print0(rt.dist, epoch_line(entry, epochs, sum(walls) / len(walls) * (epochs - epoch - 1)))
+            walls.append((time.perf_counter() - t_epoch, len(loader) - first_batch))
+            print0(rt.dist, epoch_line(entry, epochs, run_time_left(walls, (epochs - epoch - 1) * len(loader))))
             if (epoch + 1) % max(rt.run.save_every, 1) == 0 or epoch + 1 == epochs:
                 last_path = save(rt, task.model, task.optimizer, scaler, prog, step, task.meta)
     finally:

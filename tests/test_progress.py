@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from fastmae.cli import main
 from fastmae.log import LineProgress, progress
 from tests.test_cli_pretrain import make_fmnist, tiny_args
@@ -103,3 +105,15 @@ def test_epoch_line_of_a_tiny_run_keeps_digits():
 
     entry = {"epoch": 1, "step": 3, "loss": 0.5, "images_per_s": 0.4321, "epoch_seconds": 9.26}
     assert epoch_line(entry, 1).endswith("| 9.3 s, 0.43 img/s")
+
+
+def test_run_time_left_counts_batches_not_epochs():
+    """An epoch resumed at batch 651 of 937 took 118 s for 286 batches: the eight epochs left need ~3 h at that
+    rate, not 8 x 118 s; once a second epoch is timed, the first (compile warm-up, the resume) is left out."""
+    from fastmae.log import run_time_left
+
+    assert run_time_left([(118.0, 286)], 8 * 937) == pytest.approx(118.0 / 286 * 8 * 937)
+    assert run_time_left([(900.0, 937), (420.0, 937)], 2 * 937) == pytest.approx(840.0)
+    assert run_time_left([(600.0, 100), (42.0, 100), (44.0, 100)], 100) == pytest.approx(43.0)
+    assert run_time_left([], 100) == 0.0
+    assert run_time_left([(5.0, 0)], 100) == 0.0  # nothing run (a resume at the epoch's end): no estimate

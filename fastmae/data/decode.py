@@ -5,6 +5,12 @@ JPEGs whose crop is at least twice the output size are decoded at 1/2, 1/4 or 1/
 scaling, `Image.draft`): the crop box is drawn from the header's size first, so the law of boxes and flips
 is unchanged, and the resize still only shrinks. `FAST_JPEG = False` (or `fast_jpeg=False`) decodes every
 file at full size, as before.
+
+An 8-bit grey or RGB crop of whole pixels (every training crop of a file decoded at full size) is resized by
+torch's uint8 antialiased bicubic kernel: Pillow's filter, vectorised for x86, there ~2x (grey) to ~4.5x (RGB)
+faster than Pillow. It crops, then resizes, as torchvision's resized_crop (Pillow's box resize also reads the
+pixels just outside the box, so the edge pixels differ). `TORCH_RESIZE = False` (or `torch_resize=False`)
+resizes with Pillow only.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .transforms import CROP_RATIO, eval_crop_box, normalize, sample_crop_box
@@ -24,6 +31,8 @@ from .transforms import CROP_RATIO, eval_crop_box, normalize, sample_crop_box
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg can apply while decoding (Image.draft), largest first
 FAST_JPEG = True  # default of load_image(fast_jpeg=...): decode JPEGs at reduced size where the crop allows
+# default of load_image(torch_resize=...): torch's uint8 resize kernel is vectorised for AVX2 / AVX-512 only
+TORCH_RESIZE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 # EXIF orientation -> (x, y) of the upright image run against the stored image's axes (see ImageOps.exif_transpose)
 _REVERSED_AXES = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
                   8: (False, True)}
@@ -169,11 +178,20 @@ def _uint8_chw(plane: Image.Image) -> torch.Tensor:
 
 def _normalized(planes: list[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Planes -> (C, H, W) float32 (pixels / 255 - mean) / std; 8-bit images in one multiply-add from uint8."""
-    if len(planes) == 1 and planes[0].mode in ("L", "RGB"):
-        x = _uint8_chw(planes[0])  # (C, H, W)
-        scale, bias = _uint8_affine(tuple(mean), tuple(std), x.shape[0])
-        return torch.addcmul(bias, x.float(), scale)
+    if _is_8bit(planes):
+        return _normalized_uint8(_uint8_chw(planes[0]), mean, std)
     return normalize(_planes_to_tensor(planes), mean, std)
+
+
+def _is_8bit(planes: list[Image.Image]) -> bool:
+    """Whether the planes are one 8-bit grey or RGB image (the common case, kept in uint8 until normalised)."""
+    return len(planes) == 1 and planes[0].mode in ("L", "RGB")
+
+
+def _normalized_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(C, H, W) uint8 -> float32 (x / 255 - mean) / std in one multiply-add."""
+    scale, bias = _uint8_affine(tuple(mean), tuple(std), x.shape[0])
+    return torch.addcmul(bias, x.float(), scale)
 
 
 @functools.lru_cache(maxsize=16)
@@ -234,6 +252,20 @@ def _reduced_box(box: Box, scale: int, full_hw: tuple[int, int], orientation: in
     return (top + off_y) / scale, (left + off_x) / scale, h / scale, w / scale
 
 
+def _whole_pixels(box: Box) -> bool:
+    """Whether a crop box lies on pixel edges (training crops of a full-size decode; not reduced or eval boxes)."""
+    return all(float(v).is_integer() for v in box)
+
+
+def _resized_crop_uint8(plane: Image.Image, box: Box, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Crop a whole-pixel `box` (top, left, h, w) of an 8-bit 'L' or 'RGB' image and resize it to out_hw with
+    torch's antialiased bicubic uint8 kernel (Pillow's filter, a = -0.5): (C, H, W) uint8."""
+    top, left, h, w = (int(v) for v in box)
+    a = torch.from_numpy(np.array(plane.crop((left, top, left + w, top + h))))  # (h, w) or (h, w, C): one copy
+    x = (a.unsqueeze(-1) if a.ndim == 2 else a).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w), channels-last strides
+    return F.interpolate(x, size=out_hw, mode="bicubic", antialias=True, align_corners=False)[0]  # (C, H, W)
+
+
 def _crop_and_flip(
     hw: tuple[int, int],
     img_size: tuple[int, int],
@@ -262,12 +294,14 @@ def load_image(
     generator: torch.Generator | None = None,
     max_image_pixels: int = 0,
     fast_jpeg: bool | None = None,
+    torch_resize: bool | None = None,
 ) -> torch.Tensor:
     """Decode one file and apply the train or eval transform: (C, H, W) float32, normalised.
 
     Any size works: an image smaller than the crop is upscaled by the resize. Files over max_image_pixels
     pixels (0 = Pillow's limit) raise UnreadableImageError. fast_jpeg (None: FAST_JPEG) decodes a JPEG
     at 1/2, 1/4 or 1/8 scale when its crop box still covers img_size there (box drawn from the header).
+    torch_resize (None: TORCH_RESIZE) resizes 8-bit crops of whole pixels with torch's uint8 kernel, not Pillow.
     """
     H, W = img_size
     fast = FAST_JPEG if fast_jpeg is None else fast_jpeg
@@ -289,7 +323,11 @@ def load_image(
     w0, h0 = planes[0].size
     (top, left, h, w), flip = drawn[0] if drawn else _crop_and_flip((h0, w0), img_size, train, crop_scale, hflip,
                                                                     generator)
+    box = (top, left, h, w)
     if (top, left, h, w, H, W) != (0, 0, h0, w0, h0, w0):  # identity otherwise
+        if (TORCH_RESIZE if torch_resize is None else torch_resize) and _is_8bit(planes) and _whole_pixels(box):
+            x = _resized_crop_uint8(planes[0], box, img_size)  # (C, H, W) uint8
+            return _normalized_uint8(x.flip(-1) if flip else x, mean, std)
         planes = [p.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)) for p in planes]
     if flip:
         planes = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in planes]
