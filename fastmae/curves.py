@@ -78,6 +78,27 @@ def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str =
     return _save(fig, out_path)
 
 
+def spread(heights: list[float], gap: float) -> list[float]:
+    """Label heights at least `gap` apart, each as near its own height as that allows (in input order): labels of
+    curves that end at nearly the same value are stacked around their mean instead of printed over each other."""
+    groups: list[list[int]] = []  # labels pushed together, lowest first, each group centred on its mean height
+    for i in sorted(range(len(heights)), key=lambda i: heights[i]):
+        groups.append([i])
+        while len(groups) > 1 and _start(groups[-2], heights, gap) + len(groups[-2]) * gap > _start(
+                groups[-1], heights, gap):
+            groups[-2:] = [groups[-2] + groups[-1]]  # they overlap: one stack
+    out = [0.0] * len(heights)
+    for g in groups:
+        for k, i in enumerate(g):
+            out[i] = _start(g, heights, gap) + k * gap
+    return out
+
+
+def _start(group: list[int], heights: list[float], gap: float) -> float:
+    """The lowest height of a group stacked `gap` apart and centred on its members' mean height."""
+    return sum(heights[i] for i in group) / len(group) - (len(group) - 1) * gap / 2
+
+
 def plot_runs(logs: dict[str, str | Path], out_path: str | Path, title: str = "",
               metric: tuple[str, str] = FINETUNE_METRIC) -> Path:
     """One curve per run (label -> log.jsonl) of a metric per epoch on one axis, e.g. fine-tuning top-1 from MAE
@@ -87,15 +108,20 @@ def plot_runs(logs: dict[str, str | Path], out_path: str | Path, title: str = ""
 
     key, label = metric
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    ends = []  # (last point, colour) of each curve
     for name, log in logs.items():
         points = [(e["epoch"], e[key]) for e in epoch_entries(log) if key in e]
         if not points:
             plt.close(fig)
             raise ValueError(f"{log} has no epoch with {key!r}: is it the log.jsonl of a finished epoch?")
         line, = ax.plot(*zip(*points), "o-", ms=3, label=name)
-        ax.annotate(f"{points[-1][1]:.2f}", points[-1], textcoords="offset points", xytext=(4, -3),
-                    color=line.get_color(), fontsize=8)
+        ends.append((points[-1], line.get_color()))
     ax.margins(x=0.1)  # room for the last values
+    ax.autoscale_view()
+    at = [float(ax.transData.transform(p)[1]) * 72 / fig.dpi for p, _ in ends]  # heights in points
+    for (p, colour), y, y_label in zip(ends, at, spread(at, 9.0)):  # last values that do not overlap
+        ax.annotate(f"{p[1]:.2f}", p, textcoords="offset points", xytext=(4, y_label - y - 3), color=colour,
+                    fontsize=8)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(label)

@@ -22,7 +22,7 @@ from .data import build_loader, eval_split_name
 from .dist import print0
 from .engine import Task, evaluate
 from .optim import build_adamw, param_groups_lrd, schedule
-from .trainer import Progress, fit, model_meta, setup
+from .trainer import Progress, duration, fit, model_meta, setup
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -88,7 +88,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         curve = plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png",
                                     f"fine-tuning from {cfg.init} on {cfg.data.source}",
                                     loss_label="training loss (soft-target cross entropy)", metric=FINETUNE_METRIC)
-        print0(d, f"fine-tuned {prog.epoch} epochs in {result['seconds']:.0f}s, on the {eval_split_name(cfg.data)}: last top-1 "
+        print0(d, f"fine-tuned {prog.epoch} epochs in {duration(result['seconds'], prog)}, on the {eval_split_name(cfg.data)}: last top-1 "
                   f"{result.get('top1', float('nan')):.2f}%, best top-1 {result['best_top1']:.2f}% (epoch "
                   f"{result['best_epoch']}) | best {best_path}, last {last}, learning curve {curve}")
     return result

@@ -20,7 +20,7 @@ from .knn import knn_accuracy
 from .mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .optim import build_adamw, param_groups_weight_decay, schedule
 from .pos_embed import resample_pos_embed
-from .trainer import Progress, Runtime, fit, model_meta, setup
+from .trainer import Progress, Runtime, duration, fit, model_meta, setup
 from .visualize import reconstruct, save_figure
 from .vit import to_2tuple, variant_kwargs
 from .weights import ENCODER_PREFIXES, Weights, read_weights
@@ -218,7 +218,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
     if prog.epoch >= cfg.optim.epochs:
         curve = plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png",
                                     f"{cfg.model.name} on {cfg.data.source}") if d.is_main else None
-        msg = f"done in {time.perf_counter() - t0:.0f}s: checkpoint {path}"
+        msg = f"done in {duration(time.perf_counter() - t0, prog)}: checkpoint {path}"
         if curve is not None:
             msg += f", learning curve {curve}"
         if monitor.images is not None:

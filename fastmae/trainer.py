@@ -144,6 +144,23 @@ class Progress:
     loss_sum: float = 0.0  # this rank's running loss sum of the unfinished epoch (float32 value), for its mean
     loss_count: int = 0  # batches in loss_sum
     steps_per_epoch: int = 0  # batches per epoch of this run's loader (recorded in checkpoints)
+    resumed_at: tuple[int, int] = (0, 0)  # (epoch, batch) this process started from
+
+
+def position(epoch: int, batch: int) -> str:
+    """Where a run stands, for a person: 'after epoch 21' at an epoch's end, 'in epoch 22 after batch 651' mid-way
+    (epochs counted from 1, as in the epoch lines)."""
+    if batch:
+        return f"in epoch {epoch + 1} after batch {batch}"
+    return f"after epoch {epoch}" if epoch else "at the start"
+
+
+def duration(seconds: float, prog: Progress) -> str:
+    """This process's wall time, saying so when the run was resumed: '3809 s', or '3809 s (since resuming in
+    epoch 22 after batch 651)': the earlier part ran in another process."""
+    if not prog.resumed_from:
+        return f"{seconds:.0f} s"
+    return f"{seconds:.0f} s (since resuming {position(*prog.resumed_at)})"
 
 
 def flat_flags(d: dict, prefix: str = "--") -> dict[str, object]:
@@ -227,7 +244,8 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     prog = Progress(epoch=int(state["epoch"]), batch=int(state["batch"]), resumed_from=str(path),
-                    extra=dict(state.get("extra", {})), steps_per_epoch=steps_per_epoch)
+                    extra=dict(state.get("extra", {})), steps_per_epoch=steps_per_epoch,
+                    resumed_at=(int(state["epoch"]), int(state["batch"])))
     saved = int(state.get("steps_per_epoch", 0)) or (  # older checkpoints: from step = epoch x per epoch + batch
         (int(state["step"]) - prog.batch) // prog.epoch if prog.epoch else 0)
     if prog.batch and steps_per_epoch and saved and saved != steps_per_epoch:
@@ -294,7 +312,7 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
     try:
         prog = resume(rt, task.model, task.optimizer, scaler, task.meta, steps_per_epoch=len(loader))
         if prog.resumed_from:
-            print0(rt.dist, f"resumed from {prog.resumed_from} at epoch {prog.epoch}, batch {prog.batch}")
+            print0(rt.dist, f"resumed from {prog.resumed_from} {position(prog.epoch, prog.batch)}")
             write_resumed_config(rt)
         model = wrap_for_training(rt, task.model)
         stop.install()

@@ -96,7 +96,7 @@ def _final_weights(out):
 
 # 3 batches per epoch; the stop flag is read after every batch but an epoch's last
 @pytest.mark.parametrize("stop_after,where", [(2, (0, 2)), (3, (1, 1))])
-def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkeypatch, stop_after, where):
+def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkeypatch, capsys, stop_after, where):
     import fastmae.trainer as trainer
 
     full = tmp_path / "full"
@@ -116,7 +116,11 @@ def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkey
     state, _ = load_checkpoint(part)
     assert (state["epoch"], state["batch"]) == where  # saved mid-epoch, where it stopped
     monkeypatch.undo()
+    capsys.readouterr()
     run_pretrain(tiny_cfg(fmnist, part, epochs=3))  # the same command resumes
+    said = capsys.readouterr().out
+    here = f"in epoch {where[0] + 1} after batch {where[1]}"  # epochs counted from 1, as in the epoch lines
+    assert f" {here}\n" in said and f"(since resuming {here}):" in said, said
     a, b = _final_weights(full), _final_weights(part)
     assert a.keys() == b.keys()
     for k in a:

@@ -117,3 +117,13 @@ def test_run_time_left_counts_batches_not_epochs():
     assert run_time_left([(600.0, 100), (42.0, 100), (44.0, 100)], 100) == pytest.approx(43.0)
     assert run_time_left([], 100) == 0.0
     assert run_time_left([(5.0, 0)], 100) == 0.0  # nothing run (a resume at the epoch's end): no estimate
+
+
+def test_position_and_duration_count_epochs_from_one():
+    from fastmae.trainer import Progress, duration, position
+
+    assert position(21, 651) == "in epoch 22 after batch 651"
+    assert position(21, 0) == "after epoch 21" and position(0, 0) == "at the start"
+    assert duration(3809.4, Progress(epoch=30)) == "3809 s"
+    resumed = Progress(epoch=30, resumed_from="runs/x/checkpoint-00020328.pt", resumed_at=(21, 651))
+    assert duration(3809.4, resumed) == "3809 s (since resuming in epoch 22 after batch 651)"

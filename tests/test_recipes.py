@@ -20,6 +20,7 @@ from fastmae.curves import (
     epoch_entries,
     plot_learning_curve,
     plot_runs,
+    spread,
 )
 
 from .test_cli_pretrain import make_fmnist, tiny_args
@@ -86,6 +87,22 @@ def test_plot_runs_draws_one_curve_per_run_and_refuses_a_log_without_the_metric(
     with pytest.raises(ValueError, match="has no epoch with 'top1'"):
         plot_runs({"pre": tmp_path / "pre.jsonl"}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("heights", [[100.0, 100.5, 50.0], [0.0, 1.0, 2.0, 30.0], [0.0, 20.0, 40.0], [5.0, 5.0],
+                                     [30.0, 0.0, 8.0, 16.0, 24.5], []])
+def test_end_labels_are_spread_apart_and_stay_near_their_curves(heights):
+    """Two runs ending at 93.43 and 93.45 printed their last values over each other; labels now keep a gap."""
+    gap = 9.0
+    out = spread(heights, gap)
+    assert len(out) == len(heights)
+    ys = sorted(out)
+    assert all(b - a >= gap - 1e-9 for a, b in zip(ys, ys[1:]))
+    assert sorted(range(len(out)), key=lambda i: (out[i], i)) == sorted(range(len(heights)),
+                                                                       key=lambda i: (heights[i], i))  # order kept
+    assert all(abs(o - h) <= gap * len(heights) / 2 for o, h in zip(out, heights))
+    if heights and all(b - a >= gap for a, b in zip(sorted(heights), sorted(heights)[1:])):
+        assert out == heights  # apart already: untouched
 
 
 def test_pretrain_writes_the_learning_curve(tmp_path, capsys):
