@@ -85,7 +85,7 @@ def main() -> None:
     if results_path.exists():
         rows.update({k: tuple(v) for k, v in json.loads(results_path.read_text()).items()})
     pre = out / "pretrain"
-    probe = ["--optim.epochs", str(args.probe_epochs), "--run.no_progress"]
+    probe = ["--optim.epochs", str(args.probe_epochs), "--run.no_progress", "--overwrite"]  # a step run again re-measures
     ft = ["--optim.epochs", str(args.finetune_epochs), "--optim.warmup_epochs", str(args.finetune_warmup),
           "--run.no_progress", *args.finetune_flags.split()]
     rand = ["--init", "random", "--model.name", args.arch] + [f for f in args.arch_flags.split(",") if f]
@@ -99,7 +99,7 @@ def main() -> None:
     if "random" in steps:
         _, s = timed(cli, ["linprobe", *rand, *probe, "--run.output_dir", str(out / "lp_random")])
         rows["random encoder linear probe"] = (read(out / "lp_random" / "linprobe.json", "top1"), s)
-        _, s = timed(cli, ["knn", *rand, "--run.output_dir", str(out / "knn_random")])
+        _, s = timed(cli, ["knn", *rand, "--knn.overwrite", "--run.output_dir", str(out / "knn_random")])
         rows["random encoder kNN"] = (read(out / "knn_random" / "knn.json", "top1"), s)
         save()
     if "pretrain" in steps:
@@ -110,7 +110,7 @@ def main() -> None:
     if "probe" in steps:
         _, s = timed(cli, ["linprobe", "--init", str(pre), *probe, "--run.output_dir", str(out / "lp_mae")])
         rows["MAE linear probe"] = (read(out / "lp_mae" / "linprobe.json", "top1"), s)
-        _, s = timed(cli, ["knn", "--init", str(pre), "--run.output_dir", str(out / "knn_mae")])
+        _, s = timed(cli, ["knn", "--init", str(pre), "--knn.overwrite", "--run.output_dir", str(out / "knn_mae")])
         rows["MAE kNN"] = (read(out / "knn_mae" / "knn.json", "top1"), s)
         save()
     if "finetune" in steps:

@@ -265,6 +265,9 @@ class LinprobeConfig:
     augment: bool = False
     """True: the paper's RandomResizedCrop + flip every epoch (the encoder runs each epoch); False: features
     of the unaugmented images are extracted once and cached (much faster on a CPU)."""
+    overwrite: bool = False
+    """Replace the linprobe.json and head checkpoint of an earlier finished run in --run.output_dir (otherwise they
+    stop the command before any work; an unfinished --augment run resumes as training commands do)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         epochs=90, warmup_epochs=10.0, batch_size=256, blr=16.0, weight_decay=0.0))
     """LARS lr = blr x batch / 256 (the paper's blr 0.1 is for batch 16384; BENCHMARKS.md has the small-batch
@@ -280,6 +283,8 @@ class KnnParams:
     temperature: float = 0.07
     batch_size: int = 256
     """Images per batch when extracting features."""
+    overwrite: bool = False
+    """Replace the knn.json of an earlier run in --run.output_dir (otherwise it stops the command before any work)."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from .checkpoint import atomic_write, atomic_write_text
 from .config import EmbedConfig, validate
 from .dist import print0
 from .evaluate import features_of, probe_encoder
+from .results import refuse_replacing
 from .trainer import setup
 
 
@@ -39,10 +40,9 @@ def check_outputs(cfg: EmbedConfig) -> None:
     """Refuse to run over existing outputs without --embed.overwrite (before any work), and --data.skip_corrupt,
     whose substitutes for unreadable files would break the one-row-per-file list."""
     out = Path(cfg.run.output_dir)
-    existing = [p for s in split_names(cfg.embed.split) for p in output_files(out, s, cfg.embed.format) + [out / f"{s}.txt"]
-                if p.exists()]
-    if existing and not cfg.embed.overwrite:
-        raise ValueError(f"{existing[0]} exists; pass --embed.overwrite to replace it or choose another --run.output_dir")
+    if not cfg.embed.overwrite:
+        refuse_replacing((p for s in split_names(cfg.embed.split)
+                          for p in output_files(out, s, cfg.embed.format) + [out / f"{s}.txt"]), "--embed.overwrite")
     if cfg.data.skip_corrupt:
         raise ValueError("--data.skip_corrupt cannot be used with embed (a skipped file's row would hold another "
                          "image); fix or remove the unreadable files")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ from .dist import print0
 from .engine import Task, evaluate, extract_features, topk_correct
 from .knn import knn_accuracy
 from .optim import LARS, schedule, set_lr
+from .results import refuse_replacing
 from .trainer import Runtime, fit, model_meta, setup
 
 
@@ -52,10 +54,12 @@ def features_of(encoder: nn.Module, loader, pool: str, rt: Runtime) -> tuple[tor
 
 
 def _report(rt: Runtime, name: str, what: str, result: dict, data_cfg: DataConfig) -> None:
-    """Rank 0 writes `<name>.json` atomically and prints `<what>: top-1 a%  top-5 b% on the <split> (<file>)`."""
+    """Rank 0 writes `<name>.json` and the config.json of the run that produced it (atomically) and prints
+    `<what>: top-1 a%  top-5 b% on the <split> (<file>)`."""
     if not rt.dist.is_main:
         return
     path = rt.out_dir / f"{name}.json"
+    atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), rt.out_dir / "config.json")
     atomic_write_text(json.dumps(result, indent=2, sort_keys=True), path)
     print0(rt.dist, f"{what}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the "
                     f"{eval_split_name(data_cfg)} ({path})")
@@ -64,6 +68,8 @@ def _report(rt: Runtime, name: str, what: str, result: dict, data_cfg: DataConfi
 def run_knn(cfg: KnnConfig) -> dict:
     """Weighted kNN top-1/top-5 of the encoder's features; writes knn.json to the output folder."""
     validate(cfg)
+    if not cfg.knn.overwrite:
+        refuse_replacing([Path(cfg.run.output_dir) / "knn.json"], "--knn.overwrite")
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
     encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.knn.batch_size, labels_for="kNN")
@@ -142,6 +148,8 @@ def head_accuracy(head: LinearHead, feats: torch.Tensor, labels: torch.Tensor) -
 def run_linprobe(cfg: LinprobeConfig) -> dict:
     """Linear probe with LARS; cached features by default, the paper's augmented crops with --augment."""
     validate(cfg)
+    if not cfg.overwrite:
+        refuse_replacing([Path(cfg.run.output_dir) / "linprobe.json"], "--overwrite")
     rt = setup(cfg.run, cfg)
     t0 = time.perf_counter()
     encoder, train, val, data_cfg = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.optim.batch_size,

@@ -63,6 +63,31 @@ def test_linprobe_cached_and_augmented(pretrained, tmp_path):
     assert res["augment"] is True and 0 <= res["top1"] <= 100
 
 
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_second_evaluation_into_the_same_folder_keeps_the_first(pretrained, tmp_path, capsys):
+    """knn / linprobe into a folder holding an earlier result stop before any work, naming it (result and fix); the
+    first run's files are untouched. The overwrite flag replaces them, config.json included."""
+    data, run = pretrained
+    for cmd, flag, extra, result in (("knn", "--knn.overwrite", ["--knn.k", "5"], "knn.json"),
+                                     ("linprobe", "--overwrite", ["--optim.epochs", "2", "--optim.batch_size", "32"],
+                                      "linprobe.json")):
+        out = tmp_path / cmd
+        assert main([cmd, "--init", str(run), *extra, *common(data, out)]) == 0
+        first, top1 = _files(out), json.loads((out / result).read_text())["top1"]
+        capsys.readouterr()
+        assert main([cmd, "--init", "random", *TINY_VIT, *extra, *common(data, out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out / result} holds an earlier run's result (top-1 {top1:.2f}% of {run})" in err[0]
+        assert "--run.output_dir" in err[0] and flag in err[0]
+        assert _files(out) == first
+        assert main([cmd, "--init", "random", *TINY_VIT, *extra, flag, *common(data, out)]) == 0
+        assert json.loads((out / result).read_text())["init"] == "random"
+        assert json.loads((out / "config.json").read_text())["init"] == "random"  # the config of the result
+
+
 def test_finetune_from_pretrained_writes_best_and_last(pretrained, tmp_path):
     data, run = pretrained
     out = tmp_path / "ft"
