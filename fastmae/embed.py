@@ -87,7 +87,7 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
     """Extract and write the features of the chosen splits; returns the files written."""
     validate(cfg)
     check_outputs(cfg)
-    rt = setup(cfg.run, cfg)
+    rt = setup(cfg.run, cfg, write_config=False)  # written with the features: a failed run changes nothing
     if rt.dist.world_size > 1:  # gathered rows interleave ranks and wrap-around padding: no one row per file
         raise ValueError("fastmae embed runs in one process; start it without torchrun")
     t0 = time.perf_counter()
@@ -110,6 +110,8 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
             written += write_split(rt.out_dir, split, cfg.embed.format, feats,
                                    labels if loader.num_classes > 0 else None, files, meta)
             print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.embed.pool}) -> {written[-1].parent}")
+    if rt.dist.is_main:
+        written.append(atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), rt.out_dir / "config.json"))
     print0(rt.dist, f"done in {time.perf_counter() - t0:.0f}s: {', '.join(p.name for p in written)}")
     return written
 

@@ -70,7 +70,7 @@ def run_knn(cfg: KnnConfig) -> dict:
     validate(cfg)
     if not cfg.knn.overwrite:
         refuse_replacing([Path(cfg.run.output_dir) / "knn.json"], "--knn.overwrite")
-    rt = setup(cfg.run, cfg)
+    rt = setup(cfg.run, cfg, write_config=False)  # written with knn.json: a failed run leaves the old pair
     t0 = time.perf_counter()
     encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.knn.batch_size, labels_for="kNN")
     pool = feature_pool(cfg.model.global_pool, encoder)
@@ -150,7 +150,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
     validate(cfg)
     if not cfg.overwrite:
         refuse_replacing([Path(cfg.run.output_dir) / "linprobe.json"], "--overwrite")
-    rt = setup(cfg.run, cfg)
+    rt = setup(cfg.run, cfg, write_config=cfg.augment)  # --augment resumes like training; cached: with the result
     t0 = time.perf_counter()
     encoder, train, val, data_cfg = probe_encoder(cfg.init, cfg.model, cfg.data, rt, cfg.optim.batch_size,
                                                   labels_for="a linear probe")

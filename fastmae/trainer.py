@@ -68,11 +68,12 @@ def prepare_output_dir(out: Path) -> None:
                               f"--run.output_dir")
 
 
-def setup(run: RunConfig, cfg) -> Runtime:
+def setup(run: RunConfig, cfg, write_config: bool = True) -> Runtime:
     """Device, precision, threads, process group, seeds; rank 0 creates and locks the run folder.
 
     config.json is written here for a fresh run; a run that will resume writes it in `fit`, after the checkpoint
     was checked against the new flags, so a refused command never overwrites the config of the run it refused.
+    write_config=False leaves it to the command (the evaluation commands write it with their result).
     """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
@@ -87,7 +88,7 @@ def setup(run: RunConfig, cfg) -> Runtime:
     if dist.is_main:
         prepare_output_dir(out)
         lock = acquire_lock(out)
-        if not (run.resume or find_latest(out)):
+        if write_config and not (run.resume or find_latest(out)):
             save_json(cfg, out / "config.json")
     barrier(dist)
     logger = RunLogger(out, enabled=dist.is_main)

@@ -53,6 +53,11 @@ def test_embed_fashion_mnist_safetensors_matches_encode(trained, tmp_path):
     assert _embed(data, run, out, "--embed.pool", "avg") == 2  # exists: refused without --overwrite
     assert _embed(data, run, out, "--embed.pool", "token", "--embed.overwrite", "--embed.split", "train") == 0
     assert not torch.equal(load_file(out / "train.safetensors")["features"], tr["features"])
+    config = (out / "config.json").read_text()
+    assert json.loads(config)["embed"]["pool"] == "token"  # the config of the files there
+    # a run into the same folder that fails once under way (here: no class folders) leaves config.json alone
+    assert _embed(data, run, out, "--data.source", "folder", "--embed.overwrite", "--embed.split", "eval") == 2
+    assert (out / "config.json").read_text() == config
 
 
 def test_embed_folder_dense_npy_with_file_list(trained, tmp_path):

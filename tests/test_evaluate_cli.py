@@ -86,6 +86,12 @@ def test_a_second_evaluation_into_the_same_folder_keeps_the_first(pretrained, tm
         assert main([cmd, "--init", "random", *TINY_VIT, *extra, flag, *common(data, out)]) == 0
         assert json.loads((out / result).read_text())["init"] == "random"
         assert json.loads((out / "config.json").read_text())["init"] == "random"  # the config of the result
+        capsys.readouterr()
+        fresh = tmp_path / f"{cmd}_failed"  # a run that fails after the checks writes nothing, config.json included
+        assert main([cmd, "--init", str(run), "--data.source", "unlabelled", *extra, *common(data, fresh)]) == 2
+        err = capsys.readouterr().err
+        assert "no images found" in err, err  # found by the loader, after the run folder was set up
+        assert not (fresh / "config.json").exists()
 
 
 def test_finetune_from_pretrained_writes_best_and_last(pretrained, tmp_path):
