@@ -19,6 +19,7 @@ import torch
 from .checkpoint import atomic_write, atomic_write_text
 from .config import EmbedConfig, validate
 from .dist import print0
+from .data import has_eval_split
 from .evaluate import features_of, probe_encoder
 from .results import refuse_replacing
 from .trainer import setup
@@ -43,6 +44,9 @@ def check_outputs(cfg: EmbedConfig) -> None:
     if not cfg.embed.overwrite:
         refuse_replacing((p for s in split_names(cfg.embed.split)
                           for p in output_files(out, s, cfg.embed.format) + [out / f"{s}.txt"]), "--embed.overwrite")
+    if "eval" in split_names(cfg.embed.split) and not has_eval_split(cfg.data):
+        raise ValueError(f"--embed.split {cfg.embed.split} needs evaluation data, which --data.source {cfg.data.source} "
+                         f"has only with --data.eval_path (or --data.holdout); pass one, or --embed.split train")
     if cfg.data.skip_corrupt:
         raise ValueError("--data.skip_corrupt cannot be used with embed (a skipped file's row would hold another "
                          "image); fix or remove the unreadable files")

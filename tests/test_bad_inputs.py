@@ -87,6 +87,8 @@ BAD_OTHER = [
     (["embed", "--init", "random", "--model.num_heads", "-2"], "--model.num_heads must be >= 0"),
     (["segment", "--init", "random", "--model.drop_path", "1.5"], "--model.drop_path must be in [0, 1)"),
     (["segment", "--init", "random", "--model.name", "vit_nope"], "--model.name:"),
+    (["embed", "--init", "random", "--data.source", "unlabelled"], "needs evaluation data, which --data.source "
+     "unlabelled has only with --data.eval_path (or --data.holdout); pass one, or --embed.split train"),
 ]
 
 
