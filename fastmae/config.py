@@ -397,6 +397,9 @@ class VisualizeConfig:
     output: str = "reconstruction.png"
     """Output PNG (a grid); with --per_image, a folder with one PNG per image."""
     per_image: bool = False
+    overwrite: bool = False
+    """Replace existing figures (otherwise an existing --output, or a per-image PNG of the same name, stops the
+    command before anything is written)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,5 @@
-"""Result files of the evaluation commands (knn.json, linprobe.json, embed's features): another run into the same
-folder stops before any work instead of replacing them, unless the user asks for it with the command's overwrite
-flag."""
+"""Outputs of the evaluation commands (knn.json, linprobe.json, embed's features, visualize's figures): another run
+stops before any work instead of replacing them, unless the user asks for it with the command's overwrite flag."""
 
 from __future__ import annotations
 
@@ -9,12 +8,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def refuse_replacing(paths: Iterable[Path], flag: str) -> None:
-    """ValueError naming the first of `paths` that exists (with the result it holds) and the two ways on."""
+def refuse_replacing(paths: Iterable[Path], flag: str, where: str = "--run.output_dir") -> None:
+    """ValueError naming the first of `paths` that exists (with the result it holds) and the two ways on: another
+    `where` (the flag that names the output) or `flag` (the command's overwrite flag)."""
     for path in paths:
         if path.exists():
-            raise ValueError(f"{path} holds an earlier run's result{_summary(path)}; pass another --run.output_dir "
-                             f"for this run, or {flag} to replace it")
+            raise ValueError(f"{path} holds an earlier run's output{_summary(path)}; pass another {where} for this "
+                             f"run, or {flag} to replace it")
 
 
 def _summary(path: Path) -> str:

@@ -19,6 +19,7 @@ from .device import resolve_device
 from .mae import MaskedAutoencoderViT
 from .masking import check_mask_ratio
 from .patches import patchify
+from .results import refuse_replacing
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
@@ -188,6 +189,9 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
     from .api import load, require_decoder
 
     validate(cfg)
+    out = Path(cfg.output).expanduser()
+    if not (cfg.per_image or cfg.overwrite or out.is_dir()):
+        refuse_replacing([out], "--overwrite", where="--output")
     device = resolve_device(cfg.run.device)
     model = load(cfg.init, num_heads=cfg.model.num_heads, decoder_num_heads=cfg.model.decoder_num_heads,
                  norm_pix_loss=cfg.model.norm_pix_loss, map_location=device)
@@ -206,7 +210,6 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
         imgs, names = dataset_images(data, cfg.num, img_size)
     panels = reconstruct(model, imgs.to(device), cfg.model.mask_ratio, seed=cfg.run.seed, mean=mean, std=std)
     panels = {k: v.cpu() for k, v in panels.items()}
-    out = Path(cfg.output).expanduser()
     info = f"{len(names)} images, mask ratio {cfg.model.mask_ratio}, seed {cfg.run.seed}, loss {panels['loss'].item():.4f}"
     if not cfg.per_image:
         if out.is_dir():
@@ -216,6 +219,8 @@ def run_visualize(cfg: VisualizeConfig) -> Path:
         return out
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; with --per_image --output names a folder")
+    if not cfg.overwrite:
+        refuse_replacing([safe_join(out, f"{name}.png") for name in names], "--overwrite", where="--output")
     print(info, flush=True)
     for i, name in enumerate(names):
         one = {k: v[i : i + 1] for k, v in panels.items() if k in PANELS}

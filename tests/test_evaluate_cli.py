@@ -80,7 +80,7 @@ def test_a_second_evaluation_into_the_same_folder_keeps_the_first(pretrained, tm
         capsys.readouterr()
         assert main([cmd, "--init", "random", *TINY_VIT, *extra, *common(data, out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"{out / result} holds an earlier run's result (top-1 {top1:.2f}% of {run})" in err[0]
+        assert len(err) == 1 and f"{out / result} holds an earlier run's output (top-1 {top1:.2f}% of {run})" in err[0]
         assert "--run.output_dir" in err[0] and flag in err[0]
         assert _files(out) == first
         assert main([cmd, "--init", "random", *TINY_VIT, *extra, flag, *common(data, out)]) == 0

@@ -246,8 +246,18 @@ def test_visualize_image_files_mixed_sizes_and_modes(tiny, tmp_path, capsys):
     with Image.open(grid) as im:
         assert im.size == grid_size(4)
     capsys.readouterr()
-    assert main(viz(tiny, grid, "--images", str(tmp_path / "missing.png"))) == 2
+    assert main(viz(tiny, tmp_path / "g2.png", "--images", str(tmp_path / "missing.png"))) == 2
     assert "missing.png does not exist" in capsys.readouterr().err
+    # an earlier figure is not replaced unless asked: the grid, and each per-image PNG of the same name
+    before = grid.read_bytes(), {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(viz(tiny, grid, "--images", str(folder / "grey.png"))) == 2
+    assert f"{grid} holds an earlier run's output; pass another --output" in capsys.readouterr().err
+    assert main(args + ["--per_image", "--model.mask_ratio", "0.5"]) == 2
+    assert "holds an earlier run's output" in capsys.readouterr().err
+    assert (grid.read_bytes(), {p.name: p.read_bytes() for p in out.iterdir()}) == before
+    assert main(viz(tiny, grid, "--images", str(folder / "grey.png"), "--overwrite")) == 0
+    with Image.open(grid) as im:
+        assert im.size == grid_size(1)
 
 
 def test_visualize_rejects_bad_mask_ratio(tiny, tmp_path, capsys):
