@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from .augment import FinetuneAugment, soft_target_cross_entropy
 from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from .checkpoint import atomic_save, atomic_write_text
 from .config import FinetuneConfig, validate
-from .curves import FINETUNE_METRIC, plot_learning_curve
+from .curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
 from .data import build_loader, eval_split_name
 from .dist import print0
 from .engine import Task, evaluate
@@ -81,8 +82,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     result = {"init": cfg.init, "epochs_done": prog.epoch, "best_top1": prog.extra.get("best_top1"),
               "best_epoch": prog.extra.get("best_epoch"), "holdout": cfg.data.holdout, "seconds": time.perf_counter() - t0,
               "last_checkpoint": str(last) if last else None, "best_checkpoint": str(best_path)}
-    if history:
-        result.update(top1=history[-1]["top1"], top5=history[-1]["top5"])
+    last_epoch = history[-1] if history else _last_logged_epoch(rt.out_dir / "log.jsonl")  # none run here: finished
+    if last_epoch:
+        result.update(top1=last_epoch["top1"], top5=last_epoch["top5"])
     if d.is_main and prog.epoch >= cfg.optim.epochs:
         atomic_write_text(json.dumps(result, indent=2, sort_keys=True), rt.out_dir / "finetune.json")
         curve = plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png",
@@ -92,6 +94,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                   f"{result.get('top1', float('nan')):.2f}%, best top-1 {result['best_top1']:.2f}% (epoch "
                   f"{result['best_epoch']}) | best {best_path}, last {last}, learning curve {curve}")
     return result
+
+
+def _last_logged_epoch(log: Path) -> dict:
+    """The log's last epoch entry with a top-1 ({} if none): the result of a finished run started again."""
+    entries = [e for e in epoch_entries(log) if "top1" in e] if log.is_file() else []
+    return entries[-1] if entries else {}
 
 
 def _vit_kwargs(model) -> dict:

@@ -182,8 +182,13 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def check_resume_config(path, saved: dict, new: dict) -> None:
-    """Refuse resuming with changed --model.* flags (mask ratio, target, sizes): the run would silently become
-    another experiment. Other changes (e.g. more --optim.epochs) are allowed; `fit` reports them."""
+    """Refuse resuming with another --init or changed --model.* flags (mask ratio, target, sizes): the run would
+    silently become another experiment (its checkpoint's weights win over --init). Other changes (e.g. more
+    --optim.epochs) are allowed; `fit` reports them."""
+    if saved and new and saved.get("init", "") != new.get("init", ""):  # the checkpoint's weights would win
+        raise ValueError(f"refusing to resume {path}: that run started from --init {saved.get('init') or '(none)'}, "
+                         f"this command gives --init {new.get('init') or '(none)'}; pass another --run.output_dir to "
+                         f"start a new run, or the run's own --init to go on with it")
     changed = config_changes(saved.get("model", {}), new.get("model", {})) if saved and new else []
     if changed:
         changed = [c.replace("--", "--model.", 1) for c in changed]

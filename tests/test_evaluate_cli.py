@@ -113,6 +113,27 @@ def test_finetune_from_pretrained_writes_best_and_last(pretrained, tmp_path):
     vit.load_state_dict(torch.load(out / "best.pt", weights_only=True), strict=True)
 
 
+def test_a_finished_finetune_run_again(pretrained, tmp_path, capsys):
+    """The same command again reports the run's own last top-1 (no epoch runs: it was 'nan%'); another --init into
+    the folder is refused (the checkpoint's weights would win while config.json said the new --init)."""
+    data, run = pretrained
+    out = tmp_path / "ft"
+    args = ["finetune", "--init", str(run), "--optim.epochs", "1", "--optim.batch_size", "32", *common(data, out)]
+    assert main(args) == 0
+    first = json.loads((out / "finetune.json").read_text())
+    config = (out / "config.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"last top-1 {first['top1']:.2f}%" in capsys.readouterr().out
+    assert json.loads((out / "finetune.json").read_text())["top1"] == first["top1"]
+    other = ["finetune", "--init", "random", *TINY_VIT, "--optim.epochs", "1", "--optim.batch_size", "32",
+             *common(data, out)]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert f"that run started from --init {run}, this command gives --init random" in err and "--run.output_dir" in err
+    assert (out / "config.json").read_text() == config
+
+
 def test_finetune_from_random_init(pretrained, tmp_path):
     data, _ = pretrained
     args = ["finetune", "--init", "random", *TINY_VIT, "--optim.epochs", "1", "--optim.batch_size", "32",
