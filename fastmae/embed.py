@@ -18,8 +18,8 @@ import torch
 
 from .checkpoint import atomic_write, atomic_write_text
 from .config import EmbedConfig, validate
-from .dist import print0
 from .data import has_eval_split
+from .dist import print0
 from .evaluate import features_of, probe_encoder
 from .results import refuse_replacing
 from .trainer import setup
