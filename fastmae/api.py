@@ -75,7 +75,8 @@ def load(
     """A ready model (eval mode) from a checkpoint or a variant name.
 
     path_or_name:
-      - a fastmae run folder (its newest checkpoint-*.pt) or training checkpoint (its .json gives the kwargs);
+      - a fastmae run folder (its newest checkpoint-*.pt) or training checkpoint (its .json gives the kwargs); a
+        `fastmae segment` run gives its encoder (the segmentation head and pyramid are left out);
       - a fastmae export X.safetensors (+ X.json), or X without the extension (`fastmae convert --to fastmae`);
       - an official MAE .pth ({'model': state_dict}), a timm state dict (.pth/.safetensors);
       - a Hugging Face folder (config.json + weights) or weights file (ViTMAEForPreTraining, ViTMAEModel,

@@ -253,3 +253,14 @@ def test_segment_from_pretrained_frozen_or_finetuned(pretrained, tmp_path, finet
     enc = read_weights(str(run)).encoder().state_dict
     moved = not torch.equal(state["model"]["encoder.blocks.0.attn.qkv.weight"], enc["blocks.0.attn.qkv.weight"])
     assert moved is finetune
+    if finetune:  # the segmenter's encoder is an encoder like any other: fastmae.load, --init of kNN
+        import fastmae
+
+        vit = fastmae.load(out)
+        assert type(vit).__name__ == "VisionTransformer" and tuple(vit.patch_embed.img_size) == (32, 32)
+        assert vit.blocks[0].attn.num_heads == read_weights(str(run)).model_kwargs["num_heads"]  # metadata
+        mine = vit.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in
+                   ((k[len("encoder."):], v) for k, v in state["model"].items() if k.startswith("encoder.")))
+        assert main(["knn", "--init", str(out), "--data.path", str(data), "--run.output_dir", str(tmp_path / "k"),
+                     "--run.no_progress", "--run.precision", "fp32"]) == 0

@@ -76,14 +76,28 @@ from .tables import fastmae_to_timm, mae_encoder, timm_to_fastmae
 
 # The command.
 
+def segmenter_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int]:
+    """A `fastmae segment` checkpoint as its encoder: the weights under 'encoder.' (the head and the feature
+    pyramid stay behind), the metadata without the segmenter's model kwargs, and its encoder's heads (0: unknown)."""
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    kw = config.get("model_kwargs")
+    enc_kw = kw.get("encoder") if isinstance(kw, Mapping) else None
+    heads = int(enc_kw.get("num_heads", 0)) if isinstance(enc_kw, Mapping) else 0
+    return enc, {k: v for k, v in config.items() if k not in ("kind", "model_kwargs")}, heads
+
+
 def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, decoder_num_heads: int = 0,
                img_size=None) -> tuple[Kind, StateDict, dict, dict]:
     """Any supported state dict -> (kind, fastmae state dict, model kwargs, extra meta).
 
     config: HF config.json or fastmae sidecar metadata ({} if none). Heads: explicit > config > table.
     """
+    segmenter = "encoder.patch_embed.proj.weight" in sd and "patch_embed.proj.weight" not in sd
+    if segmenter:  # its encoder, sizes from the weights
+        sd, config, heads = segmenter_encoder(sd, config)
+        num_heads = num_heads or heads
     fmt = detect_format(sd)
-    extra: dict[str, Any] = {"source_format": fmt}
+    extra: dict[str, Any] = {"source_format": "fastmae-segmenter" if segmenter else fmt}
     if fmt == "hf-vitmae-pretraining":
         out, kw = hf_mae_to_fastmae(sd, config or None, num_heads, decoder_num_heads)
         extra["mask_ratio"] = float(config.get("mask_ratio", 0.75)) if config else 0.75
