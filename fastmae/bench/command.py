@@ -120,7 +120,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         size = tuple(cfg.model.img_size)
         result["loader"] = loader = time_loader(cfg, size, cfg.bench.data_batches)
         model_ips = next((r["img_per_s"] for r in rows if r["case"] == "pretrain" and r["impl"] == "fastmae"), None)
-        line = f"# loader ({cfg.data.source}, {loader['num_workers']} workers): {loader['img_per_s']:.0f} img/s"
+        n = loader["num_workers"]
+        who = "in the main process" if n == 0 else f"{n} worker{'s' if n > 1 else ''}"
+        line = f"# loader ({cfg.data.source}, {who}): {loader['img_per_s']:.0f} img/s"
         if model_ips:
             limit = "the loader" if loader["img_per_s"] < model_ips else "the model"
             line += f" vs pretraining step {model_ips:.0f} img/s: {limit} is the limit"
