@@ -116,7 +116,7 @@ def test_run_time_left_counts_batches_not_epochs():
     assert run_time_left([(900.0, 937), (420.0, 937)], 2 * 937) == pytest.approx(840.0)
     assert run_time_left([(600.0, 100), (42.0, 100), (44.0, 100)], 100) == pytest.approx(43.0)
     assert run_time_left([], 100) == 0.0
-    assert run_time_left([(5.0, 0)], 100) == 0.0  # nothing run (a resume at the epoch's end): no estimate
+    assert run_time_left([(5.0, 0)], 100) == 0.0  # no batches timed: no estimate, not a division by zero
 
 
 def test_position_and_duration_count_epochs_from_one():
