@@ -116,8 +116,8 @@ def reference_load_image(path: str, mean, std, generator: torch.Generator) -> to
     """(D)'s reference: load_image's train transform for an RGB file as it was when issue #12 was filed.
 
     Full decode, the EXIF-transposed copy, the crop box by the batched tensor rule, Pillow bicubic to 224,
-    the flip, float conversion with cat and clamp, then normalize: same boxes and pixels as today's full decode resized by Pillow
-    (load_image(fast_jpeg=False, torch_resize=False)).
+    the flip, float conversion with cat and clamp, then normalize: same boxes and pixels as today's full decode
+    resized by Pillow (load_image(fast_jpeg=False, torch_resize=False)).
     """
     img = Image.open(path)
     img.load()

@@ -22,7 +22,7 @@ from .data import has_eval_split
 from .dist import print0
 from .evaluate import features_of, probe_encoder
 from .results import refuse_replacing
-from .trainer import setup
+from .trainer import setup, write_config
 
 
 def split_names(split: str) -> tuple[str, ...]:
@@ -45,8 +45,9 @@ def check_outputs(cfg: EmbedConfig) -> None:
         refuse_replacing((p for s in split_names(cfg.embed.split)
                           for p in output_files(out, s, cfg.embed.format) + [out / f"{s}.txt"]), "--embed.overwrite")
     if "eval" in split_names(cfg.embed.split) and not has_eval_split(cfg.data):
-        raise ValueError(f"--embed.split {cfg.embed.split} needs evaluation data, which --data.source {cfg.data.source} "
-                         f"has only with --data.eval_path (or --data.holdout); pass one, or --embed.split train")
+        raise ValueError(f"--embed.split {cfg.embed.split} needs evaluation data, which --data.source "
+                         f"{cfg.data.source} has only with --data.eval_path (or --data.holdout); pass one, or "
+                         f"--embed.split train")
     if cfg.data.skip_corrupt:
         raise ValueError("--data.skip_corrupt cannot be used with embed (a skipped file's row would hold another "
                          "image); fix or remove the unreadable files")
@@ -115,7 +116,7 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
                                    labels if loader.num_classes > 0 else None, files, meta)
             print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.embed.pool}) -> {written[-1].parent}")
     if rt.dist.is_main:
-        written.append(atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), rt.out_dir / "config.json"))
+        written.append(write_config(rt))
     print0(rt.dist, f"done in {time.perf_counter() - t0:.0f}s: {', '.join(p.name for p in written)}")
     return written
 

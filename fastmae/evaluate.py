@@ -25,7 +25,7 @@ from .engine import Task, evaluate, extract_features, topk_correct
 from .knn import knn_accuracy
 from .optim import LARS, schedule, set_lr
 from .results import refuse_replacing
-from .trainer import Runtime, fit, model_meta, setup
+from .trainer import Runtime, fit, model_meta, setup, write_config
 
 
 def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int,
@@ -59,7 +59,7 @@ def _report(rt: Runtime, name: str, what: str, result: dict, data_cfg: DataConfi
     if not rt.dist.is_main:
         return
     path = rt.out_dir / f"{name}.json"
-    atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), rt.out_dir / "config.json")
+    write_config(rt)
     atomic_write_text(json.dumps(result, indent=2, sort_keys=True), path)
     print0(rt.dist, f"{what}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% on the "
                     f"{eval_split_name(data_cfg)} ({path})")

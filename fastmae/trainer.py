@@ -263,6 +263,11 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     return prog
 
 
+def write_config(rt: Runtime) -> Path:
+    """This run's resolved config as config.json in its folder, atomically (rank 0 calls it)."""
+    return atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), rt.out_dir / "config.json")
+
+
 def write_resumed_config(rt: Runtime) -> None:
     """config.json of a resumed run: rewritten with the new flags, naming what changed (rank 0)."""
     if not rt.dist.is_main or not rt.config:
@@ -276,7 +281,7 @@ def write_resumed_config(rt: Runtime) -> None:
     if changed:
         print0(rt.dist, f"config.json updated for the resumed run: {'; '.join(changed)}")
     if changed or not old:
-        atomic_write_text(json.dumps(rt.config, indent=2, sort_keys=True), path)
+        write_config(rt)
 
 
 def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, step: int, meta: dict) -> Path | None:
