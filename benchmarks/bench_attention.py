@@ -18,7 +18,7 @@ SHAPES = {"F encoder": (256, 3, 13, 64), "F decoder": (256, 4, 50, 32), "C encod
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v with two matmuls (what fastmae.vit.attention does for short bf16 sequences)."""
+    """softmax(q k^T / sqrt(hd)) v with two matmuls (what fastmae.models.vit.attention does for short bf16 sequences)."""
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
 

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 import fastmae
 from fastmae.config import FASHION_MNIST_DIR, DataConfig, LinprobeConfig
 from fastmae.data import build_loader
-from fastmae.device import autocast, resolve_precision
-from fastmae.evaluate import LinearHead, head_accuracy, train_head_on_features
-from fastmae.knn import knn_accuracy
-from fastmae.weights import read_weights
-from fastmae.vit import encoder_tokens
+from fastmae.train.device import autocast, resolve_precision
+from fastmae.commands.evaluate import LinearHead, head_accuracy, train_head_on_features
+from fastmae.metrics.knn import knn_accuracy
+from fastmae.weights.read import read_weights
+from fastmae.models.vit import encoder_tokens
 
 
 @torch.no_grad()

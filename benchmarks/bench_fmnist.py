@@ -23,8 +23,8 @@ import torch
 from fastmae.cli import main as fastmae_main
 from fastmae.config import DataConfig, LinprobeConfig
 from fastmae.data import build_loader
-from fastmae.evaluate import LinearHead, head_accuracy, train_head_on_features
-from fastmae.knn import knn_accuracy
+from fastmae.commands.evaluate import LinearHead, head_accuracy, train_head_on_features
+from fastmae.metrics.knn import knn_accuracy
 
 STEPS = ("raw", "random", "pretrain", "probe", "finetune")
 

@@ -27,10 +27,10 @@ import tyro
 from fastmae.cli import main as fastmae_main
 from fastmae.config import SegmentConfig
 from fastmae.data.segmentation import SegLoader
-from fastmae.engine import Task
-from fastmae.optim import build_adamw, param_groups_weight_decay, schedule
-from fastmae.segment import _stats, confusion_matrix, seg_metrics, seg_splits
-from fastmae.trainer import fit, model_meta, setup
+from fastmae.train.engine import Task
+from fastmae.train.optim import build_adamw, param_groups_weight_decay, schedule
+from fastmae.commands.segment import _stats, confusion_matrix, seg_metrics, seg_splits
+from fastmae.train.trainer import fit, model_meta, setup
 
 ROWS = ("pixels", "linear", "fpn", "finetune")
 

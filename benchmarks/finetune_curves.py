@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastmae.curves import FINETUNE_METRIC, epoch_entries, plot_runs
+from fastmae.figures.curves import FINETUNE_METRIC, epoch_entries, plot_runs
 
 
 def table(runs: dict[str, Path]) -> str:

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .mae import MAE_VARIANTS, MaskedAutoencoderViT
-from .vit import VARIANTS, VisionTransformer, variant_kwargs
-from .weights import Weights, default_stats, read_weights
+from .models.mae import MAE_VARIANTS, MaskedAutoencoderViT
+from .models.vit import VARIANTS, VisionTransformer, variant_kwargs
+from .weights.read import Weights, default_stats, read_weights
 
 Pool = Literal["avg", "token", "tokens", "dense"]
 
@@ -82,7 +82,7 @@ def load(
       - a Hugging Face folder (config.json + weights) or weights file (ViTMAEForPreTraining, ViTMAEModel,
         ViTForImageClassification);
       - a released checkpoint's name ('mae_visualize_vit_large', 'mae_pretrain_vit_base_full', see
-        `fastmae.hub.RELEASES`): downloaded once into $FASTMAE_CACHE (default ~/.cache/fastmae); official
+        `fastmae.weights.hub.RELEASES`): downloaded once into $FASTMAE_CACHE (default ~/.cache/fastmae); official
         *_full.pth decoders predict normalised pixels (norm_pix_loss=True), the visualize ones raw pixels;
       - a variant name from MAE_VARIANTS or VARIANTS ('mae_vit_base_patch16', 'vit_tiny_patch4'): a freshly
         initialised model.

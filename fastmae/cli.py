@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import tyro
 
-from .checkpoint import DiskFullError
+from .weights.checkpoint import DiskFullError
 from .config import (
     BenchConfig,
     ConvertConfig,
@@ -28,20 +28,20 @@ from .config import (
     SegmentConfig,
     VisualizeConfig,
 )
-from .dist import cleanup
-from .engine import NonFiniteLossError
-from .runlock import release_all
+from .train.dist import cleanup
+from .train.engine import NonFiniteLossError
+from .train.runlock import release_all
 
 COMMANDS: dict[str, tuple[type, str]] = {
-    "pretrain": (PretrainConfig, "fastmae.pretrain:run_pretrain"),
-    "finetune": (FinetuneConfig, "fastmae.finetune:run_finetune"),
-    "linprobe": (LinprobeConfig, "fastmae.evaluate:run_linprobe"),
-    "knn": (KnnConfig, "fastmae.evaluate:run_knn"),
-    "visualize": (VisualizeConfig, "fastmae.visualize:run_visualize"),
-    "convert": (ConvertConfig, "fastmae.convert:convert_from_config"),
-    "bench": (BenchConfig, "fastmae.bench.command:run_bench"),
-    "embed": (EmbedConfig, "fastmae.embed:run_embed"),
-    "segment": (SegmentConfig, "fastmae.segment:run_segment"),
+    "pretrain": (PretrainConfig, "fastmae.commands.pretrain:run_pretrain"),
+    "finetune": (FinetuneConfig, "fastmae.commands.finetune:run_finetune"),
+    "linprobe": (LinprobeConfig, "fastmae.commands.evaluate:run_linprobe"),
+    "knn": (KnnConfig, "fastmae.commands.evaluate:run_knn"),
+    "visualize": (VisualizeConfig, "fastmae.commands.visualize:run_visualize"),
+    "convert": (ConvertConfig, "fastmae.weights.convert:convert_from_config"),
+    "bench": (BenchConfig, "fastmae.commands.bench:run_bench"),
+    "embed": (EmbedConfig, "fastmae.commands.embed:run_embed"),
+    "segment": (SegmentConfig, "fastmae.commands.segment:run_segment"),
 }
 
 

@@ -75,7 +75,7 @@ class MAEModelConfig:
     """The masked autoencoder; 0 means 'the variant's value'."""
 
     name: str = "mae_vit_tiny_d6_patch4"
-    """Variant from fastmae.mae.MAE_VARIANTS (e.g. mae_vit_base_patch16); the default is the small-data one."""
+    """Variant from fastmae.models.mae.MAE_VARIANTS (e.g. mae_vit_base_patch16); the default is the small-data one."""
     img_size: tuple[int, int] = (28, 28)
     """Input height and width (multiples of the patch size)."""
     in_chans: int = 0
@@ -173,7 +173,7 @@ class EncoderConfig:
     """The ViT encoder a command builds: its sizes come from the checkpoint; name and overrides act with --init random."""
 
     name: str = "vit_tiny_d6_patch4"
-    """Variant from fastmae.vit.VARIANTS, used only with --init random (else the checkpoint decides)."""
+    """Variant from fastmae.models.vit.VARIANTS, used only with --init random (else the checkpoint decides)."""
     embed_dim: int = 0
     """With --init random: width override (0 = the variant's)."""
     depth: int = 0
@@ -513,7 +513,7 @@ def to_dict(cfg) -> dict:
 
 def save_json(cfg, path: str | Path) -> None:
     """Write the resolved config as JSON atomically (checkpoint.atomic_write_text: fsync, rename, umask mode)."""
-    from .checkpoint import atomic_write_text
+    from .weights.checkpoint import atomic_write_text
 
     atomic_write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), path)
 
@@ -655,8 +655,8 @@ def _check_relations(cfg, prefix: str) -> None:
     if isinstance(cfg, OptimConfig) and cfg.lr > 0 and cfg.min_lr > cfg.lr:
         raise ValueError(f"{prefix}min_lr must be <= {prefix}lr ({cfg.lr}), got {cfg.min_lr}")
     if isinstance(cfg, (MAEModelConfig, EncoderConfig)):
-        from .mae import MAE_VARIANTS
-        from .vit import VARIANTS, variant_kwargs
+        from .models.mae import MAE_VARIANTS
+        from .models.vit import VARIANTS, variant_kwargs
 
         mae = isinstance(cfg, MAEModelConfig)
         try:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from fastmae.augment import (
+from fastmae.data.augment import (
     OP_NAMES,
     TIMM_OPS,
     FinetuneAugment,

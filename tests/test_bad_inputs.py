@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from fastmae.data import sources as D
-from fastmae import trainer
-from fastmae.checkpoint import safe_join
+from fastmae.train import trainer
+from fastmae.weights.checkpoint import safe_join
 from fastmae.cli import main
 from fastmae.config import (
     ConvertConfig,
@@ -29,7 +29,7 @@ from fastmae.config import (
     VisualizeConfig,
     validate,
 )
-from fastmae.convert import read_file
+from fastmae.weights.convert import read_file
 from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
 
 from .test_cli_pretrain import make_fmnist, tiny_args

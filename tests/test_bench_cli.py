@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fastmae.bench import command
+from fastmae.commands import bench as command
 from fastmae.cli import main
 
 from .test_cli_pretrain import make_fmnist

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from fastmae.checkpoint import (
+from fastmae.weights.checkpoint import (
     check_state_dict,
     find_latest,
     list_checkpoints,
@@ -16,7 +16,7 @@ from fastmae.checkpoint import (
     save_checkpoint,
     torch_load,
 )
-from fastmae.mae import MaskedAutoencoderViT
+from fastmae.models.mae import MaskedAutoencoderViT
 
 from .conftest import TINY_MAE
 

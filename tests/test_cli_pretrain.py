@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmae.checkpoint import list_checkpoints, load_checkpoint
+from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmae.cli import main
 from fastmae.config import PretrainConfig
-from fastmae.pretrain import run_pretrain
+from fastmae.commands.pretrain import run_pretrain
 
 
 def write_idx(folder, prefix: str, n: int, seed: int = 0) -> None:
@@ -97,7 +97,7 @@ def _final_weights(out):
 # 3 batches per epoch; the stop flag is read after every batch but an epoch's last
 @pytest.mark.parametrize("stop_after,where", [(2, (0, 2)), (3, (1, 1))])
 def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkeypatch, capsys, stop_after, where):
-    import fastmae.trainer as trainer
+    import fastmae.train.trainer as trainer
 
     full = tmp_path / "full"
     run_pretrain(tiny_cfg(fmnist, full, epochs=3))
@@ -134,7 +134,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkey
 def test_resume_with_fewer_batches_per_epoch(fmnist, tmp_path, monkeypatch, capsys):
     """At an epoch's end the data may change (here 3 -> 2 batches per epoch: the new steps number lower, and the
     new checkpoints still count as the newest); mid-epoch it may not (the batch position would mean nothing)."""
-    import fastmae.trainer as trainer
+    import fastmae.train.trainer as trainer
 
     out = tmp_path / "run"
     knobs = ["--knn_every", "-1", "--figure_every", "0"]

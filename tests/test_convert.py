@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from fastmae import convert as cv
-from fastmae.mae import MaskedAutoencoderViT
-from fastmae.pos_embed import sincos_2d
-from fastmae.vit import VisionTransformer
+from fastmae.weights import convert as cv
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.pos_embed import sincos_2d
+from fastmae.models.vit import VisionTransformer
 
 HF_MAE = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=256, decoder_hidden_size=32, decoder_num_hidden_layers=2,

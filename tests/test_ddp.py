@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from fastmae.dist import cleanup, init_distributed
+from fastmae.train.dist import cleanup, init_distributed
 
 from .conftest import set_torchrun_env
 from .test_cli_pretrain import make_fmnist, tiny_args
@@ -72,7 +72,7 @@ def test_two_process_stop_on_one_rank_then_resume_equals_uninterrupted(tmp_path)
     resumed job (each rank restores its own RNG stream) ends bit-for-bit where the uninterrupted one does."""
     from pathlib import Path
 
-    from fastmae.checkpoint import load_checkpoint
+    from fastmae.weights.checkpoint import load_checkpoint
 
     helper = Path(__file__).parent / "helpers" / "ddp_stop_worker.py"
     data = make_fmnist(tmp_path, 96, 16)  # 96 images / (2 ranks x 16) = 3 steps per epoch

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fastmae import encode
-from fastmae.mae import MaskedAutoencoderViT
-from fastmae.pos_embed import resample_pos_embed
-from fastmae.vit import VisionTransformer, encoder_tokens, pos_embed_for
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.pos_embed import resample_pos_embed
+from fastmae.models.vit import VisionTransformer, encoder_tokens, pos_embed_for
 
 KW = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2)
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from fastmae import device as dev
+from fastmae.train import device as dev
 
 from .test_cli_pretrain import make_fmnist
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from fastmae.backbone import build_classifier, encoder_init
+from fastmae.weights.backbone import build_classifier, encoder_init
 from fastmae.cli import main
 from fastmae.config import ViTModelConfig
-from fastmae.mae import MaskedAutoencoderViT
-from fastmae.vit import VisionTransformer
-from fastmae.weights import Weights
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.vit import VisionTransformer
+from fastmae.weights.read import Weights
 
 from .test_cli_pretrain import pretrain_tiny
 

@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from fastmae import checkpoint as C
+from fastmae.weights import checkpoint as C
 from fastmae.cli import main
 from fastmae.config import PretrainConfig, save_json
 
@@ -116,7 +116,7 @@ def _sleeper():
 
 
 def test_second_run_in_a_locked_folder_is_refused(tmp_path, capsys):
-    from fastmae.runlock import LOCK_NAME
+    from fastmae.train.runlock import LOCK_NAME
 
     out = tmp_path / "run"
     out.mkdir()
@@ -137,7 +137,7 @@ def test_second_run_in_a_locked_folder_is_refused(tmp_path, capsys):
 
 
 def test_lock_is_released_when_a_run_fails(tmp_path, capsys):
-    from fastmae.runlock import LOCK_NAME
+    from fastmae.train.runlock import LOCK_NAME
 
     out = tmp_path / "run"
     assert main(_args(tmp_path, out, 1, "--data.path", str(tmp_path / "missing"))) == 2

@@ -7,8 +7,8 @@ import torch
 
 from fastmae import encode
 from fastmae.api import TOKENS_MAX_PATCHES, feature_pool
-from fastmae.mae import MaskedAutoencoderViT
-from fastmae.vit import VisionTransformer
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.vit import VisionTransformer
 
 
 def _mae(img: int, patch: int = 4) -> MaskedAutoencoderViT:

@@ -1,4 +1,4 @@
-"""Released checkpoints by name (`fastmae.hub`): downloaded once into the cache, atomically, size-checked.
+"""Released checkpoints by name (`fastmae.weights.hub`): downloaded once into the cache, atomically, size-checked.
 
 A local HTTP server in a thread stands in for dl.fbaipublicfiles.com (the URL table is monkeypatched);
 nothing here reaches the internet.
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import fastmae
-from fastmae import hub
+from fastmae.weights import hub
 from fastmae.cli import main
-from fastmae.mae import MaskedAutoencoderViT
+from fastmae.models.mae import MaskedAutoencoderViT
 
 
 def tiny_official_bytes() -> bytes:

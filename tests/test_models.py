@@ -7,8 +7,8 @@ import torch
 
 from fastmae.api import encode
 
-from fastmae.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
-from fastmae.vit import VARIANTS, VisionTransformer, build_vit
+from fastmae.models.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
+from fastmae.models.vit import VARIANTS, VisionTransformer, build_vit
 
 from .conftest import TINY_MAE
 
@@ -131,7 +131,7 @@ def test_unknown_variant_lists_valid_names():
 def test_cpu_bf16_attention_path_matches_sdpa():
     import torch.nn.functional as F
 
-    from fastmae.vit import attention
+    from fastmae.models.vit import attention
 
     q, k, v = (torch.randn(2, 3, 17, 16) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from fastmae.knn import knn_accuracy, knn_scores
-from fastmae.mae import MaskedAutoencoderViT
-from fastmae.optim import LARS, layer_id, lr_at, param_groups_lrd, param_groups_weight_decay, scaled_lr
-from fastmae.vit import VisionTransformer
+from fastmae.metrics.knn import knn_accuracy, knn_scores
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.train.optim import LARS, layer_id, lr_at, param_groups_lrd, param_groups_weight_decay, scaled_lr
+from fastmae.models.vit import VisionTransformer
 
 from .conftest import TINY_MAE
 
@@ -115,7 +115,7 @@ def test_knn_small_temperature_does_not_overflow():
 
 
 def test_two_adamw_steps_lower_the_loss_on_a_fixed_batch():
-    from fastmae.optim import build_adamw
+    from fastmae.train.optim import build_adamw
 
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(**TINY_MAE, norm_pix_loss=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastmae.mae import MaskedAutoencoderViT
-from fastmae.vit import VisionTransformer
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.vit import VisionTransformer
 
 
 def _model(cfg) -> MaskedAutoencoderViT:

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmae.masking import num_kept, random_masking
-from fastmae.patches import patchify, unpatchify
-from fastmae.pos_embed import resample_pos_embed, sincos_2d
+from fastmae.models.masking import num_kept, random_masking
+from fastmae.models.patches import patchify, unpatchify
+from fastmae.models.pos_embed import resample_pos_embed, sincos_2d
 
 
 @settings(max_examples=40, deadline=None)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import fastmae.pretrain as pretrain
-from fastmae.checkpoint import load_checkpoint
+import fastmae.commands.pretrain as pretrain
+from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.cli import main
-from fastmae.pos_embed import resample_pos_embed
+from fastmae.models.pos_embed import resample_pos_embed
 
 from .test_cli_pretrain import pretrain_tiny, tiny_args
 

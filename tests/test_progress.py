@@ -7,7 +7,7 @@ import io
 import pytest
 
 from fastmae.cli import main
-from fastmae.log import LineProgress, progress
+from fastmae.train.log import LineProgress, progress
 from tests.test_cli_pretrain import make_fmnist, tiny_args
 
 
@@ -74,7 +74,7 @@ def test_pretrain_with_progress_into_a_captured_stream_writes_whole_lines(tmp_pa
 
 
 def test_epoch_line_names_the_log_keys_and_the_time_left():
-    from fastmae.log import clock, epoch_line
+    from fastmae.train.log import clock, epoch_line
 
     entry = {"epoch": 2, "step": 1874, "loss": 0.9930087, "lr": 0.0005, "images_per_s": 128.76, "epoch_seconds": 465.7,
              "top1": 81.06, "knn_pool": "tokens"}
@@ -86,7 +86,7 @@ def test_epoch_line_names_the_log_keys_and_the_time_left():
 
 def test_time_left_leaves_out_a_slow_first_step(monkeypatch):
     """The first step of a compiled run takes minutes; the time left is read from the steps after it."""
-    import fastmae.log as log
+    import fastmae.train.log as log
 
     now = {"t": 0.0}
     monkeypatch.setattr(log.time, "monotonic", lambda: now["t"])
@@ -101,7 +101,7 @@ def test_time_left_leaves_out_a_slow_first_step(monkeypatch):
 
 
 def test_epoch_line_of_a_tiny_run_keeps_digits():
-    from fastmae.log import epoch_line
+    from fastmae.train.log import epoch_line
 
     entry = {"epoch": 1, "step": 3, "loss": 0.5, "images_per_s": 0.4321, "epoch_seconds": 9.26}
     assert epoch_line(entry, 1).endswith("| 9.3 s, 0.43 img/s")
@@ -110,7 +110,7 @@ def test_epoch_line_of_a_tiny_run_keeps_digits():
 def test_run_time_left_counts_batches_not_epochs():
     """An epoch resumed at batch 651 of 937 took 118 s for 286 batches: the eight epochs left need ~3 h at that
     rate, not 8 x 118 s; once a second epoch is timed, the first (compile warm-up, the resume) is left out."""
-    from fastmae.log import run_time_left
+    from fastmae.train.log import run_time_left
 
     assert run_time_left([(118.0, 286)], 8 * 937) == pytest.approx(118.0 / 286 * 8 * 937)
     assert run_time_left([(900.0, 937), (420.0, 937)], 2 * 937) == pytest.approx(840.0)
@@ -120,7 +120,7 @@ def test_run_time_left_counts_batches_not_epochs():
 
 
 def test_position_and_duration_count_epochs_from_one():
-    from fastmae.trainer import Progress, duration, position
+    from fastmae.train.trainer import Progress, duration, position
 
     assert position(21, 651) == "in epoch 22 after batch 651"
     assert position(21, 0) == "after epoch 21" and position(0, 0) == "at the start"

@@ -15,7 +15,7 @@ from fastmae.config import (
     replace,
     validate,
 )
-from fastmae.curves import (
+from fastmae.figures.curves import (
     FINETUNE_METRIC,
     epoch_entries,
     plot_learning_curve,

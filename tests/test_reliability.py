@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmae.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from fastmae.weights.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
 from .test_cli_pretrain import make_fmnist, tiny_args
 
@@ -37,7 +37,7 @@ def test_every_torch_load_uses_weights_only():
 
 WRITER = """
 import sys, torch
-from fastmae.checkpoint import save_checkpoint
+from fastmae.weights.checkpoint import save_checkpoint
 state = {"model": {"w": torch.randn(64, 1024, 1024)}, "optimizer": {}, "epoch": 2, "batch": 0, "step": 2, "rng": {}}
 print("writing", flush=True)
 save_checkpoint(sys.argv[1], state, {"kind": "test"})

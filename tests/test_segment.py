@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae.checkpoint import load_checkpoint
+from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.cli import main
 from fastmae.data.segmentation import (
     SCENE_THRESHOLD,
@@ -21,9 +21,9 @@ from fastmae.data.segmentation import (
     make_scenes,
     read_label_map,
 )
-from fastmae.pyramid import SimpleFeaturePyramid
-from fastmae.segment import seg_metrics
-from fastmae.weights import read_weights
+from fastmae.models.pyramid import SimpleFeaturePyramid
+from fastmae.commands.segment import seg_metrics
+from fastmae.weights.read import read_weights
 
 from .test_cli_pretrain import make_fmnist, pretrain_tiny
 

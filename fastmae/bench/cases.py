@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..device import autocast
+from ..train.device import autocast
 from .flops import MASK_RATIO, mae_forward_flops, vit_forward_flops
 
 IMPLS = ("fastmae", "hf")
@@ -75,8 +75,8 @@ def hf_available() -> bool:
 
 
 def build_fastmae(case: Case) -> torch.nn.Module:
-    from fastmae.mae import MaskedAutoencoderViT
-    from fastmae.vit import VisionTransformer
+    from fastmae.models.mae import MaskedAutoencoderViT
+    from fastmae.models.vit import VisionTransformer
 
     if case.task == "finetune":
         return VisionTransformer(**case.model_kwargs())

@@ -32,7 +32,7 @@ def mae_forward_flops(
     if H % patch_size or W % patch_size:
         raise ValueError(f"img_size {H}x{W} is not divisible by patch_size {patch_size}")
     L = (H // patch_size) * (W // patch_size)
-    K = int(L * (1 - mask_ratio))  # = fastmae.masking.num_kept, the official count
+    K = int(L * (1 - mask_ratio))  # = fastmae.models.masking.num_kept, the official count
     P = patch_size**2 * in_chans  # pixels per patch
 
     parts = {

@@ -3,7 +3,7 @@
 import os
 import sys
 
-import fastmae.trainer as trainer
+import fastmae.train.trainer as trainer
 from fastmae.cli import main
 
 if os.environ.get("RANK") == "1":

@@ -4,7 +4,7 @@ checks (as if SIGTERM reached that one rank first); the other ranks must stop af
 import os
 import sys
 
-import fastmae.trainer as trainer
+import fastmae.train.trainer as trainer
 from fastmae.cli import main
 
 if os.environ.get("RANK") == os.environ.get("STOP_RANK", "1"):

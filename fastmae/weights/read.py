@@ -19,8 +19,8 @@ import torch
 from . import hub
 from .checkpoint import find_latest
 from .convert import HF_WEIGHT_FILES, Kind, read_file, to_fastmae
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .vit import to_2tuple
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..models.vit import to_2tuple
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
 ENCODER_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -57,7 +57,7 @@ def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def find_source(p: Path, variant_names: Sequence[str] = ()) -> Path:
     """The weights file/folder a path names: a run folder's newest checkpoint, a Hugging Face folder,
-    a file, `X` for a fastmae export X.safetensors + X.json, or a released checkpoint's name (`fastmae.hub`)."""
+    a file, `X` for a fastmae export X.safetensors + X.json, or a released checkpoint's name (`fastmae.weights.hub`)."""
     if p.is_dir():
         latest = find_latest(p)
         if latest is not None:

@@ -15,17 +15,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .api import encode, feature_pool
-from .backbone import build_classifier, data_for, encoder_init
-from .checkpoint import atomic_write_text, save_checkpoint
-from .config import DataConfig, EncoderConfig, KnnConfig, LinprobeConfig, OptimConfig, validate
-from .data import build_loader, eval_split_name
-from .dist import print0
-from .engine import Task, evaluate, extract_features, topk_correct
-from .knn import knn_accuracy
-from .optim import LARS, schedule, set_lr
-from .results import refuse_replacing
-from .trainer import Runtime, fit, model_meta, setup, write_config
+from ..api import encode, feature_pool
+from ..weights.backbone import build_classifier, data_for, encoder_init
+from ..weights.checkpoint import atomic_write_text, save_checkpoint
+from ..config import DataConfig, EncoderConfig, KnnConfig, LinprobeConfig, OptimConfig, validate
+from ..data import build_loader, eval_split_name
+from ..train.dist import print0
+from ..train.engine import Task, evaluate, extract_features, topk_correct
+from ..metrics.knn import knn_accuracy
+from ..train.optim import LARS, schedule, set_lr
+from ..train.results import refuse_replacing
+from ..train.trainer import Runtime, fit, model_meta, setup, write_config
 
 
 def probe_encoder(init: str, model_cfg: EncoderConfig, data_cfg: DataConfig, rt: Runtime, batch_size: int,

@@ -12,10 +12,10 @@ from typing import TypeVar
 
 import torch.nn as nn
 
-from .config import EncoderConfig, SourceConfig
-from .pos_embed import resample_pos_embed
-from .vit import VARIANTS, VisionTransformer, variant_kwargs
-from .weights import Weights, read_weights
+from ..config import EncoderConfig, SourceConfig
+from ..models.pos_embed import resample_pos_embed
+from ..models.vit import VARIANTS, VisionTransformer, variant_kwargs
+from .read import Weights, read_weights
 
 SourceT = TypeVar("SourceT", bound=SourceConfig)
 

@@ -12,8 +12,8 @@ import torch
 
 from ..checkpoint import check_state_dict as check_keys
 from ..checkpoint import key_list
-from ..mae import DECODER_PAPER, DECODER_SMALL
-from ..vit import ENCODER_SIZES
+from ...models.mae import DECODER_PAPER, DECODER_SMALL
+from ...models.vit import ENCODER_SIZES
 
 Format = Literal[
     "fastmae-mae", "fastmae-vit", "fastmae-encoder",
@@ -209,8 +209,8 @@ _names = key_list
 
 def expected_shapes(kind: Kind, model_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of the fastmae model for `kind`, built without allocating its weights."""
-    from ..mae import MaskedAutoencoderViT
-    from ..vit import VisionTransformer
+    from ...models.mae import MaskedAutoencoderViT
+    from ...models.vit import VisionTransformer
 
     with torch.device("meta"):  # shapes only: a crafted size allocates nothing
         model = MaskedAutoencoderViT(**model_kwargs) if kind == "mae" else VisionTransformer(**model_kwargs)

@@ -9,21 +9,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .api import encode, feature_pool
-from .checkpoint import find_latest
-from .config import MAEModelConfig, PretrainConfig, validate
-from .curves import plot_learning_curve
-from .data import build_loader, has_eval_split
-from .dist import print0
-from .engine import Task, extract_features
-from .knn import knn_accuracy
-from .mae import MAE_VARIANTS, MaskedAutoencoderViT
-from .optim import build_adamw, param_groups_weight_decay, schedule
-from .pos_embed import resample_pos_embed
-from .trainer import Progress, Runtime, duration, fit, model_meta, setup
+from ..api import encode, feature_pool
+from ..weights.checkpoint import find_latest
+from ..config import MAEModelConfig, PretrainConfig, validate
+from ..figures.curves import plot_learning_curve
+from ..data import build_loader, has_eval_split
+from ..train.dist import print0
+from ..train.engine import Task, extract_features
+from ..metrics.knn import knn_accuracy
+from ..models.mae import MAE_VARIANTS, MaskedAutoencoderViT
+from ..train.optim import build_adamw, param_groups_weight_decay, schedule
+from ..models.pos_embed import resample_pos_embed
+from ..train.trainer import Progress, Runtime, duration, fit, model_meta, setup
 from .visualize import reconstruct, save_figure
-from .vit import to_2tuple, variant_kwargs
-from .weights import ENCODER_PREFIXES, Weights, read_weights
+from ..models.vit import to_2tuple, variant_kwargs
+from ..weights.read import ENCODER_PREFIXES, Weights, read_weights
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
 OVERRIDABLE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..pos_embed import sincos_2d
-from ..vit import LN_EPS
+from ...models.pos_embed import sincos_2d
+from ...models.vit import LN_EPS
 from .detect import (
     DECODER_HINT,
     HFStyle,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._version import __version__
-from .checkpoint import (
+from .._version import __version__
+from ..weights.checkpoint import (
     atomic_write_text,
     check_state_dict,
     find_latest,
@@ -27,7 +27,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import RunConfig, save_json, to_dict
+from ..config import RunConfig, save_json, to_dict
 from .device import make_scaler, resolve_device, resolve_precision
 from .dist import DistInfo, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch

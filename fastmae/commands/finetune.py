@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .augment import FinetuneAugment, soft_target_cross_entropy
-from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
-from .checkpoint import atomic_save, atomic_write_text
-from .config import FinetuneConfig, validate
-from .curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
-from .data import build_loader, eval_split_name
-from .dist import print0
-from .engine import Task, evaluate
-from .optim import build_adamw, param_groups_lrd, schedule
-from .trainer import Progress, duration, fit, model_meta, setup
+from ..data.augment import FinetuneAugment, soft_target_cross_entropy
+from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.checkpoint import atomic_save, atomic_write_text
+from ..config import FinetuneConfig, validate
+from ..figures.curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
+from ..data import build_loader, eval_split_name
+from ..train.dist import print0
+from ..train.engine import Task, evaluate
+from ..train.optim import build_adamw, param_groups_lrd, schedule
+from ..train.trainer import Progress, duration, fit, model_meta, setup
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:

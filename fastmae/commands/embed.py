@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, atomic_write_text
-from .config import EmbedConfig, validate
-from .data import has_eval_split
-from .dist import print0
+from ..weights.checkpoint import atomic_write, atomic_write_text
+from ..config import EmbedConfig, validate
+from ..data import has_eval_split
+from ..train.dist import print0
 from .evaluate import features_of, probe_encoder
-from .results import refuse_replacing
-from .trainer import setup, write_config
+from ..train.results import refuse_replacing
+from ..train.trainer import setup, write_config
 
 
 def split_names(split: str) -> tuple[str, ...]:

@@ -20,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .api import encode
-from .backbone import build_classifier, data_for, encoder_init, encoder_kwargs
-from .checkpoint import atomic_write_text
-from .config import SegDataConfig, SegmentConfig, SegParams, validate
-from .data.build import source_norm_stats
-from .data.segmentation import (
+from ..api import encode
+from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.checkpoint import atomic_write_text
+from ..config import SegDataConfig, SegmentConfig, SegParams, validate
+from ..data.build import source_norm_stats
+from ..data.segmentation import (
     SCENE_CLASSES,
     SegLoader,
     SegSplit,
@@ -35,12 +35,12 @@ from .data.segmentation import (
     infer_num_classes,
     palette,
 )
-from .device import autocast
-from .dist import all_reduce_mean, print0
-from .engine import Task
-from .optim import build_adamw, param_groups_lrd, param_groups_weight_decay, schedule
-from .pyramid import LayerNorm2d, SimpleFeaturePyramid
-from .trainer import Runtime, fit, model_meta, setup
+from ..train.device import autocast
+from ..train.dist import all_reduce_mean, print0
+from ..train.engine import Task
+from ..train.optim import build_adamw, param_groups_lrd, param_groups_weight_decay, schedule
+from ..models.pyramid import LayerNorm2d, SimpleFeaturePyramid
+from ..train.trainer import Runtime, fit, model_meta, setup
 from .visualize import enlargement, save_grid, to_pil
 
 # ---------------------------------------------------------------------------------------------------

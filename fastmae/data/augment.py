@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import AugConfig
-from .data import denormalize, normalize
+from ..config import AugConfig
+from . import denormalize, normalize
 
 Tensor = torch.Tensor
 

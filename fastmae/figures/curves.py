@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from ..weights.checkpoint import atomic_write
 
 
 def epoch_entries(log_path: str | Path) -> list[dict]:

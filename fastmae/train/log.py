@@ -51,7 +51,7 @@ class RunLogger:
                 f.flush()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                from .checkpoint import DiskFullError
+                from ..weights.checkpoint import DiskFullError
 
                 raise DiskFullError(f"no space left on device while writing {self.path}; free space or pass "
                                     f"another --run.output_dir") from None

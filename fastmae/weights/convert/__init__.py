@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import ConvertConfig, validate
+from ...config import ConvertConfig, validate
 from .detect import (
     DECODER_HEADS,
     ENCODER_HEADS,
@@ -131,7 +131,7 @@ def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads:
             decoder_num_heads: int = 0, img_size: tuple[int, int] | None = None) -> Path:
     """Read `src` (any supported format, a run folder: its newest checkpoint), convert, and write `dst` in format
     `to`; returns what was written. Existing files are never replaced: an output that exists is refused first."""
-    from ..weights import find_source
+    from ..read import find_source
 
     taken = [p for p in output_files(dst, to) if p.exists()]
     if taken:
