@@ -36,7 +36,14 @@ import torch
 from PIL import Image, ImageOps
 
 from fastmae.config import DataConfig
-from fastmae.data import MemoryLoader, build_loader, decode, load_image, normalize, sample_crop_boxes
+from fastmae.data import (
+    MemoryLoader,
+    build_loader,
+    decode,
+    load_image,
+    normalize,
+    sample_crop_boxes,
+)
 from fastmae.data.transforms import CROP_RATIO
 
 JPEG_SIZE = (500, 375)  # width, height

@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import fastmae
+from fastmae.commands.linprobe import head_accuracy, train_head_on_features
 from fastmae.config import FASHION_MNIST_DIR, DataConfig, LinprobeConfig
 from fastmae.data import build_loader
-from fastmae.train.device import autocast, resolve_precision
-from fastmae.commands.evaluate import LinearHead, head_accuracy, train_head_on_features
 from fastmae.metrics.knn import knn_accuracy
-from fastmae.weights.read import read_weights
+from fastmae.models.heads import LinearHead
 from fastmae.models.vit import encoder_tokens
+from fastmae.train.device import autocast, resolve_precision
+from fastmae.weights.read import read_weights
 
 
 @torch.no_grad()

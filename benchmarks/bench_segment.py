@@ -25,11 +25,13 @@ import torch.nn.functional as F
 import tyro
 
 from fastmae.cli import main as fastmae_main
+from fastmae.commands.segment import confusion_matrix, seg_splits
 from fastmae.config import SegmentConfig
+from fastmae.data.build import source_norm_stats
 from fastmae.data.segmentation import SegLoader
+from fastmae.metrics.segmentation import seg_metrics
 from fastmae.train.engine import Task
 from fastmae.train.optim import build_adamw, param_groups_weight_decay, schedule
-from fastmae.commands.segment import _stats, confusion_matrix, seg_metrics, seg_splits
 from fastmae.train.trainer import fit, model_meta, setup
 
 ROWS = ("pixels", "linear", "fpn", "finetune")
@@ -55,7 +57,7 @@ def pixel_baseline(args: list[str], out: Path) -> dict:
     rt = setup(cfg.run, cfg)
     channels = cfg.data.channels or 1
     train, val, classes, K = seg_splits(cfg.data, cfg.seg, channels, cfg.run.seed)
-    mean, std = _stats(cfg.data, channels)
+    mean, std = source_norm_stats(cfg.data, channels)
     common = dict(channels=channels, mean=mean, std=std, hflip=cfg.data.hflip, seed=cfg.run.seed,
                   batch_size=cfg.optim.batch_size, num_classes=K)
     loader, val_loader = SegLoader(train, train=True, **common), SegLoader(val, train=False, drop_last=False, **common)
@@ -65,7 +67,8 @@ def pixel_baseline(args: list[str], out: Path) -> dict:
     task = Task(model, opt, loss=lambda m, x, y: F.cross_entropy(m(x).float(), y, ignore_index=cfg.seg.ignore_index),
                 lr=lr, meta=model_meta("pixelnet", {}, cfg))
     fit(rt, task, loader, cfg.optim.epochs)
-    return seg_metrics(confusion_matrix(model, val_loader, K, cfg.seg.ignore_index, rt), classes)
+    conf = confusion_matrix(model, lambda x: model(x).argmax(1), val_loader, K, cfg.seg.ignore_index, rt)
+    return seg_metrics(conf, classes)
 
 
 def cli(args: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Small Python API over models: load any supported checkpoint, features for downstream use.
+"""Small Python API over models: load any supported checkpoint; `encode` (models/encode.py) gives its features.
 
 `load` turns a path (fastmae training checkpoint or run folder, fastmae safetensors export, official
 MAE .pth, Hugging Face folder/file, timm state dict) or a variant name into a ready model in eval mode:
@@ -11,33 +11,16 @@ Shapes: B batch, C channels, H, W image, L patches, h, w patch grid, D width.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from .models.encode import Pool, encode, feature_pool  # noqa: F401 (the public API)
 from .models.mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .models.vit import VARIANTS, VisionTransformer, variant_kwargs
 from .weights.read import Weights, default_stats, read_weights
-
-Pool = Literal["avg", "token", "tokens", "dense"]
-
-# Frozen-feature choice for kNN and linear probes (`--model.global_pool auto`): every patch token when the patch
-# grid is this small, the mean of the patch tokens above. On 28x28 Fashion-MNIST (7x7 grid) the flattened tokens
-# keep the layout mean pooling throws away (BENCHMARKS.md, "Which features"); on 224 px images (196 tokens) they
-# would be 196 x D numbers per image, too many to keep for a whole dataset.
-TOKENS_MAX_PATCHES = 64
-
-
-def feature_pool(pool: str, model: nn.Module) -> str:
-    """'auto' -> 'tokens' for a patch grid of at most TOKENS_MAX_PATCHES patches, else 'avg'; others unchanged."""
-    if pool != "auto":
-        return pool
-    h, w = model.patch_embed.grid_size
-    return "tokens" if h * w <= TOKENS_MAX_PATCHES else "avg"
-
 
 # The decoder tensors every MAE has besides its blocks (12 tensors per decoder block, 'decoder_blocks.{i}.*').
 DECODER_KEYS = ("mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
@@ -149,39 +132,3 @@ def require_decoder(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: s
         f"{shown} ({count}). Encoder-only checkpoints (official mae_pretrain_vit_*.pth, Hugging Face ViTMAEModel, "
         f"fastmae 'encoder' exports) cannot reconstruct images; use {_suggest_full(str(path))}."
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Features.
-
-def encode(model: nn.Module, imgs: torch.Tensor, pool: Pool = "avg",
-           layers: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """Images -> features: 'avg' mean of patch tokens (B, D), 'token' the cls token (B, D), 'tokens' every patch
-    token flattened in patch order (B, L*D), 'dense' (B, D, h, w).
-
-    Tokens come from the model's `forward_features` (after its final `norm`). For a classification ViT, the
-    pool matching its global_pool returns exactly what its head sees (`forward_head(pre_logits=True)`).
-    An MAE and its encoder loaded as a cls-token ViT give the same features for every pool.
-
-    'dense' takes any input whose sides are multiples of the patch size (position embeddings resampled and
-    cached per grid). layers (dense only): block indices, negative from the end; returns one (B, D, h, w) map
-    per index, each after the final `norm` as in timm's `forward_intermediates` (an avg-pool ViT's `norm` is
-    Identity: its maps are un-normalised). layers=None returns the last block's map alone.
-    """
-    if pool not in ("avg", "token", "tokens", "dense"):
-        raise ValueError(f"pool must be 'avg', 'token', 'tokens' or 'dense', got {pool!r}")
-    if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
-        raise TypeError(f"expected a MaskedAutoencoderViT or VisionTransformer, got {type(model).__name__}")
-    if pool == "dense":
-        maps = model.forward_intermediates(imgs, (-1,) if layers is None else tuple(layers), norm=True)
-        return maps[0] if layers is None else maps  # (B, D, h, w) or a list of them
-    if layers is not None:
-        raise ValueError(f"layers needs pool='dense' (maps per block), got pool={pool!r}")
-    tokens = model.forward_features(imgs)  # (B, 1+L, D)
-    if isinstance(model, VisionTransformer) and pool == model.global_pool:
-        return model.forward_head(tokens, pre_logits=True)  # (B, D)
-    if pool == "avg":
-        return tokens[:, 1:].mean(dim=1)  # (B, D)
-    if pool == "tokens":
-        return tokens[:, 1:].flatten(1)  # (B, L*D)
-    return tokens[:, 0]  # (B, D)

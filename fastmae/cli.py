@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import tyro
 
-from .weights.checkpoint import DiskFullError
 from .config import (
     BenchConfig,
     ConvertConfig,
@@ -31,14 +30,15 @@ from .config import (
 from .train.dist import cleanup
 from .train.engine import NonFiniteLossError
 from .train.runlock import release_all
+from .weights.checkpoint import DiskFullError
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "pretrain": (PretrainConfig, "fastmae.commands.pretrain:run_pretrain"),
     "finetune": (FinetuneConfig, "fastmae.commands.finetune:run_finetune"),
-    "linprobe": (LinprobeConfig, "fastmae.commands.evaluate:run_linprobe"),
-    "knn": (KnnConfig, "fastmae.commands.evaluate:run_knn"),
+    "linprobe": (LinprobeConfig, "fastmae.commands.linprobe:run_linprobe"),
+    "knn": (KnnConfig, "fastmae.commands.knn:run_knn"),
     "visualize": (VisualizeConfig, "fastmae.commands.visualize:run_visualize"),
-    "convert": (ConvertConfig, "fastmae.weights.convert:convert_from_config"),
+    "convert": (ConvertConfig, "fastmae.commands.convert:convert_from_config"),
     "bench": (BenchConfig, "fastmae.commands.bench:run_bench"),
     "embed": (EmbedConfig, "fastmae.commands.embed:run_embed"),
     "segment": (SegmentConfig, "fastmae.commands.segment:run_segment"),

@@ -8,11 +8,9 @@ the ranges of every field before a command starts work, naming the flag as the u
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -509,13 +507,6 @@ class EmbedConfig:
 def to_dict(cfg) -> dict:
     """A dataclass config as plain JSON-able data."""
     return dataclasses.asdict(cfg)
-
-
-def save_json(cfg, path: str | Path) -> None:
-    """Write the resolved config as JSON atomically (checkpoint.atomic_write_text: fsync, rename, umask mode)."""
-    from .weights.checkpoint import atomic_write_text
-
-    atomic_write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), path)
 
 
 def replace(cfg, **changes):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from fastmae.config import AugConfig
+from fastmae.data import denormalize, normalize
 from fastmae.data.augment import (
     OP_NAMES,
     TIMM_OPS,
@@ -22,8 +24,6 @@ from fastmae.data.augment import (
     smooth_one_hot,
     soft_target_cross_entropy,
 )
-from fastmae.config import AugConfig
-from fastmae.data import denormalize, normalize
 
 
 def gen(seed: int = 0) -> torch.Generator:

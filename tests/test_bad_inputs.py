@@ -13,9 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae.data import sources as D
-from fastmae.train import trainer
-from fastmae.weights.checkpoint import safe_join
 from fastmae.cli import main
 from fastmae.config import (
     ConvertConfig,
@@ -29,8 +26,11 @@ from fastmae.config import (
     VisualizeConfig,
     validate,
 )
-from fastmae.weights.convert import read_file
 from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
+from fastmae.data import sources as D
+from fastmae.train import trainer
+from fastmae.weights.checkpoint import safe_join
+from fastmae.weights.convert import read_file
 
 from .test_cli_pretrain import make_fmnist, tiny_args
 
@@ -141,7 +141,9 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch, tmp_path):
 
     def fake_init(device_type, timeout_s):
         seen["timeout"] = timeout_s
-        return trainer.DistInfo()
+        from fastmae.train.dist import DistInfo
+
+        return DistInfo()
 
     monkeypatch.setattr(trainer, "init_distributed", fake_init)
     cfg = PretrainConfig(run=RunConfig(output_dir=str(tmp_path / "o"), dist_timeout=42.0, device="cpu"))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fastmae.commands import bench as command
 from fastmae.cli import main
+from fastmae.commands import bench as command
 
 from .test_cli_pretrain import make_fmnist
 

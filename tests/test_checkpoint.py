@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.weights.checkpoint import (
     check_state_dict,
     find_latest,
@@ -16,7 +17,6 @@ from fastmae.weights.checkpoint import (
     save_checkpoint,
     torch_load,
 )
-from fastmae.models.mae import MaskedAutoencoderViT
 
 from .conftest import TINY_MAE
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmae.cli import main
-from fastmae.config import PretrainConfig
 from fastmae.commands.pretrain import run_pretrain
+from fastmae.config import PretrainConfig
+from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
 
 
 def write_idx(folder, prefix: str, n: int, seed: int = 0) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import sys
@@ -11,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from fastmae.weights import convert as cv
+from fastmae.commands import convert as convert_cmd
+from fastmae.config import ConvertConfig
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.pos_embed import sincos_2d
 from fastmae.models.vit import VisionTransformer
+from fastmae.weights import convert as cv
 
 HF_MAE = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=256, decoder_hidden_size=32, decoder_num_hidden_layers=2,
@@ -164,7 +165,9 @@ def test_hf_missing_fixed_pos_embeds_are_rebuilt():
     sd, _ = cv.hf_mae_to_fastmae(hf_sd, config)
     assert torch.equal(sd["pos_embed"], m.pos_embed) and torch.equal(sd["decoder_pos_embed"], m.decoder_pos_embed)
     # HF's own sin-cos builder (with its h/w rotation) equals fastmae's
-    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding as build
+    from transformers.models.vit_mae.modeling_vit_mae import (
+        build_2d_sinusoidal_position_embedding as build,
+    )
     pe = build(8, 8, 64, cls_token=True)
     assert torch.equal(torch.cat([pe[:, 32:], pe[:, :32]], dim=1), sincos_2d(8, 8, 64, cls_token=True))
 
@@ -281,7 +284,7 @@ def test_malicious_pickle_refused(tmp_path):
     assert "safetensors" in str(e.value)
     assert not marker.exists()
     with pytest.raises(ValueError, match="pickled Python objects"):
-        cv.convert(bad, tmp_path / "out", "fastmae")
+        convert_cmd.convert(bad, tmp_path / "out", "fastmae")
     assert not marker.exists()
 
 
@@ -306,7 +309,7 @@ def test_avg_pool_classifier_has_no_hf_equivalent(official, tmp_path):
         cv.fastmae_to_hf_vit(sd, _vit_kwargs(official["config"], "avg"))
     torch.save(sd, tmp_path / "avg.pth")
     with pytest.raises(ValueError, match="global_pool='token'"):
-        cv.convert(tmp_path / "avg.pth", tmp_path / "hf", "hf", num_heads=4)
+        convert_cmd.convert(tmp_path / "avg.pth", tmp_path / "hf", "hf", num_heads=4)
 
 
 # ------------------------------------------------------------------ the command, end to end on files
@@ -318,7 +321,7 @@ def test_convert_end_to_end(official, tmp_path):
     torch.save({"model": official["mae_state_dict"]}, src)  # the official release's layout
 
     # official -> fastmae: the sidecar makes the model buildable; it reproduces the official loss
-    out = cv.convert(src, tmp_path / "fm" / "mae", "fastmae", num_heads=4, decoder_num_heads=4)
+    out = convert_cmd.convert(src, tmp_path / "fm" / "mae", "fastmae", num_heads=4, decoder_num_heads=4)
     sd, meta = cv.read_file(out)
     assert meta["kind"] == "mae" and meta["source_format"] == "fastmae-mae"
     m = MaskedAutoencoderViT(**meta["model_kwargs"]).eval()
@@ -328,7 +331,7 @@ def test_convert_end_to_end(official, tmp_path):
                                    rtol=0)
 
     # fastmae -> hf (heads from the sidecar) -> from_pretrained reproduces the official prediction
-    hf_dir = cv.convert(out, tmp_path / "hf", "hf")
+    hf_dir = convert_cmd.convert(out, tmp_path / "hf", "hf")
     hf = tf.ViTMAEForPreTraining.from_pretrained(hf_dir).eval()
     assert hf.config.num_attention_heads == 4 and hf.config.layer_norm_eps == 1e-6
     with torch.no_grad():
@@ -336,29 +339,29 @@ def test_convert_end_to_end(official, tmp_path):
                                    atol=1e-5, rtol=0)
 
     # hf -> fastmae -> official: identity on the official weights
-    back = cv.convert(hf_dir, tmp_path / "back", "fastmae")
+    back = convert_cmd.convert(hf_dir, tmp_path / "back", "fastmae")
     assert cv.read_file(back)[1]["model_kwargs"]["decoder_num_heads"] == 4
-    off = cv.convert(back, tmp_path / "again.pth", "official")
+    off = convert_cmd.convert(back, tmp_path / "again.pth", "official")
     _equal_sd(torch.load(off, weights_only=True)["model"], official["mae_state_dict"])
 
     # MAE -> timm keeps the encoder; encoder -> hf is a ViTMAEModel
-    enc = cv.convert(src, tmp_path / "enc.safetensors", "timm", num_heads=4, decoder_num_heads=4)
+    enc = convert_cmd.convert(src, tmp_path / "enc.safetensors", "timm", num_heads=4, decoder_num_heads=4)
     _equal_sd(cv.read_file(enc)[0], cv.mae_encoder(official["mae_state_dict"]))
-    enc_hf = cv.convert(enc, tmp_path / "enc_hf", "hf", num_heads=4)
+    enc_hf = convert_cmd.convert(enc, tmp_path / "enc_hf", "hf", num_heads=4)
     assert json.loads((enc_hf / "config.json").read_text())["architectures"] == ["ViTMAEModel"]
     tf.ViTMAEModel.from_pretrained(enc_hf)
 
     # classifiers: token -> hf gives the official logits; avg -> timm .pth -> fastmae is identity
     tok = tmp_path / "tok.pth"
     torch.save({"model": official["classifier_token"]["state_dict"]}, tok)
-    hfc = tf.ViTForImageClassification.from_pretrained(cv.convert(tok, tmp_path / "tok_hf", "hf", num_heads=4))
+    hfc = tf.ViTForImageClassification.from_pretrained(convert_cmd.convert(tok, tmp_path / "tok_hf", "hf", num_heads=4))
     with torch.no_grad():
         torch.testing.assert_close(hfc.eval()(official["imgs"]).logits, official["classifier_token"]["logits"],
                                    atol=1e-5, rtol=0)
     avg = tmp_path / "avg.safetensors"
     cv.save_timm(avg, official["classifier_avg"]["state_dict"])
-    t = cv.convert(avg, tmp_path / "avg_timm.pth", "timm", num_heads=4)
-    fm = cv.convert(t, tmp_path / "avg_fm", "fastmae", num_heads=4)
+    t = convert_cmd.convert(avg, tmp_path / "avg_timm.pth", "timm", num_heads=4)
+    fm = convert_cmd.convert(t, tmp_path / "avg_fm", "fastmae", num_heads=4)
     sd, meta = cv.read_file(fm)
     _equal_sd(sd, official["classifier_avg"]["state_dict"])
     assert meta["model_kwargs"] == {**_vit_kwargs(cfg, "avg"), "mlp_ratio": 4.0}
@@ -367,9 +370,9 @@ def test_convert_end_to_end(official, tmp_path):
 
 
 def test_convert_config_fields():
-    fields = {f.name for f in cv.ConvertConfig.__dataclass_fields__.values()}
+    fields = {f.name for f in ConvertConfig.__dataclass_fields__.values()}
     assert {"init", "output", "to", "model"} <= fields  # one vocabulary: --init reads, --model.* sizes
-    c = cv.ConvertConfig(init="a", output="b")
+    c = ConvertConfig(init="a", output="b")
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.to = "hf"  # frozen
 
@@ -380,9 +383,9 @@ def test_works_without_transformers(official, tmp_path, monkeypatch):
     kw = _official_kwargs(official["config"])
     hf_dir = cv.save_hf(tmp_path / "hf", *cv.fastmae_to_hf_mae(official["mae_state_dict"], kw, style="legacy"))
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    out = cv.convert(hf_dir, tmp_path / "fm", "fastmae")
+    out = convert_cmd.convert(hf_dir, tmp_path / "fm", "fastmae")
     sd, meta = cv.read_file(out)
     _equal_sd(sd, official["mae_state_dict"])
     assert meta["model_kwargs"]["num_heads"] == 4 and meta["mask_ratio"] == 0.75
     with pytest.raises(ImportError, match=r"fastmae\[hf\]"):
-        cv.convert(out, tmp_path / "hf2", "hf")
+        convert_cmd.convert(out, tmp_path / "hf2", "hf")

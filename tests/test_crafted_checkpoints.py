@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastmae
-from fastmae.weights import convert as cv
 from fastmae.cli import main
 from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.weights import convert as cv
 
 from .conftest import TINY_MAE
 

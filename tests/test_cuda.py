@@ -16,12 +16,12 @@ import torch
 import torch.distributed as tdist
 
 import fastmae
-from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
-from fastmae.weights.convert import hf_mae_to_fastmae
-from fastmae.train.dist import cleanup, init_distributed
+from fastmae.commands.visualize import seeded_noise
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.masking import random_masking
-from fastmae.commands.visualize import seeded_noise
+from fastmae.train.dist import cleanup, init_distributed
+from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
+from fastmae.weights.convert import hf_mae_to_fastmae
 
 from .conftest import set_torchrun_env
 from .test_convert import HF_MAE, _perturbed

@@ -16,8 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fastmae.data import sources as D
-from fastmae.data import transforms as T
 from fastmae.config import DataConfig, validate
 from fastmae.data import (
     FASHION_MNIST_MEAN,
@@ -27,14 +25,16 @@ from fastmae.data import (
     MemoryLoader,
     build_loader,
     decode_image,
-    holdout_indices,
     denormalize,
+    holdout_indices,
     normalize,
     read_idx,
     resized_crop,
     sample_crop_box,
     sample_crop_boxes,
 )
+from fastmae.data import sources as D
+from fastmae.data import transforms as T
 
 # ---------------------------------------------------------------------------------------------
 # helpers that write tiny data

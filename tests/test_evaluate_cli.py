@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fastmae.weights.backbone import build_classifier, encoder_init
 from fastmae.cli import main
 from fastmae.config import ViTModelConfig
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import VisionTransformer
+from fastmae.weights.backbone import build_classifier, encoder_init
 from fastmae.weights.read import Weights
 
 from .test_cli_pretrain import pretrain_tiny

@@ -10,9 +10,10 @@ import stat
 import pytest
 import torch
 
-from fastmae.weights import checkpoint as C
 from fastmae.cli import main
-from fastmae.config import PretrainConfig, save_json
+from fastmae.config import PretrainConfig
+from fastmae.train.trainer import save_json
+from fastmae.weights import checkpoint as C
 
 from .test_cli_pretrain import make_fmnist, tiny_args
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmae import encode
-from fastmae.api import TOKENS_MAX_PATCHES, feature_pool
+from fastmae.models.encode import TOKENS_MAX_PATCHES, feature_pool
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import VisionTransformer
 

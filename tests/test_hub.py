@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import fastmae
-from fastmae.weights import hub
 from fastmae.cli import main
 from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.weights import hub
 
 
 def tiny_official_bytes() -> bytes:

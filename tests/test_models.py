@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fastmae.api import encode
-
 from fastmae.models.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
 from fastmae.models.vit import VARIANTS, VisionTransformer, build_vit
 

@@ -9,8 +9,15 @@ import torch
 
 from fastmae.metrics.knn import knn_accuracy, knn_scores
 from fastmae.models.mae import MaskedAutoencoderViT
-from fastmae.train.optim import LARS, layer_id, lr_at, param_groups_lrd, param_groups_weight_decay, scaled_lr
 from fastmae.models.vit import VisionTransformer
+from fastmae.train.optim import (
+    LARS,
+    layer_id,
+    lr_at,
+    param_groups_lrd,
+    param_groups_weight_decay,
+    scaled_lr,
+)
 
 from .conftest import TINY_MAE
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastmae.commands.pretrain as pretrain
-from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.cli import main
 from fastmae.models.pos_embed import resample_pos_embed
+from fastmae.weights.checkpoint import load_checkpoint
 
 from .test_cli_pretrain import pretrain_tiny, tiny_args
 

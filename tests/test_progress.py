@@ -120,7 +120,7 @@ def test_run_time_left_counts_batches_not_epochs():
 
 
 def test_position_and_duration_count_epochs_from_one():
-    from fastmae.train.trainer import Progress, duration, position
+    from fastmae.train.runtime import Progress, duration, position
 
     assert position(21, 651) == "in epoch 22 after batch 651"
     assert position(21, 0) == "after epoch 21" and position(0, 0) == "at the start"

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.cli import main
+from fastmae.metrics.segmentation import seg_metrics
 from fastmae.data.segmentation import (
     SCENE_THRESHOLD,
     SegLoader,
@@ -22,7 +22,7 @@ from fastmae.data.segmentation import (
     read_label_map,
 )
 from fastmae.models.pyramid import SimpleFeaturePyramid
-from fastmae.commands.segment import seg_metrics
+from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.weights.read import read_weights
 
 from .test_cli_pretrain import make_fmnist, pretrain_tiny
@@ -108,7 +108,7 @@ def test_loader_flips_image_and_label_together(tmp_path):
     loader.set_epoch(0)
     x, y = next(iter(loader))  # (32, 1, 56, 56), (32, 56, 56)
     assert torch.equal((x[:, 0] * 0.5 + 0.5) * 255 > SCENE_THRESHOLD, y > 0)
-    order, _ = loader._sampler.order(0)
+    order, _ = loader.sampler.order(0)
     flipped = [not torch.equal(y[i], split.masks[order[i]].long()) for i in range(32)]
     assert 0 < sum(flipped) < 32
     for i in range(32):

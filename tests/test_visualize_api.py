@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 from fastmae.api import encode, load, require_decoder
-from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.cli import main
-from fastmae.weights.convert import mae_encoder, read_file
-from fastmae.models.mae import MaskedAutoencoderViT
-from fastmae.models.patches import patchify
 from fastmae.commands.pretrain import run_pretrain
 from fastmae.commands.visualize import reconstruct
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.patches import patchify
 from fastmae.models.vit import VisionTransformer
+from fastmae.weights.checkpoint import load_checkpoint
+from fastmae.weights.convert import mae_encoder, read_file
 
 from .test_cli_pretrain import make_fmnist, tiny_cfg
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..weights.checkpoint import atomic_write_text
-from ..config import BenchConfig, validate
-from ..train.device import resolve_device, resolve_precision
 from ..bench.cases import COMPILED, Case, hf_available
 from ..bench.report import add_peak_shares, machine_info, markdown_table
 from ..bench.timing import bench_case_fitting, matmul_peak_tflops, read_status_kb
+from ..config import BenchConfig, validate
+from ..train.device import resolve_device, resolve_precision
+from ..weights.checkpoint import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ def in_chans(cfg: BenchConfig) -> int:
 
 def make_case(cfg: BenchConfig, task: str) -> Case:
     """The benchmark Case of --model.* (variant + overrides, as `fastmae pretrain` builds it) for a task."""
-    from .pretrain import mae_kwargs
+    from ..weights.backbone import mae_kwargs
 
     kw = mae_kwargs(cfg.model, in_chans(cfg))
     H, W = kw["img_size"]

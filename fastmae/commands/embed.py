@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..weights.checkpoint import atomic_write, atomic_write_text
 from ..config import EmbedConfig, validate
 from ..data import has_eval_split
 from ..train.dist import print0
-from .evaluate import features_of, probe_encoder
+from ..train.probe import features_of, probe_encoder
 from ..train.results import refuse_replacing
 from ..train.trainer import setup, write_config
+from ..weights.checkpoint import atomic_write, atomic_write_text
 
 
 def split_names(split: str) -> tuple[str, ...]:

@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..data.augment import FinetuneAugment, soft_target_cross_entropy
-from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
-from ..weights.checkpoint import atomic_save, atomic_write_text
 from ..config import FinetuneConfig, validate
-from ..figures.curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
 from ..data import build_loader, eval_split_name
+from ..data.augment import FinetuneAugment, soft_target_cross_entropy
+from ..figures.curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
 from ..train.dist import print0
 from ..train.engine import Task, evaluate
 from ..train.optim import build_adamw, param_groups_lrd, schedule
-from ..train.trainer import Progress, duration, fit, model_meta, setup
+from ..train.runtime import Progress, duration
+from ..train.trainer import fit, model_meta, setup
+from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.checkpoint import atomic_save, atomic_write_text
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:

@@ -10,31 +10,24 @@ import torch
 import torch.nn as nn
 
 from ..api import encode, feature_pool
-from ..weights.checkpoint import find_latest
 from ..config import MAEModelConfig, PretrainConfig, validate
-from ..figures.curves import plot_learning_curve
 from ..data import build_loader, has_eval_split
-from ..train.dist import print0
-from ..train.engine import Task, extract_features
+from ..figures.curves import plot_learning_curve
+from ..figures.reconstruction import reconstruct, save_figure
 from ..metrics.knn import knn_accuracy
 from ..models.mae import MAE_VARIANTS, MaskedAutoencoderViT
-from ..train.optim import build_adamw, param_groups_weight_decay, schedule
 from ..models.pos_embed import resample_pos_embed
-from ..train.trainer import Progress, Runtime, duration, fit, model_meta, setup
-from .visualize import reconstruct, save_figure
 from ..models.vit import to_2tuple, variant_kwargs
+from ..train.dist import print0
+from ..train.engine import Task, extract_features
+from ..train.optim import build_adamw, param_groups_weight_decay, schedule
+from ..train.runtime import Progress, Runtime, duration
+from ..train.trainer import fit, model_meta, setup
+from ..weights.backbone import mae_kwargs
+from ..weights.checkpoint import find_latest
 from ..weights.read import ENCODER_PREFIXES, Weights, read_weights
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
-OVERRIDABLE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-
-
-def mae_kwargs(cfg: MAEModelConfig, in_chans: int) -> dict:
-    """Constructor kwargs: the variant's sizes, overridden by every non-zero field of the config."""
-    kw = variant_kwargs(cfg.name, MAE_VARIANTS, kind="MAE")
-    kw.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k)})
-    kw.update(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans or in_chans, norm_pix_loss=cfg.norm_pix_loss)
-    return kw
 
 
 # Sizes a checkpoint fixes (heads are not in the weights: the flags may set them, see read_init).

@@ -13,16 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
 
-from ..api import encode
-from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
-from ..weights.checkpoint import atomic_write_text
 from ..config import SegDataConfig, SegmentConfig, SegParams, validate
 from ..data.build import source_norm_stats
 from ..data.segmentation import (
@@ -33,78 +28,34 @@ from ..data.segmentation import (
     fashion_scenes,
     folder_split,
     infer_num_classes,
-    palette,
 )
+from ..figures.segmentation import save_seg_figure
+from ..metrics.segmentation import confusion_counts, seg_metrics
+from ..models.dense import DenseModel
+from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
 from ..train.device import autocast
 from ..train.dist import all_reduce_mean, print0
 from ..train.engine import Task
-from ..train.optim import build_adamw, param_groups_lrd, param_groups_weight_decay, schedule
-from ..models.pyramid import LayerNorm2d, SimpleFeaturePyramid
-from ..train.trainer import Runtime, fit, model_meta, setup
-from .visualize import enlargement, save_grid, to_pil
+from ..train.optim import (
+    build_adamw,
+    param_groups_lrd,
+    param_groups_weight_decay,
+    schedule,
+)
+from ..train.runtime import Runtime
+from ..train.trainer import fit, model_meta, setup
+from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.checkpoint import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------
 # Heads and the model.
 
 
-class LinearSegHead(nn.Module):
-    """BatchNorm without affine + 1x1 conv on the patch map: the linear probe of segmentation."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(dim, affine=False, eps=1e-6)
-        self.cls = nn.Conv2d(dim, num_classes, 1)
-        nn.init.trunc_normal_(self.cls.weight, std=0.01)
-        nn.init.zeros_(self.cls.bias)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.cls(self.bn(feats))  # (B, K, h, w)
-
-
-class FPNSegHead(nn.Module):
-    """SimpleFeaturePyramid, every level upsampled to the finest and summed, then 3x3 conv + LN + GELU + 1x1."""
-
-    def __init__(self, dim: int, num_classes: int, channels: int = 64, scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)):
-        super().__init__()
-        self.pyramid = SimpleFeaturePyramid(dim, channels, scales)
-        self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels),
-                                  nn.GELU())
-        self.cls = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        levels = self.pyramid(feats)  # each (B, c, h*s, w*s)
-        size = max((lv.shape[-2:] for lv in levels), key=lambda s: s[0] * s[1])
-        fused = sum(F.interpolate(lv, size=size, mode="bilinear", align_corners=False) if lv.shape[-2:] != size else lv
-                    for lv in levels)  # (B, c, h*s_max, w*s_max)
-        return self.cls(self.fuse(fused))  # (B, K, h*s_max, w*s_max)
-
-
-class Segmenter(nn.Module):
-    """Encoder (frozen unless `finetune`) + head; forward gives (B, K, H, W) logits at the image size."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module, finetune: bool):
-        super().__init__()
-        self.encoder, self.head, self.finetune = encoder, head, finetune
-        if not finetune:
-            for p in encoder.parameters():
-                p.requires_grad_(False)
-
-    def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The encoder's (B, D, h, w) map; without gradients (and in eval mode) when frozen."""
-        if self.finetune:
-            return encode(self.encoder, imgs, "dense")
-        with torch.no_grad():
-            self.encoder.eval()
-            return encode(self.encoder, imgs, "dense")
-
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(imgs).float())  # (B, K, h', w')
-        return F.interpolate(logits, size=imgs.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
-
-
-def build_head(kind: str, dim: int, num_classes: int, channels: int) -> nn.Module:
-    """The --head module for a D-wide patch map."""
-    return LinearSegHead(dim, num_classes) if kind == "linear" else FPNSegHead(dim, num_classes, channels)
+def build_head(kind: str, dim: int, num_classes: int, patch_size: int, seg: SegParams) -> SegmentationHead:
+    """The --head module for a D-wide patch map of stride `patch_size`."""
+    if kind == "linear":
+        return LinearSegHead(dim, num_classes, patch_size, seg.ignore_index)
+    return FPNSegHead(dim, num_classes, patch_size, seg.ignore_index, seg.fpn_channels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,62 +106,30 @@ def check_patch(size: tuple[int, int], patch: int, data: SegDataConfig, example:
 
 
 @torch.no_grad()
-def confusion_matrix(model: nn.Module, loader, num_classes: int, ignore_index: int, rt: Runtime) -> torch.Tensor:
-    """(K, K) int64 counts of (label, prediction) over the loader's valid pixels, summed over ranks."""
+def confusion_matrix(model: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classes: int,
+                     ignore_index: int, rt: Runtime) -> torch.Tensor:
+    """(K, K) int64 counts of (label, prediction) over the loader's valid pixels, summed over ranks; `predict` maps
+    images (B, C, H, W) to classes (B, H, W) with `model` in eval mode."""
     model.eval()
     loader.set_epoch(0)
     conf = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
     for imgs, y in loader:
         imgs, y = imgs.to(rt.device), y.to(rt.device)
         with autocast(rt.device, rt.precision):
-            pred = model(imgs).argmax(1)  # (B, H, W)
-        valid = y != ignore_index  # (B, H, W)
-        conf += torch.bincount(y[valid] * num_classes + pred[valid], minlength=num_classes**2).double()
+            pred = predict(imgs)  # (B, H, W)
+        conf += confusion_counts(y, pred, num_classes, ignore_index)
     conf = all_reduce_mean(conf, rt.dist) * rt.dist.world_size
     return conf.round().long().cpu().view(num_classes, num_classes)  # (K, K): rows label, columns prediction
 
 
-def seg_metrics(conf: torch.Tensor, classes: list[str]) -> dict:
-    """mIoU (mean over classes present in label or prediction), pixel accuracy and per-class IoU, all in %."""
-    conf = conf.double()
-    tp = conf.diag()  # (K,)
-    union = conf.sum(0) + conf.sum(1) - tp  # (K,)
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))  # (K,)
-    present = ~iou.isnan()
-    total = conf.sum().item()
-    return {
-        "miou": 100.0 * iou[present].mean().item() if present.any() else 0.0,
-        "pixel_acc": 100.0 * tp.sum().item() / max(total, 1),
-        "per_class_iou": {c: (None if v != v else 100.0 * v) for c, v in zip(classes, iou.tolist())},
-        "pixels": int(total),
-    }
-
-
-def save_seg_figure(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path, mean: tuple, std: tuple,
-                    ignore_index: int, min_side: int = 168) -> Path:
-    """image / ground truth / prediction, one row per (image (C, H, W) normalised, label (H, W), prediction (H, W))."""
-    colours = palette(ignore_index)  # (256, 3)
-    H, W = rows[0][1].shape
-    scale = enlargement(H, W, min_side)
-    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-
-    def label_pil(y: torch.Tensor) -> Image.Image:
-        return Image.fromarray(colours[y.long().clamp(0, 255)].numpy(), "RGB").resize((W * scale, H * scale),
-                                                                                      Image.NEAREST)
-
-    cells = [[to_pil((img * std_t + mean_t).clamp(0, 1), scale), label_pil(y), label_pil(pred)]
-             for img, y, pred in rows]
-    return save_grid(("image", "ground truth", "prediction"), cells, path)
-
-
 @torch.no_grad()
-def figure_rows(model: nn.Module, split_loader: SegLoader, n: int, device: torch.device) -> list[tuple]:
+def figure_rows(model: DenseModel, split_loader: SegLoader, n: int, device: torch.device) -> list[tuple]:
     """The first n evaluation samples as (image, label, prediction) on the CPU."""
     split_loader.set_epoch(0)
     x, y = next(iter(split_loader))
     x, y = x[:n], y[:n]
     model.eval()
-    pred = model(x.to(device)).argmax(1).cpu()  # (n, H, W)
+    pred = model.head.predict(model(x.to(device))).cpu()  # (n, H, W)
     return list(zip(x, y, pred))
 
 
@@ -218,7 +137,7 @@ def figure_rows(model: nn.Module, split_loader: SegLoader, n: int, device: torch
 # The command.
 
 
-def _optimizer_groups(model: Segmenter, cfg: SegmentConfig) -> list[dict]:
+def _optimizer_groups(model: DenseModel, cfg: SegmentConfig) -> list[dict]:
     """Head: full lr with weight decay on weights; with --finetune, encoder groups with layer-wise lr decay."""
     groups = param_groups_weight_decay(model.head, cfg.optim.weight_decay)
     if cfg.finetune:
@@ -248,7 +167,8 @@ def run_segment(cfg: SegmentConfig) -> dict:
     val_loader = SegLoader(val, train=False, drop_last=False, **common)
     encoder = build_classifier(bb, dataclasses.replace(cfg.model, img_size=size), num_classes=0, in_chans=channels,
                                global_pool="token", drop_path=cfg.model.drop_path if cfg.finetune else 0.0)
-    model = Segmenter(encoder, build_head(cfg.head, encoder.embed_dim, K, cfg.seg.fpn_channels), cfg.finetune)
+    head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
+    model = DenseModel(encoder, head, cfg.finetune)
     model = model.to(rt.device)
     lr = schedule(cfg.optim, len(train_loader), d.world_size)
     optimizer = build_adamw(_optimizer_groups(model, cfg), lr.peak, cfg.optim.betas, rt.device)
@@ -259,7 +179,7 @@ def run_segment(cfg: SegmentConfig) -> dict:
               f"{rt.precision_label} on {rt.device} x{d.world_size}")
 
     def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(m(imgs).float(), labels, ignore_index=cfg.seg.ignore_index)
+        return head.loss(m(imgs), labels)
 
     meta = model_meta("segmenter", {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)},
                                     "head": cfg.head, "num_classes": K, "fpn_channels": cfg.seg.fpn_channels},
@@ -269,7 +189,7 @@ def run_segment(cfg: SegmentConfig) -> dict:
     prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
     if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
         return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
-    result = seg_metrics(confusion_matrix(model, val_loader, K, cfg.seg.ignore_index, rt), classes)
+    result = seg_metrics(confusion_matrix(model, lambda x: head.predict(model(x)), val_loader, K, cfg.seg.ignore_index, rt), classes)
     result.update(init=cfg.init, head=cfg.head, finetune=cfg.finetune, epochs=cfg.optim.epochs, num_classes=K,
                   classes=classes,
                   train=len(train.masks), eval=len(val.masks), image_size=list(size), lr=lr.peak,
@@ -286,4 +206,4 @@ def run_segment(cfg: SegmentConfig) -> dict:
     return result
 
 
-__all__ = ["FPNSegHead", "LinearSegHead", "Segmenter", "run_segment", "seg_metrics"]
+__all__ = ["run_segment"]

@@ -11,112 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
-from ..weights.checkpoint import atomic_write, safe_join
 from ..config import DataConfig, VisualizeConfig, validate
+
+# the old path fastmae.visualize is this module: PANELS and save_figure stay importable from it
+from ..figures.reconstruction import PANELS, reconstruct, save_figure, seeded_noise  # noqa: F401
 from ..train.device import resolve_device
-from ..models.mae import MaskedAutoencoderViT
-from ..models.masking import check_mask_ratio
-from ..models.patches import patchify
 from ..train.results import refuse_replacing
-
-PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
-
-
-def seeded_noise(batch: int, num_patches: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Masking noise (B, L) from a private generator: the same seed gives the same mask, global RNG untouched."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, num_patches, generator=g).to(device)
-
-
-@torch.no_grad()
-def reconstruct(
-    model: MaskedAutoencoderViT,
-    imgs: torch.Tensor,
-    mask_ratio: float = 0.75,
-    seed: int | None = 0,
-    noise: torch.Tensor | None = None,
-    mean: Sequence[float] = (0.0,),
-    std: Sequence[float] = (1.0,),
-) -> dict[str, torch.Tensor]:
-    """Run the MAE and return the four panels, each (B, C, H, W) in [0, 1], plus 'mask' (B, L) and 'loss' ().
-
-    imgs are normalised as the model saw them in training; mean/std map them back to pixels (pass the
-    model's `data_mean` / `data_std` for a model from `fastmae.load`). seed: the mask comes from a private
-    generator (the same seed gives the same mask); seed=None draws it as the official code does.
-
-    With norm_pix_loss the predictions are per-patch normalised; they are mapped back with each
-    patch's own mean and variance (from the input), so colours and contrast are right.
-    """
-    check_mask_ratio(mask_ratio)
-    was_training = model.training
-    model.eval()
-    B = imgs.shape[0]
-    if noise is None and seed is not None:
-        noise = seeded_noise(B, model.patch_embed.num_patches, seed, imgs.device)
-    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)  # (), (B, L, p*p*C), (B, L)
-    pred = pred.float()
-    if model.norm_pix_loss:
-        target = patchify(imgs.float(), model.patch_size)  # (B, L, p*p*C)
-        mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1.0e-6) ** 0.5 + mu
-    rec = model.unpatchify(pred)  # (B, C, H, W)
-    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).float())  # (B, C, H, W), 1 = removed
-    x = imgs.float()
-    model.train(was_training)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-
-    def to_pixels(t: torch.Tensor) -> torch.Tensor:
-        return (t * std_t + mean_t).clamp(0, 1)
-
-    return {
-        "original": to_pixels(x),
-        "masked": to_pixels(x * (1 - m)),  # removed patches show the data mean, as in the official demo
-        "reconstruction": to_pixels(rec),
-        "reconstruction + visible": to_pixels(x * (1 - m) + rec * m),
-        "mask": mask,
-        "loss": loss.detach().float(),  # the training loss of this batch (MSE on the removed patches)
-    }
-
-
-def to_pil(img: torch.Tensor, scale: int) -> Image.Image:
-    """(C, H, W) in [0, 1] -> a PIL image; 1 channel as grey, 3+ channels show the first three as RGB."""
-    arr = (img[:3] if img.shape[0] >= 3 else img[:1]).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGB")
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    return pil.convert("RGB")
-
-
-def enlargement(H: int, W: int, min_side: int) -> int:
-    """Integer nearest-neighbour factor that brings the shorter side to at least min_side (28 px -> 4x for 112)."""
-    return max(1, -(-min_side // min(H, W)))
-
-
-def save_grid(titles: Sequence[str], rows: Sequence[Sequence[Image.Image]], path: str | Path) -> Path:
-    """A PNG of equal-size cells under column titles, one row per sample; written atomically (figures of
-    `pretrain`, `visualize` and `segment`)."""
-    cw, ch = rows[0][0].size
-    pad, head = 4, 18
-    grid = Image.new("RGB", (len(titles) * (cw + pad) + pad, head + len(rows) * (ch + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, title in enumerate(titles):
-        draw.text((pad + j * (cw + pad), 3), title, fill="black")
-    for i, cells in enumerate(rows):
-        for j, cell in enumerate(cells):
-            grid.paste(cell, (pad + j * (cw + pad), head + i * (ch + pad)))
-    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-
-
-def save_figure(panels: dict[str, torch.Tensor], path: str | Path, max_rows: int = 8, min_side: int = 112) -> Path:
-    """A grid PNG: one row per image, columns original / masked / reconstruction / reconstruction + visible."""
-    n = min(panels["original"].shape[0], max_rows)
-    scale = enlargement(*panels["original"].shape[-2:], min_side)  # small images (28 px) are enlarged
-    rows = [[to_pil(panels[name][i], scale) for name in PANELS] for i in range(n)]
-    return save_grid(PANELS, rows, path)
-
+from ..weights.checkpoint import safe_join
 
 # ---------------------------------------------------------------------------------------------------
 # `fastmae visualize`: a checkpoint and some images -> the figure.

@@ -17,7 +17,7 @@ replays exactly the batches of an uninterrupted run, whatever the number of work
 from .build import build_loader, eval_split_name, has_eval_split, holdout_indices
 from .decode import UnreadableImageError, decode_image, load_image
 from .files import FileLoader, ImageFiles
-from .loader import Loader
+from .loader import Loader, SampledLoader
 from .memory import MemoryLoader
 from .sampler import EpochSampler
 from .sources import (
@@ -52,6 +52,7 @@ __all__ = [
     "FileLoader",
     "ImageFiles",
     "Loader",
+    "SampledLoader",
     "MemoryLoader",
     "UnreadableImageError",
     "build_loader",

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .decode import UnreadableImageError, load_image
-from .loader import Loader
-from .sampler import _AUGMENT, EpochSampler, _mix
+from .loader import SampledLoader
+from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
 
 _Item = tuple[torch.Tensor | None, int, tuple[tuple[str, str], ...], ValueError | None]  # image, label, skipped, error
 _Batch = tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]], ValueError | None]
@@ -113,7 +113,7 @@ class _EpochBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         indices, positions = self.sampler.order(self.epoch)
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, _AUGMENT))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM))
         seeds = torch.randint(0, 2**62, (self.sampler.total,), generator=g)[positions]  # one seed per position
         for sl in self.sampler.batch_slices(self.start_batch):
             yield list(zip(indices[sl].tolist(), seeds[sl].tolist()))
@@ -122,7 +122,7 @@ class _EpochBatches:
         return self.sampler.num_batches - self.start_batch
 
 
-class FileLoader(Loader):
+class FileLoader(SampledLoader):
     """Image files decoded by Pillow in `num_workers` DataLoader workers (persistent, pinned on CUDA)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], *, num_workers: int = 0, skip_corrupt: bool = False,
@@ -134,7 +134,7 @@ class FileLoader(Loader):
                          max_image_pixels=max_image_pixels)
         self.dataset = ImageFiles(samples, transform, skip_corrupt)
         self.num_workers = num_workers
-        self._batches = _EpochBatches(self._sampler, self.seed)
+        self._batches = _EpochBatches(self.sampler, self.seed)
         self._loader: DataLoader | None = None  # made on first use, so workers start only when needed
         self._finalizer: weakref.finalize | None = None
 

@@ -23,16 +23,18 @@ def check_norm(channels: int, mean: Sequence[float], std: Sequence[float]) -> No
 
 
 class Loader:
-    """Iterable of (images (B, C, H, W) float32 normalised, labels (B,) int64; -1 = unlabelled) for one rank.
+    """Iterable of (images (B, C, H, W) float32 normalised, targets) for one rank: labels (B,) int64 (-1 =
+    unlabelled), or what a task's head takes (label maps; a dict of tensors).
 
-    Call `set_epoch(epoch)` before each epoch (as with DistributedSampler); `set_epoch(epoch, k)`
-    resumes an epoch at batch k with exactly the batches an uninterrupted run would see. The one
-    constructor of every loader: subclasses add their samples and pass these keywords through.
+    The contract every source implements, in memory, from files or streamed: `len(loader)` is the batches per epoch
+    on this rank; `set_epoch(epoch, start_batch)` before each epoch (as with DistributedSampler) selects the order
+    and augmentation and the batch to start from, and a resumed epoch yields exactly the batches an uninterrupted run
+    would; iteration yields the batches. The attributes say what the batches are (size, channels, normalisation,
+    classes). Which samples a rank sees is the subclass's business (`SampledLoader`: indexable samples).
     """
 
     def __init__(
         self,
-        num_samples: int,
         *,
         img_size: tuple[int, int],
         batch_size: int,
@@ -43,17 +45,11 @@ class Loader:
         crop_scale: tuple[float, float] = (0.2, 1.0),
         hflip: bool = True,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool | None = None,
+        num_samples: int = 0,
         num_classes: int = 0,
         classes: Sequence[str] = (),
     ):
         check_norm(channels, mean, std)
-        self._sampler = EpochSampler(
-            num_samples, batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
-            drop_last=train if drop_last is None else drop_last,
-        )
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.batch_size = batch_size
         self.train = train
@@ -62,7 +58,7 @@ class Loader:
         self.crop_scale, self.hflip, self.seed = tuple(crop_scale), hflip, seed
         self.num_classes = num_classes
         self.classes = list(classes)
-        self.num_samples = num_samples
+        self.num_samples = num_samples  # in the whole split (all ranks)
         self.skipped: list[str] = []
         self.epoch, self.start_batch = 0, 0
 
@@ -83,7 +79,7 @@ class Loader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self._sampler.num_batches
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -94,3 +90,18 @@ class Loader:
             if path not in self.skipped:
                 self.skipped.append(path)
                 log.warning("skipped unreadable image %s (--data.skip_corrupt): %s", path, reason)
+
+
+class SampledLoader(Loader):
+    """A loader over N indexable samples (a tensor in memory, a list of files): `sampler` (EpochSampler) gives this
+    rank's order and batches of every epoch as a pure function of (seed, epoch)."""
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, drop_last: bool | None = None, **kw):
+        super().__init__(num_samples=num_samples, **kw)
+        self.sampler = EpochSampler(
+            num_samples, self.batch_size, shuffle=self.train, seed=self.seed, rank=rank, world_size=world_size,
+            drop_last=self.train if drop_last is None else drop_last,
+        )
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches

@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import torch
 
-from .loader import Loader
-from .sampler import _AUGMENT, _mix
+from .loader import SampledLoader
+from .sampler import AUGMENT_STREAM, mix_seed
 from .transforms import CROP_RATIO, eval_crop_box, resized_crop, sample_crop_boxes
 
 
-class MemoryLoader(Loader):
+class MemoryLoader(SampledLoader):
     """A split held in memory as uint8 (N, C0, h, w), augmented a batch at a time in the main process.
 
     C0 must be 1 (replicated to any C) or C. Fast: ~60k Fashion-MNIST-size training images/s on one core.
@@ -35,21 +35,21 @@ class MemoryLoader(Loader):
 
     def _augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop boxes (total, 4) and flips (total,) for every position of the epoch, from (seed, epoch)."""
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch, _AUGMENT))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, AUGMENT_STREAM))
         h, w = self.images.shape[-2:]
-        boxes = sample_crop_boxes(self._sampler.total, h, w, self.crop_scale, CROP_RATIO, g)  # (total, 4)
-        flips = torch.rand(self._sampler.total, generator=g) < 0.5  # (total,)
+        boxes = sample_crop_boxes(self.sampler.total, h, w, self.crop_scale, CROP_RATIO, g)  # (total, 4)
+        flips = torch.rand(self.sampler.total, generator=g) < 0.5  # (total,)
         return boxes, flips & self.hflip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices, positions = self._sampler.order(self.epoch)
+        indices, positions = self.sampler.order(self.epoch)
         h, w = self.images.shape[-2:]
         if self.train:
             boxes, flips = self._augmentation(self.epoch)
         elif (h, w) != self.img_size:
-            boxes = torch.tensor(eval_crop_box(h, w, *self.img_size)).expand(self._sampler.total, 4)
+            boxes = torch.tensor(eval_crop_box(h, w, *self.img_size)).expand(self.sampler.total, 4)
             flips = None
-        for sl in self._sampler.batch_slices(self.start_batch):
+        for sl in self.sampler.batch_slices(self.start_batch):
             idx, pos = indices[sl], positions[sl]
             x = self.images[idx].float().div_(255.0)  # (B, C0, h, w)
             if self.train or (h, w) != self.img_size:

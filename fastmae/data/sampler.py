@@ -12,13 +12,13 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from (seed, epoch, stream): well spread even for neighbouring inputs."""
     state = np.random.SeedSequence([v % 2**64 for v in values]).generate_state(1, np.uint64)
     return int(state[0]) >> 1
 
 
-_ORDER, _AUGMENT = 0, 1  # independent random streams per epoch
+ORDER_STREAM, AUGMENT_STREAM = 0, 1  # independent random streams per epoch
 
 
 class EpochSampler:
@@ -62,7 +62,7 @@ class EpochSampler:
         """(indices, positions): this rank's sample indices for the epoch, in order, and their global positions."""
         n = self.num_samples
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, _ORDER))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, ORDER_STREAM))
             order = torch.randperm(n, generator=g)  # (N,)
         else:
             order = torch.arange(n)

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from .decode import decode_image
-from .loader import Loader
-from .sampler import _AUGMENT, _mix
-from .sources import FASHION_MNIST_CLASSES, _check_dir, find_images, load_fashion_mnist
+from .loader import SampledLoader
+from .sampler import AUGMENT_STREAM, mix_seed
+from .sources import FASHION_MNIST_CLASSES, check_dir, find_images, load_fashion_mnist
 
 SCENE_CLASSES = ("background", *FASHION_MNIST_CLASSES)
 SCENE_THRESHOLD = 32  # uint8 intensity above which a pixel of a pasted item belongs to it
@@ -80,7 +80,7 @@ def make_scenes(
 def fashion_scenes(path: str, split: str, num: int, size: int, num_items: tuple[int, int], seed: int) -> SegSplit:
     """Scenes of one split built from that split's Fashion-MNIST items (train: train files, eval: t10k)."""
     items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
-    images, masks, sources = make_scenes(items, labels, num, size, num_items, _mix(seed, _SPLIT_STREAM[split], 7))
+    images, masks, sources = make_scenes(items, labels, num, size, num_items, mix_seed(seed, _SPLIT_STREAM[split], 7))
     return SegSplit(images, masks, [f"{split} scene {i}" for i in range(num)], sources)
 
 
@@ -100,11 +100,11 @@ def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple
 
     All images of a split must share one size (they are batched at their own size, not resized).
     """
-    img_dir = _check_dir(images_root, flags[0])
+    img_dir = check_dir(images_root, flags[0])
     if not labels_root:
         raise ValueError(f"--data.source folder needs label maps: pass {flags[1]} DIR (the label PNG of "
                          f"{img_dir}/x.jpg is DIR/x.png)")
-    lbl_dir = _check_dir(labels_root, flags[1])
+    lbl_dir = check_dir(labels_root, flags[1])
     files = find_images(img_dir)
     if not files:
         raise ValueError(f"no images found under {img_dir}; pass `{flags[0]} DIR` pointing at your images")
@@ -148,7 +148,7 @@ def infer_num_classes(split: SegSplit, ignore_index: int) -> int:
     return int(valid.max()) + 1 if valid.numel() else 1
 
 
-class SegLoader(Loader):
+class SegLoader(SampledLoader):
     """Batches of (images (B, C, H, W) float32 normalised, labels (B, H, W) int64) from a SegSplit in memory.
 
     Training flips image and label map together (probability 0.5, from (seed, epoch, position) as in
@@ -165,10 +165,10 @@ class SegLoader(Loader):
         self._std = torch.tensor(self.std).view(1, -1, 1, 1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices, positions = self._sampler.order(self.epoch)
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, _AUGMENT))
-        flips = (torch.rand(self._sampler.total, generator=g) < 0.5) & (self.train and self.hflip)  # (total,)
-        for sl in self._sampler.batch_slices(self.start_batch):
+        indices, positions = self.sampler.order(self.epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM))
+        flips = (torch.rand(self.sampler.total, generator=g) < 0.5) & (self.train and self.hflip)  # (total,)
+        for sl in self.sampler.batch_slices(self.start_batch):
             idx, flip = indices[sl], flips[positions[sl]]
             x = self.split.images[idx].float().div_(255.0)  # (B, C0, H, W)
             y = self.split.masks[idx].long()  # (B, H, W)

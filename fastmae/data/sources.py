@@ -86,7 +86,7 @@ def load_fashion_mnist(path: str | Path, split: Literal["train", "eval"]) -> tup
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_dir(path: str | Path, flag: str) -> Path:
+def check_dir(path: str | Path, flag: str) -> Path:
     """The folder at path, or a FileNotFoundError / ValueError / PermissionError saying how to fix it."""
     root = Path(path).expanduser()
     if not root.exists():
@@ -207,7 +207,7 @@ def file_samples(cfg: DataConfig, split: str) -> tuple[list[tuple[str, int]], li
         )
     where, flag = (cfg.path, "--data.path") if split == "train" else (cfg.eval_path, "--data.eval_path")
     if cfg.source == "folder":
-        root = _check_dir(where, flag)
+        root = check_dir(where, flag)
         train_classes = None
         if split == "eval":  # the label space is the training folder's, so eval labels line up
             train_root = Path(cfg.path).expanduser()
@@ -215,7 +215,7 @@ def file_samples(cfg: DataConfig, split: str) -> tuple[list[tuple[str, int]], li
         samples, classes = _folder_samples(root, train_classes)
         return samples, classes, len(classes), []
     if cfg.source == "unlabelled":
-        root = _check_dir(where, flag)
+        root = check_dir(where, flag)
         files = find_images(root)
         if not files:
             raise ValueError(

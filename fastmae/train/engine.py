@@ -9,21 +9,32 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..metrics.classification import topk_correct
 from .device import autocast
 from .dist import DistInfo, all_gather_cat, all_reduce_mean, any_rank
 from .log import progress
 from .optim import set_lr
+from .runtime import Progress, Runtime
 
-if TYPE_CHECKING:
-    from .trainer import Progress, Runtime
+
+def to_device(targets: Any, device: torch.device) -> Any:
+    """Every tensor in a tree of dicts, lists and tuples moved to `device` (non-blocking); the structure is kept, so a
+    loader may yield labels, label maps or per-image dicts of boxes and heatmaps alike."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device, non_blocking=True)
+    if isinstance(targets, Mapping):
+        return {k: to_device(v, device) for k, v in targets.items()}
+    if isinstance(targets, (list, tuple)):
+        return type(targets)(to_device(v, device) for v in targets)
+    return targets
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,7 +47,7 @@ class Task:
 
     model: nn.Module  # the raw module: checkpoints store its state; fit wraps it (torch.compile, DDP) to train
     optimizer: torch.optim.Optimizer
-    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, images, labels) -> scalar
+    loss: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]  # (model, images, targets) -> scalar
     lr: Callable[[float], float]  # lr at a global step (optim.Schedule)
     meta: dict  # checkpoint metadata: what to build to load the weights (trainer.model_meta)
     accum_iter: int = 1  # batches per optimizer step
@@ -81,18 +92,18 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
     bar = progress(loader, total=num_batches, enabled=show, desc=f"epoch {prog.epoch + 1}/{epochs}")
     lr = task.lr(first_step)
     t_last, img_last = t0, 0
-    for i, (imgs, labels) in enumerate(bar):
+    for i, (imgs, targets) in enumerate(bar):
         step = first_step + i
         if i % task.accum_iter == 0:
             lr = task.lr(step)
             set_lr(task.optimizer, lr)
         imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
-        labels = labels.to(device, non_blocking=True)  # (B,)
+        targets = to_device(targets, device)  # labels (B,), label maps (B, H, W), or a dict of tensors
         update = (i + 1) % task.accum_iter == 0 or i + 1 == num_batches
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             with autocast(device, rt.precision):
-                loss = task.loss(model, imgs, labels)
+                loss = task.loss(model, imgs, targets)
             scaled = loss / task.accum_iter
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:
@@ -162,14 +173,6 @@ def extract_features(
         labels.append(y.to(device))
     f, y = torch.cat(feats), torch.cat(labels)  # (N, D), (N,)
     return all_gather_cat(f, dist), all_gather_cat(y, dist)
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Number of samples whose label is among the top-k logits, for each k (k capped at K)."""
-    maxk = min(max(ks), logits.shape[1])
-    top = logits.topk(maxk, dim=1).indices  # (B, maxk)
-    hit = top == labels[:, None]  # (B, maxk)
-    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
 @torch.no_grad()

@@ -11,13 +11,13 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .._version import __version__
+from ..config import RunConfig, to_dict
 from ..weights.checkpoint import (
     atomic_write_text,
     check_state_dict,
@@ -27,28 +27,19 @@ from ..weights.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ..config import RunConfig, save_json, to_dict
 from .device import make_scaler, resolve_device, resolve_precision
-from .dist import DistInfo, barrier, gather_objects, init_distributed, print0
+from .dist import barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
 from .log import RunLogger, epoch_line, run_time_left
+from .parallel import unwrap_model, wrap_for_training
 from .runlock import acquire as acquire_lock
 from .runlock import release as release_lock
+from .runtime import Progress, Runtime, position
 
 
-@dataclass
-class Runtime:
-    """Resolved device, precision, process group, output folder and logger of one run."""
-
-    device: torch.device
-    precision: str  # 'bf16', 'fp16' or 'fp32'
-    precision_label: str  # for the startup line: 'fp32 (no native bf16 on this CPU)' when auto fell back
-    dist: DistInfo
-    out_dir: Path
-    logger: RunLogger
-    run: RunConfig
-    config: dict = field(default_factory=dict)  # the command's resolved config, written as config.json
-    lock: Path | None = None  # the run folder's lock (rank 0), released when fit ends or the CLI command exits
+def save_json(cfg, path: str | Path) -> None:
+    """Write the resolved config as JSON atomically (checkpoint.atomic_write_text: fsync, rename, umask mode)."""
+    atomic_write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), path)
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -123,45 +114,6 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-@dataclass
-class Progress:
-    epoch: int = 0  # epoch to run next
-    batch: int = 0  # batch index inside that epoch to start from
-    resumed_from: str = ""
-    extra: dict = field(default_factory=dict)  # command-specific state (e.g. best accuracy)
-    loss_sum: float = 0.0  # this rank's running loss sum of the unfinished epoch (float32 value), for its mean
-    loss_count: int = 0  # batches in loss_sum
-    steps_per_epoch: int = 0  # batches per epoch of this run's loader (recorded in checkpoints)
-    resumed_at: tuple[int, int] = (0, 0)  # (epoch, batch) this process started from
-
-
-def position(epoch: int, batch: int) -> str:
-    """Where a run stands, for a person: 'after epoch 21' at an epoch's end, 'in epoch 22 after batch 651' mid-way
-    (epochs counted from 1, as in the epoch lines)."""
-    if batch:
-        return f"in epoch {epoch + 1} after batch {batch}"
-    return f"after epoch {epoch}" if epoch else "at the start"
-
-
-def duration(seconds: float, prog: Progress) -> str:
-    """This process's wall time, saying so when the run was resumed: '3809 s', or '3809 s (since resuming in
-    epoch 22 after batch 651)': the earlier part ran in another process."""
-    if not prog.resumed_from:
-        return f"{seconds:.0f} s"
-    return f"{seconds:.0f} s (since resuming {position(*prog.resumed_at)})"
 
 
 def flat_flags(d: dict, prefix: str = "--") -> dict[str, object]:
@@ -356,16 +308,6 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
         rt.logger.close()
         release_lock(rt.lock)
     return prog, last_path or find_latest(rt.out_dir)
-
-
-def wrap_for_training(rt: Runtime, model: nn.Module) -> nn.Module:
-    """The module the loop calls: torch.compile'd with --run.compile, DDP-wrapped in a torchrun job."""
-    if rt.run.compile:
-        model = torch.compile(model)
-    if rt.dist.distributed:
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model
 
 
 def model_meta(kind: str, model_kwargs: dict, cfg, **extra) -> dict:

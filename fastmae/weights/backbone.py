@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import torch.nn as nn
 
-from ..config import EncoderConfig, SourceConfig
+from ..config import EncoderConfig, MAEModelConfig, SourceConfig
+from ..models.mae import MAE_VARIANTS
 from ..models.pos_embed import resample_pos_embed
 from ..models.vit import VARIANTS, VisionTransformer, variant_kwargs
 from .read import Weights, read_weights
@@ -86,3 +87,14 @@ def build_classifier(bb: Weights, model_cfg: EncoderConfig, num_classes: int, in
         )
     model.load_state_dict(sd, strict=False)  # only head / fc_norm may be left at their fresh init (checked above)
     return model
+
+
+OVERRIDABLE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+def mae_kwargs(cfg: MAEModelConfig, in_chans: int) -> dict:
+    """Constructor kwargs: the variant's sizes, overridden by every non-zero field of the config."""
+    kw = variant_kwargs(cfg.name, MAE_VARIANTS, kind="MAE")
+    kw.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k)})
+    kw.update(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans or in_chans, norm_pix_loss=cfg.norm_pix_loss)
+    return kw

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..models.vit import to_2tuple
 from . import hub
 from .checkpoint import find_latest
 from .convert import HF_WEIGHT_FILES, Kind, read_file, to_fastmae
-from ..data import IMAGENET_MEAN, IMAGENET_STD
-from ..models.vit import to_2tuple
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
 ENCODER_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")

@@ -1,4 +1,4 @@
-"""Convert checkpoints between fastmae, the official MAE release, Hugging Face and timm.
+"""Checkpoint formats and the conversions between them: fastmae, the official MAE release, Hugging Face and timm.
 
 Formats (`detect_format` tells them apart by their keys):
 
@@ -33,10 +33,8 @@ Shapes: L patches, D encoder width, Dd decoder width, p patch, C channels.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from ...config import ConvertConfig, validate
 from .detect import (
     DECODER_HEADS,
     ENCODER_HEADS,
@@ -74,7 +72,6 @@ from .hf import (
 )
 from .tables import fastmae_to_timm, mae_encoder, timm_to_fastmae
 
-# The command.
 
 def segmenter_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int]:
     """A `fastmae segment` checkpoint as its encoder: the weights under 'encoder.' (the head and the feature
@@ -127,62 +124,9 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
     return kind, sd, kw, extra
 
 
-def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads: int = 0,
-            decoder_num_heads: int = 0, img_size: tuple[int, int] | None = None) -> Path:
-    """Read `src` (any supported format, a run folder: its newest checkpoint), convert, and write `dst` in format
-    `to`; returns what was written. Existing files are never replaced: an output that exists is refused first."""
-    from ..read import find_source
-
-    taken = [p for p in output_files(dst, to) if p.exists()]
-    if taken:
-        raise ValueError(f"{taken[0]} exists; fastmae convert does not overwrite files: pass another --output or "
-                         f"remove it first")
-    src = find_source(Path(src).expanduser())
-    sd, config = read_file(src)
-    kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
-    if to == "fastmae":
-        meta = {"kind": kind, "model_kwargs": kw, "source": str(src), **extra}
-        return save_fastmae(dst, sd, meta)
-    if to == "official":
-        return save_official(dst, sd)
-    if to == "timm":
-        return save_timm(dst, fastmae_to_timm(sd))
-    if to == "hf":
-        mask_ratio = float(extra.get("mask_ratio", 0.75))
-        if kind == "mae":
-            hf_sd, hf_config = fastmae_to_hf_mae(sd, kw, mask_ratio, style="legacy")
-        else:
-            hf_sd, hf_config = fastmae_to_hf_vit(sd, kw, style="legacy", mask_ratio=mask_ratio)
-        pre = (hf_preprocessor_config(kw.get("img_size", 224), extra["mean"], extra["std"])
-               if "mean" in extra and "std" in extra else None)
-        return save_hf(dst, hf_sd, hf_config, pre)
-    raise ValueError(f"unknown target format {to!r}; choose fastmae, hf, timm or official")
-
-
-def output_files(dst: str | Path, to: Target) -> list[Path]:
-    """The files `convert(..., dst, to)` writes."""
-    d = Path(dst)
-    if to == "fastmae":
-        base = d.with_suffix("") if d.suffix in (".safetensors", ".json") else d
-        return [base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")]
-    if to == "hf":
-        return [d / "model.safetensors", d / "config.json", d / HF_PREPROCESSOR]
-    return [d]
-
-
-def convert_from_config(cfg: ConvertConfig) -> Path:
-    """convert() with the fields of a ConvertConfig (what `fastmae convert` runs)."""
-    validate(cfg)
-    img = cfg.model.img_size if tuple(cfg.model.img_size) != (0, 0) else None
-    out = convert(cfg.init, cfg.output, cfg.to, cfg.model.num_heads, cfg.model.decoder_num_heads, img)
-    written = [p for p in output_files(cfg.output, cfg.to) if p.exists()]
-    print(f"converted {cfg.init} to {cfg.to}: {', '.join(map(str, written)) or out}")
-    return out
-
-
 __all__ = [
-    "DECODER_HEADS", "ENCODER_HEADS", "HF_WEIGHT_FILES", "Format", "HFStyle", "Kind", "StateDict", "Target",
-    "check_state_dict", "convert", "convert_from_config", "default_num_heads", "detect_format", "expected_shapes",
+    "DECODER_HEADS", "ENCODER_HEADS", "HF_PREPROCESSOR", "HF_WEIGHT_FILES", "Format", "HFStyle", "Kind", "StateDict", "Target",
+    "check_state_dict", "default_num_heads", "detect_format", "expected_shapes",
     "fastmae_to_hf_mae", "fastmae_to_hf_vit", "fastmae_to_timm", "hf_key_map", "hf_mae_to_fastmae",
     "hf_preprocessor_config", "hf_vit_to_fastmae", "infer_mae_kwargs", "infer_vit_kwargs", "kind_of", "mae_encoder",
     "read_file", "save_fastmae", "save_hf", "save_official", "save_timm", "timm_to_fastmae", "to_fastmae",

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoint import check_state_dict as check_keys
-from ..checkpoint import key_list
 from ...models.mae import DECODER_PAPER, DECODER_SMALL
 from ...models.vit import ENCODER_SIZES
+from ..checkpoint import check_state_dict as check_keys
+from ..checkpoint import key_list
 
 Format = Literal[
     "fastmae-mae", "fastmae-vit", "fastmae-encoder",
@@ -63,7 +63,7 @@ def unwrap_state_dict(obj: Any) -> StateDict:
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             raise ValueError(
-                f"no state dict found in the checkpoint: its top-level keys are {_names(list(obj))}; "
+                f"no state dict found in the checkpoint: its top-level keys are {key_list(list(obj))}; "
                 f"expected a dict of tensors or one under {', '.join(repr(k) for k in WRAPPER_KEYS)}"
             )
         obj = inner
@@ -95,7 +95,7 @@ def detect_format(sd: Mapping[str, torch.Tensor]) -> Format:
         return "fastmae-vit" if "head.weight" in sd else "fastmae-encoder"
     raise ValueError(
         f"unrecognised checkpoint: no patch embedding key ('patch_embed.proj.weight' or Hugging Face "
-        f"'...embeddings.patch_embeddings.projection.weight'); first keys: {_names(keys)}"
+        f"'...embeddings.patch_embeddings.projection.weight'); first keys: {key_list(keys)}"
     )
 
 
@@ -108,7 +108,7 @@ def kind_of(fmt: Format) -> Kind:
 # ---------------------------------------------------------------------------------------------------
 # Constructor kwargs from the weights.
 
-def _num_blocks(keys, prefix: str) -> int:
+def num_blocks(keys, prefix: str) -> int:
     """Number of blocks `prefix.{i}.` among the keys; they must be numbered 0..n-1."""
     rx = re.compile(re.escape(prefix).replace(r"\{i\}", r"(\d+)"))
     found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
@@ -147,7 +147,7 @@ def infer_vit_kwargs(sd: Mapping[str, torch.Tensor], img_size=None, num_heads: i
     """
     for key in ("patch_embed.proj.weight", "pos_embed"):
         if key not in sd:
-            raise ValueError(f"cannot infer the model: key {key!r} is missing; first keys: {_names(list(sd))}")
+            raise ValueError(f"cannot infer the model: key {key!r} is missing; first keys: {key_list(list(sd))}")
     for key, rank in (("patch_embed.proj.weight", 4), ("pos_embed", 3), ("blocks.0.mlp.fc1.weight", 2)):
         if key in sd and sd[key].ndim != rank:
             raise ValueError(f"{key!r} has {sd[key].ndim} dimensions {tuple(sd[key].shape)}, expected {rank}: "
@@ -155,7 +155,7 @@ def infer_vit_kwargs(sd: Mapping[str, torch.Tensor], img_size=None, num_heads: i
     D, C, p, q = sd["patch_embed.proj.weight"].shape  # (D, C, p, p)
     if p != q:
         raise ValueError(f"non-square patches {p}x{q} are not supported")
-    depth = _num_blocks(sd, "blocks.{i}.")
+    depth = num_blocks(sd, "blocks.{i}.")
     if depth == 0:
         raise ValueError("no transformer blocks ('blocks.0.*') in the state dict")
     kw = dict(
@@ -180,13 +180,13 @@ def infer_mae_kwargs(
     """
     missing = [k for k in ("decoder_embed.weight", "decoder_pred.weight", "mask_token") if k not in sd]
     if missing:
-        raise ValueError(f"not a full MAE state dict: missing {_names(missing)}. {DECODER_HINT}")
+        raise ValueError(f"not a full MAE state dict: missing {key_list(missing)}. {DECODER_HINT}")
     kw = infer_vit_kwargs(sd, img_size, num_heads)
     for k in ("num_classes", "global_pool"):
         kw.pop(k)
     Dd = sd["decoder_embed.weight"].shape[0]  # (Dd, D)
     kw.update(
-        decoder_embed_dim=Dd, decoder_depth=_num_blocks(sd, "decoder_blocks.{i}."),
+        decoder_embed_dim=Dd, decoder_depth=num_blocks(sd, "decoder_blocks.{i}."),
         decoder_num_heads=decoder_num_heads or default_num_heads(Dd, DECODER_HEADS),
     )
     if kw["decoder_depth"] and sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / Dd != kw["mlp_ratio"]:
@@ -202,9 +202,6 @@ DECODER_HINT = (
     "the official *_full.pth / mae_visualize_vit_*.pth checkpoints and fastmae pretraining checkpoints have it."
 )
 HEAD_HINT = "A pre-trained encoder has no classifier head; fine-tune it first (fastmae finetune)."
-
-
-_names = key_list
 
 
 def expected_shapes(kind: Kind, model_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import atomic_write, safe_join, torch_load
 from .detect import StateDict, unwrap_state_dict
-from .hf import _cfg_dict
+from .hf import cfg_dict
 
 
 def _load_weights(path: Path) -> StateDict:
@@ -117,7 +117,7 @@ def save_hf(directory: str | Path, hf_sd: Mapping[str, torch.Tensor], hf_config,
     if d.exists() and not d.is_dir():
         raise ValueError(f"{d} exists and is not a folder; a Hugging Face model is a folder")
     _save_safetensors(d / "model.safetensors", hf_sd)
-    _save_text(d / "config.json", json.dumps(_cfg_dict(hf_config), indent=2, sort_keys=True) + "\n")
+    _save_text(d / "config.json", json.dumps(cfg_dict(hf_config), indent=2, sort_keys=True) + "\n")
     if preprocessor:
         _save_text(d / HF_PREPROCESSOR, json.dumps(dict(preprocessor), indent=2, sort_keys=True) + "\n")
     return d

@@ -18,13 +18,13 @@ from .detect import (
     Kind,
     StateDict,
     Table,
-    _num_blocks,
     check_state_dict,
     detect_format,
     infer_mae_kwargs,
     infer_vit_kwargs,
+    num_blocks,
 )
-from .tables import _expand, _from_foreign, _to_foreign
+from .tables import expand_table, from_foreign, to_foreign
 
 # Hugging Face: tables verified against transformers 5.24 (modeling_vit_mae.py, modeling_vit.py and the
 # legacy names in conversion_mapping.py) and the files its save_pretrained writes.
@@ -70,7 +70,7 @@ def _blocks(prefixes: tuple[str, str, str], style: str, n: int, v: str) -> list[
     fm_pre, fo_pre = prefixes[0], prefixes[col]
     rows = [(fm_pre + row[0], tuple(fo_pre + s for s in row[col]) if isinstance(row[col], tuple)
              else fo_pre + row[col]) for row in HF_BLOCK]
-    return [pair for i in range(n) for pair in _expand(rows, i=i, v=v)]
+    return [pair for i in range(n) for pair in expand_table(rows, i=i, v=v)]
 
 
 def hf_key_map(kind: Kind, depth: int, decoder_depth: int = 0, style: str = "legacy",
@@ -78,13 +78,13 @@ def hf_key_map(kind: Kind, depth: int, decoder_depth: int = 0, style: str = "leg
     """All (fastmae, Hugging Face) key pairs of one model; style 'legacy' or 'modular'."""
     if style not in ("legacy", "modular"):
         raise ValueError(f"Hugging Face layout must be 'legacy' or 'modular', got {style!r}")
-    pairs = _expand(HF_EMBED, v=prefix) + _blocks(HF_ENCODER_BLOCKS, style, depth, prefix)
-    pairs += _expand(HF_ENCODER_NORM, v=prefix)
+    pairs = expand_table(HF_EMBED, v=prefix) + _blocks(HF_ENCODER_BLOCKS, style, depth, prefix)
+    pairs += expand_table(HF_ENCODER_NORM, v=prefix)
     if kind == "mae":
-        pairs += _expand(HF_DECODER_IN) + _blocks(HF_DECODER_BLOCKS, style, decoder_depth, prefix)
-        pairs += _expand(HF_DECODER_OUT)
+        pairs += expand_table(HF_DECODER_IN) + _blocks(HF_DECODER_BLOCKS, style, decoder_depth, prefix)
+        pairs += expand_table(HF_DECODER_OUT)
     if kind == "vit" and head:
-        pairs += _expand(HF_HEAD)
+        pairs += expand_table(HF_HEAD)
     return pairs
 
 
@@ -125,7 +125,7 @@ def _read_aliases(hf_sd: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def _cfg_dict(hf_config) -> dict:
+def cfg_dict(hf_config) -> dict:
     """A transformers config object or a parsed config.json, as a dict."""
     if hf_config is None:
         return {}
@@ -154,7 +154,7 @@ def check_config_sizes(cfg: Mapping[str, Any], sd: Mapping[str, torch.Tensor], e
             raise ValueError(f"config.json: image_size must be an integer (or two) in [1, 65536], got {img!r}")
     for key, prefix in (("num_hidden_layers", enc), ("decoder_num_hidden_layers", dec)):
         if prefix and cfg.get(key) is not None:
-            found = _num_blocks(sd, prefix)
+            found = num_blocks(sd, prefix)
             if found and cfg[key] != found:
                 raise ValueError(f"config.json says {key}={cfg[key]} but the weights have {found} blocks; "
                                  f"the config does not belong to these weights")
@@ -201,14 +201,14 @@ def hf_mae_to_fastmae(hf_sd: Mapping[str, torch.Tensor], hf_config=None, num_hea
                          + (f". {DECODER_HINT}" if fmt in ("hf-vitmae-model", "hf-vit-classification") else ""))
     sd = _read_aliases(hf_sd)
     style = hf_style(sd)
-    cfg = _cfg_dict(hf_config)
+    cfg = cfg_dict(hf_config)
     enc = HF_ENCODER_BLOCKS[1 if style == "legacy" else 2].replace("{v}", "vit.")
     check_config_sizes(cfg, sd, enc, HF_DECODER_BLOCKS[1])
-    depth = cfg.get("num_hidden_layers") or _num_blocks(sd, enc)
-    dec_depth = cfg.get("decoder_num_hidden_layers", _num_blocks(sd, HF_DECODER_BLOCKS[1]))
+    depth = cfg.get("num_hidden_layers") or num_blocks(sd, enc)
+    dec_depth = cfg.get("decoder_num_hidden_layers", num_blocks(sd, HF_DECODER_BLOCKS[1]))
     pairs = hf_key_map("mae", depth, dec_depth, style)
     _fill_fixed_pos_embeds(sd, pairs, cfg)
-    out = _from_foreign(sd, pairs, "Hugging Face ViTMAEForPreTraining", {"decoder.": DECODER_HINT})
+    out = from_foreign(sd, pairs, "Hugging Face ViTMAEForPreTraining", {"decoder.": DECODER_HINT})
     if cfg:
         _check_hf_config(cfg)
         kw = _hf_image_kwargs(cfg)
@@ -256,7 +256,7 @@ def fastmae_to_hf_mae(sd: Mapping[str, torch.Tensor], mae_kwargs: Mapping[str, A
     kw = dict(mae_kwargs)
     check_state_dict(sd, "mae", kw)
     style = installed_hf_style() if style == "auto" else style
-    hf_sd = _to_foreign(sd, hf_key_map("mae", kw["depth"], kw["decoder_depth"], style))
+    hf_sd = to_foreign(sd, hf_key_map("mae", kw["depth"], kw["decoder_depth"], style))
     D, Dd = kw["embed_dim"], kw["decoder_embed_dim"]
     ratio = kw.get("mlp_ratio", 4.0)
     config = _transformers().ViTMAEConfig(
@@ -288,15 +288,15 @@ def hf_vit_to_fastmae(hf_sd: Mapping[str, torch.Tensor], hf_config=None, num_hea
         raise ValueError(f"expected a ViTForImageClassification or ViTMAEModel state dict, got {fmt}")
     sd = _read_aliases(hf_sd)
     style, v = hf_style(sd), ("vit." if fmt == "hf-vit-classification" else "")
-    cfg = _cfg_dict(hf_config)
+    cfg = cfg_dict(hf_config)
     enc = HF_ENCODER_BLOCKS[1 if style == "legacy" else 2].replace("{v}", v)
     check_config_sizes(cfg, sd, enc)
-    depth = cfg.get("num_hidden_layers") or _num_blocks(sd, enc)
+    depth = cfg.get("num_hidden_layers") or num_blocks(sd, enc)
     head = "classifier.weight" in sd
     pairs = hf_key_map("vit", depth, style=style, prefix=v, head=head)
     if fmt == "hf-vitmae-model":  # fixed sin-cos; ViT's own position embeddings are learned
         _fill_fixed_pos_embeds(sd, pairs, cfg)
-    out = _from_foreign(sd, pairs, f"Hugging Face {fmt}")
+    out = from_foreign(sd, pairs, f"Hugging Face {fmt}")
     if cfg:
         _check_hf_config(cfg)
         kw = _hf_image_kwargs(cfg)
@@ -329,10 +329,10 @@ def fastmae_to_hf_vit(sd: Mapping[str, torch.Tensor], vit_kwargs: Mapping[str, A
     tf = _transformers()
     common = dict(**_hf_common_config(kw), intermediate_size=int(kw["embed_dim"] * kw.get("mlp_ratio", 4.0)))
     if head:
-        hf_sd = _to_foreign(sd, hf_key_map("vit", kw["depth"], style=style, prefix="vit."))
+        hf_sd = to_foreign(sd, hf_key_map("vit", kw["depth"], style=style, prefix="vit."))
         n = kw["num_classes"]
         config = tf.ViTConfig(**common, num_labels=n, architectures=["ViTForImageClassification"])
     else:
-        hf_sd = _to_foreign(sd, hf_key_map("encoder", kw["depth"], style=style, prefix=""))
+        hf_sd = to_foreign(sd, hf_key_map("encoder", kw["depth"], style=style, prefix=""))
         config = tf.ViTMAEConfig(**common, mask_ratio=mask_ratio, architectures=["ViTMAEModel"])
     return hf_sd, config

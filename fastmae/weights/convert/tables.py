@@ -7,18 +7,18 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import key_list
 from .detect import (
     DECODER_PREFIXES,
     TIMM_ONLY,
     StateDict,
     Table,
-    _names,
     unwrap_state_dict,
 )
 
 # Table machinery.
 
-def _expand(table: Table, **fields) -> list[tuple[str, Any]]:
+def expand_table(table: Table, **fields) -> list[tuple[str, Any]]:
     """Fill {i}/{v} in a table and expand {p} into weight and bias rows."""
     out = []
     for fm, fo in table:
@@ -28,7 +28,7 @@ def _expand(table: Table, **fields) -> list[tuple[str, Any]]:
     return out
 
 
-def _to_foreign(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, Any]]) -> StateDict:
+def to_foreign(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, Any]]) -> StateDict:
     """Rename fastmae -> foreign; a tuple target splits the tensor on dim 0 into equal parts."""
     out: StateDict = {}
     for fm, fo in pairs:
@@ -43,7 +43,7 @@ def _to_foreign(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, Any]]) ->
     return out
 
 
-def _from_foreign(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, Any]], what: str,
+def from_foreign(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, Any]], what: str,
                   hints: Mapping[str, str] | None = None) -> StateDict:
     """Rename foreign -> fastmae (tuple sources concatenated on dim 0); every key must be used exactly.
 
@@ -53,8 +53,8 @@ def _from_foreign(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, Any]], 
     missing = [n for n in wanted if n not in sd]
     unexpected = sorted(set(sd) - set(wanted))
     if missing or unexpected:
-        parts = [f"missing keys {_names(missing)}" if missing else "",
-                 f"unexpected keys {_names(unexpected)}" if unexpected else ""]
+        parts = [f"missing keys {key_list(missing)}" if missing else "",
+                 f"unexpected keys {key_list(unexpected)}" if unexpected else ""]
         advice = [h for sub, h in (hints or {}).items() if any(sub in k for k in missing)]
         raise ValueError(f"{what} state dict: " + "; ".join(p for p in parts if p) + ". " + " ".join(advice))
     out: StateDict = {}
@@ -86,7 +86,7 @@ def timm_to_fastmae(sd: Mapping[str, torch.Tensor]) -> StateDict:
     sd = unwrap_state_dict(sd)
     extra = [k for k in sd if any(t in "." + k for t in TIMM_ONLY)]
     if extra:
-        raise ValueError(f"timm-only parameters that fastmae's ViT does not have: {_names(extra)}")
+        raise ValueError(f"timm-only parameters that fastmae's ViT does not have: {key_list(extra)}")
     if "norm.weight" in sd and "fc_norm.weight" in sd:
         raise ValueError("both 'norm' and 'fc_norm' are present; fastmae uses one (token: norm, avg: fc_norm)")
     if "pos_embed" in sd and "cls_token" not in sd:

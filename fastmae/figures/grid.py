@@ -1,0 +1,40 @@
+"""Figures as image grids: a titled grid of PIL images, tensors to enlarged PIL images (pixels kept sharp)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from ..weights.checkpoint import atomic_write
+
+
+def to_pil(img: torch.Tensor, scale: int) -> Image.Image:
+    """(C, H, W) in [0, 1] -> a PIL image; 1 channel as grey, 3+ channels show the first three as RGB."""
+    arr = (img[:3] if img.shape[0] >= 3 else img[:1]).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGB")
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    return pil.convert("RGB")
+
+
+def enlargement(H: int, W: int, min_side: int) -> int:
+    """Integer nearest-neighbour factor that brings the shorter side to at least min_side (28 px -> 4x for 112)."""
+    return max(1, -(-min_side // min(H, W)))
+
+
+def save_grid(titles: Sequence[str], rows: Sequence[Sequence[Image.Image]], path: str | Path) -> Path:
+    """A PNG of equal-size cells under column titles, one row per sample; written atomically (figures of
+    `pretrain`, `visualize` and `segment`)."""
+    cw, ch = rows[0][0].size
+    pad, head = 4, 18
+    grid = Image.new("RGB", (len(titles) * (cw + pad) + pad, head + len(rows) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(titles):
+        draw.text((pad + j * (cw + pad), 3), title, fill="black")
+    for i, cells in enumerate(rows):
+        for j, cell in enumerate(cells):
+            grid.paste(cell, (pad + j * (cw + pad), head + i * (ch + pad)))
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
