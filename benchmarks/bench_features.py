@@ -32,8 +32,12 @@ import torch
 import torch.nn.functional as F
 
 import fastmae
-from fastmae.commands.linprobe import head_accuracy, train_head_on_features
-from fastmae.config import FASHION_MNIST_DIR, DataConfig, LinprobeConfig
+from fastmae.commands.linprobe import (
+    LinprobeConfig,
+    head_accuracy,
+    train_head_on_features,
+)
+from fastmae.config import FASHION_MNIST_DIR, DataConfig
 from fastmae.data import build_loader
 from fastmae.metrics.knn import knn_accuracy
 from fastmae.models.heads import LinearHead

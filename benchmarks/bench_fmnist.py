@@ -21,8 +21,12 @@ from pathlib import Path
 import torch
 
 from fastmae.cli import main as fastmae_main
-from fastmae.commands.linprobe import head_accuracy, train_head_on_features
-from fastmae.config import DataConfig, LinprobeConfig
+from fastmae.commands.linprobe import (
+    LinprobeConfig,
+    head_accuracy,
+    train_head_on_features,
+)
+from fastmae.config import DataConfig
 from fastmae.data import build_loader
 from fastmae.metrics.knn import knn_accuracy
 from fastmae.models.heads import LinearHead

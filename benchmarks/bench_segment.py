@@ -25,8 +25,7 @@ import torch.nn.functional as F
 import tyro
 
 from fastmae.cli import main as fastmae_main
-from fastmae.commands.segment import confusion_matrix, seg_splits
-from fastmae.config import SegmentConfig
+from fastmae.commands.segment import SegmentConfig, confusion_matrix, seg_splits
 from fastmae.data.build import source_norm_stats
 from fastmae.data.segmentation import SegLoader
 from fastmae.metrics.segmentation import seg_metrics

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .models.encode import Pool, encode, feature_pool  # noqa: F401 (the public API)
 from .models.mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .models.vit import VARIANTS, VisionTransformer, variant_kwargs
+from .weights.backbone import load_into
 from .weights.read import Weights, default_stats, read_weights
 
 # The decoder tensors every MAE has besides its blocks (12 tensors per decoder block, 'decoder_blocks.{i}.*').
@@ -42,8 +43,9 @@ def _attach_stats(model: nn.Module, w: Weights) -> nn.Module:
 def build_model(w: Weights) -> nn.Module:
     """The model a `Weights` describes (MAE for kind 'mae', else ViT), with its weights loaded strictly."""
     model: nn.Module = MaskedAutoencoderViT(**w.model_kwargs) if w.kind == "mae" else VisionTransformer(**w.model_kwargs)
-    if w.state_dict is not None:
-        model.load_state_dict(w.state_dict, strict=True)  # read_weights checked names and shapes with clear errors
+    if w.state_dict is not None:  # strict: read_weights checked names and shapes against these kwargs
+        grid = tuple(model.patch_embed.grid_size)
+        load_into(model, w.state_dict, grid, f"cannot load {w.source}")
     return model
 
 

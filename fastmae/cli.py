@@ -16,17 +16,15 @@ from collections.abc import Sequence
 
 import tyro
 
-from .config import (
-    BenchConfig,
-    ConvertConfig,
-    EmbedConfig,
-    FinetuneConfig,
-    KnnConfig,
-    LinprobeConfig,
-    PretrainConfig,
-    SegmentConfig,
-    VisualizeConfig,
-)
+from .commands.bench import BenchConfig
+from .commands.convert import ConvertConfig
+from .commands.embed import EmbedConfig
+from .commands.finetune import FinetuneConfig
+from .commands.knn import KnnConfig
+from .commands.linprobe import LinprobeConfig
+from .commands.pretrain import PretrainConfig
+from .commands.segment import SegmentConfig
+from .commands.visualize import VisualizeConfig
 from .train.dist import cleanup
 from .train.engine import NonFiniteLossError
 from .train.runlock import release_all

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .commands.finetune import FinetuneConfig, ViTModelConfig
+from .commands.linprobe import LinprobeConfig
+from .commands.pretrain import PretrainConfig
 from .config import (
     AugConfig,
     DataConfig,
-    FinetuneConfig,
-    LinprobeConfig,
     MAEModelConfig,
     OptimConfig,
-    PretrainConfig,
     ProbeModelConfig,
     RunConfig,
-    ViTModelConfig,
 )
 
 IMAGENET_TRAIN = "/data/imagenet/train"  # the paper's data: pass --data.path / --data.eval_path for yours

@@ -14,18 +14,13 @@ import torch
 from PIL import Image
 
 from fastmae.cli import main
-from fastmae.config import (
-    ConvertConfig,
-    DataConfig,
-    FinetuneConfig,
-    KnnConfig,
-    LinprobeConfig,
-    OptimConfig,
-    PretrainConfig,
-    RunConfig,
-    VisualizeConfig,
-    validate,
-)
+from fastmae.commands.convert import ConvertConfig
+from fastmae.commands.finetune import FinetuneConfig
+from fastmae.commands.knn import KnnConfig
+from fastmae.commands.linprobe import LinprobeConfig
+from fastmae.commands.pretrain import PretrainConfig
+from fastmae.commands.visualize import VisualizeConfig
+from fastmae.config import DataConfig, OptimConfig, RunConfig, validate
 from fastmae.data import UnreadableImageError, build_loader, decode_image, load_image
 from fastmae.data import sources as D
 from fastmae.train import trainer

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from fastmae.cli import main
-from fastmae.commands.pretrain import run_pretrain
-from fastmae.config import PretrainConfig
+from fastmae.commands.pretrain import PretrainConfig, run_pretrain
 from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastmae.commands import convert as convert_cmd
-from fastmae.config import ConvertConfig
+from fastmae.commands.convert import ConvertConfig
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.pos_embed import sincos_2d
 from fastmae.models.vit import VisionTransformer

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastmae.cli import main
-from fastmae.config import ViTModelConfig
+from fastmae.commands.finetune import ViTModelConfig
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import VisionTransformer
 from fastmae.weights.backbone import build_classifier, encoder_init

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastmae.cli import main
-from fastmae.config import PretrainConfig
+from fastmae.commands.pretrain import PretrainConfig
 from fastmae.train.trainer import save_json
 from fastmae.weights import checkpoint as C
 

@@ -8,13 +8,10 @@ import pytest
 
 from fastmae import recipes
 from fastmae.cli import main, parse
-from fastmae.config import (
-    FinetuneConfig,
-    LinprobeConfig,
-    PretrainConfig,
-    replace,
-    validate,
-)
+from fastmae.commands.finetune import FinetuneConfig
+from fastmae.commands.linprobe import LinprobeConfig
+from fastmae.commands.pretrain import PretrainConfig
+from fastmae.config import replace, validate
 from fastmae.figures.curves import (
     FINETUNE_METRIC,
     epoch_entries,

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from fastmae.cli import main
-from fastmae.metrics.segmentation import seg_metrics
 from fastmae.data.segmentation import (
     SCENE_THRESHOLD,
     SegLoader,
@@ -21,6 +20,7 @@ from fastmae.data.segmentation import (
     make_scenes,
     read_label_map,
 )
+from fastmae.metrics.segmentation import seg_metrics
 from fastmae.models.pyramid import SimpleFeaturePyramid
 from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.weights.read import read_weights

@@ -12,16 +12,85 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 
 from ..bench.cases import COMPILED, Case, hf_available
 from ..bench.report import add_peak_shares, machine_info, markdown_table
 from ..bench.timing import bench_case_fitting, matmul_peak_tflops, read_status_kb
-from ..config import BenchConfig, validate
+from ..config import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    PRETRAIN_CROP_SCALE,
+    DataConfig,
+    MAEModelConfig,
+    Rule,
+    above,
+    validate,
+)
 from ..train.device import resolve_device, resolve_precision
 from ..weights.checkpoint import atomic_write_text
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae bench --help`).
+
+@dataclass(frozen=True)
+class BenchParams:
+    """What to time and for how long."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"batch_size": POSITIVE_INT, "num_classes": POSITIVE_INT, "rounds": POSITIVE_INT,
+                  "round_seconds": above(0), "data_batches": POSITIVE_INT, "quiet_wait": NON_NEGATIVE,
+                  "tasks": ((lambda v: len(v) > 0), "one or more of pretrain finetune data")}
+
+    tasks: tuple[Literal["pretrain", "finetune", "data"], ...] = ("pretrain", "finetune", "data")
+    """pretrain: one MAE train step; finetune: one classification-ViT train step on all tokens; data: the
+    training loader of --data.* alone (img/s with --data.num_workers workers)."""
+    batch_size: int = 128
+    num_classes: int = 10
+    """Classes of the fine-tuning head."""
+    rounds: int = 3
+    """Timed rounds per implementation (interleaved with --compare hf); the table shows medians."""
+    round_seconds: float = 2.0
+    """Target seconds per round."""
+    data_batches: int = 20
+    """Batches the loader timing reads (after one warm-up batch)."""
+    quiet_wait: float = 5.0
+    """On a CPU, wait up to this many seconds before each round for other processes to go idle (0 = never):
+    a step timed while another process takes a core is several times slower."""
+
+
+@dataclass(frozen=True)
+class BenchRunConfig:
+    """Where and how the steps run."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"num_threads": NON_NEGATIVE}
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = the rule every command uses (bf16 only where the CPU or GPU computes it natively)."""
+    compile: bool = False
+    """Also time torch.compile(model) (its first step compiles: 30-60 s on a CPU)."""
+    num_threads: int = 0
+    """torch intra-op threads (0 = leave torch's default)."""
+    output: str = ""
+    """Also write the results as JSON to this file ('' = print only)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Speed on this machine: train-step img/s, ms/step, peak memory, FLOPs/img and share of the measured matmul
+    peak for a model, and how much of the step its matmuls alone take; the data loader's img/s beside it; with
+    --compare hf, Hugging Face side by side."""
+
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=PRETRAIN_CROP_SCALE))
+    bench: BenchParams = field(default_factory=BenchParams)
+    run: BenchRunConfig = field(default_factory=BenchRunConfig)
+    compare: Literal["none", "hf"] = "none"
+    """hf: time transformers' ViTMAEForPreTraining / ViTForImageClassification of the same sizes, interleaved."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,11 @@ The formats and their renaming tables are `fastmae.weights.convert`; this module
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
-from ..config import ConvertConfig, validate
+from ..config import NON_NEGATIVE, Rule, image_size, validate
 from ..weights.convert import (
     HF_PREPROCESSOR,
     Target,
@@ -23,6 +25,42 @@ from ..weights.convert import (
     to_fastmae,
 )
 from ..weights.read import find_source
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae convert --help`).
+
+@dataclass(frozen=True)
+class ReadModelConfig:
+    """What a checkpoint may not record: attention heads (not in the weights) and the pixel target."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"num_heads": NON_NEGATIVE, "decoder_num_heads": NON_NEGATIVE, "img_size": image_size(zero_ok=True)}
+
+    num_heads: int = 0
+    """Encoder heads (0 = from the checkpoint's config/metadata, else the standard width table)."""
+    decoder_num_heads: int = 0
+    """Decoder heads (0 = from the checkpoint's config/metadata, else the standard width table)."""
+    img_size: tuple[int, int] = (0, 0)
+    """Image height and width (0, 0 = square, from the position embedding); needed for non-square grids."""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Convert a checkpoint between fastmae, the official MAE release, Hugging Face and timm.
+
+    fastmae convert --init mae_visualize_vit_base.pth --output vit-mae-base --to hf
+    fastmae convert --init vit-mae-base --output mae_base --to fastmae   (writes mae_base.safetensors + .json)
+    """
+
+    init: str
+    """Input: a .pth/.pt/.bin/.safetensors file (official, fastmae, timm or HF weights), a Hugging Face model
+    folder (config.json + model.safetensors or pytorch_model.bin), or a fastmae run folder."""
+    output: str
+    """Output. fastmae: a path without extension (X.safetensors + X.json); hf: a folder; timm: a .safetensors
+    or .pth file; official: a .pth file holding {'model': state_dict}."""
+    to: Literal["fastmae", "hf", "timm", "official"] = "fastmae"
+    """Target format. hf: MAE -> ViTMAEForPreTraining, encoder -> ViTMAEModel, cls-token classifier ->
+    ViTForImageClassification. timm/official keep the official names (timm drops an MAE's decoder)."""
+    model: ReadModelConfig = field(default_factory=ReadModelConfig)
 
 
 def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads: int = 0,

@@ -11,18 +11,61 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from ..config import EmbedConfig, validate
+from ..config import POSITIVE_INT, DataConfig, EncoderConfig, Rule, RunConfig, validate
 from ..data import has_eval_split
 from ..train.dist import print0
 from ..train.probe import features_of, probe_encoder
 from ..train.results import refuse_replacing
 from ..train.trainer import setup, write_config
 from ..weights.checkpoint import atomic_write, atomic_write_text
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae embed --help`).
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """Which features, of which split, in which file format."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"pool": ((lambda v: v in ("avg", "token", "dense")), "one of avg, token, dense"),
+                  "split": ((lambda v: v in ("train", "eval", "both")), "one of train, eval, both"),
+                  "format": ((lambda v: v in ("safetensors", "npy")), "one of safetensors, npy"),
+                  "batch_size": POSITIVE_INT}
+
+    pool: str = "token"
+    """avg: mean of the patch tokens after the final norm (N, D); token: the cls token (N, D); dense: the
+    patch-token maps (N, D, h, w)."""
+    split: str = "both"
+    """train, eval or both (each split is one file)."""
+    format: str = "safetensors"
+    """safetensors: SPLIT.safetensors with 'features' and 'labels'; npy: SPLIT.features.npy and SPLIT.labels.npy.
+    Image files are listed in SPLIT.txt in row order (Fashion-MNIST rows are the split's indices 0..N-1)."""
+    overwrite: bool = False
+    """Replace existing outputs (otherwise an existing file stops the command before any work)."""
+    batch_size: int = 256
+    """Images per batch."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Write encoder features of a dataset to disk (your own heads, retrieval, clustering): features, labels, files.
+
+    fastmae embed --init runs/pretrain --embed.pool avg --run.output_dir runs/embed   (train.safetensors, eval.safetensors)
+    """
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, a released name (mae_pretrain_vit_base), or 'random'."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    """The encoder (--model.img_size: inputs at another size, positions resampled)."""
+    embed: EmbedParams = field(default_factory=lambda: EmbedParams())
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/embed"))
 
 
 def split_names(split: str) -> tuple[str, ...]:

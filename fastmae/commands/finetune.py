@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
-from ..config import FinetuneConfig, validate
+from ..config import (
+    FRACTION,
+    AugConfig,
+    DataConfig,
+    EncoderConfig,
+    OptimConfig,
+    Rule,
+    RunConfig,
+    finite,
+    validate,
+)
 from ..data import build_loader, eval_split_name
 from ..data.augment import FinetuneAugment, soft_target_cross_entropy
 from ..figures.curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
@@ -25,6 +37,41 @@ from ..train.runtime import Progress, duration
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from ..weights.checkpoint import atomic_save, atomic_write_text
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae finetune --help`).
+
+@dataclass(frozen=True)
+class ViTModelConfig(EncoderConfig):
+    """The classification ViT fine-tuning trains: the encoder, its pooling and stochastic depth."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"drop_path": FRACTION}
+
+    global_pool: Literal["avg", "token"] = "avg"
+    """avg: mean of patch tokens + fc_norm (the MAE fine-tuning default); token: cls token + norm."""
+    drop_path: float = 0.1
+    """Stochastic depth rate of the last block (linearly increasing from 0)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tune a classification ViT from an MAE checkpoint (or from random init) and evaluate it each epoch."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"layer_decay": ((lambda v: finite(v) and 0 < v <= 1), "in (0, 1]")}
+
+    recipe: Literal["", "fmnist-small", "paper"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
+    fmnist-small: small images on a CPU (30 epochs, light augmentation); the defaults here are the paper's schedule at a small batch; paper: the paper's ImageNet values (pass --data.path)."""
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder to start from, or 'random' for training from scratch."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
+    model: ViTModelConfig = field(default_factory=ViTModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=100, warmup_epochs=5.0, batch_size=64, blr=5e-4, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i gets lr x layer_decay^(depth + 1 - i)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune"))
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:

@@ -1,6 +1,6 @@
 """`fastmae linprobe`: a linear classifier on a frozen encoder's features (LARS, as in the paper).
 
-Shapes: N samples, D feature width, K classes. The command builds the encoder with its final `norm` kept and take
+Shapes: N samples, D feature width, K classes. The command builds the encoder with its final `norm` kept and takes
 the features --model.global_pool names ('token': cls token; 'avg': mean of patch tokens; 'tokens': every patch
 token, flattened; 'auto': tokens on small patch grids, else avg), as the pretraining kNN monitor does.
 """
@@ -8,17 +8,15 @@ token, flattened; 'auto': tokens on small patch grids, else avg), as the pretrai
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..api import feature_pool
-from ..config import (
-    LinprobeConfig,
-    OptimConfig,
-    validate,
-)
+from ..config import DataConfig, OptimConfig, ProbeModelConfig, RunConfig, validate
 from ..data import build_loader
 from ..metrics.classification import topk_correct
 from ..models.dense import DenseModel
@@ -29,6 +27,32 @@ from ..train.probe import features_of, probe_encoder
 from ..train.results import refuse_replacing, report_result
 from ..train.trainer import fit, model_meta, setup
 from ..weights.checkpoint import save_checkpoint
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae linprobe --help`).
+
+@dataclass(frozen=True)
+class LinprobeConfig:
+    """Linear probe: frozen encoder, BatchNorm without affine, then a linear head trained with LARS."""
+
+    recipe: Literal["", "fmnist-small", "paper"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
+    fmnist-small: small images on a CPU (the defaults here); paper: the paper's ImageNet values (pass --data.path)."""
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
+    model: ProbeModelConfig = field(default_factory=ProbeModelConfig)
+    augment: bool = False
+    """True: the paper's RandomResizedCrop + flip every epoch (the encoder runs each epoch); False: features
+    of the unaugmented images are extracted once and cached (much faster on a CPU)."""
+    overwrite: bool = False
+    """Replace the linprobe.json and head checkpoint of an earlier finished run in --run.output_dir (otherwise they
+    stop the command before any work; an unfinished --augment run resumes as training commands do)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=90, warmup_epochs=10.0, batch_size=256, blr=16.0, weight_decay=0.0))
+    """LARS lr = blr x batch / 256 (the paper's blr 0.1 is for batch 16384; BENCHMARKS.md has the small-batch
+    search behind the default)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/linprobe"))
 
 
 def train_head_on_features(

@@ -4,28 +4,66 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
 from ..api import encode, feature_pool
-from ..config import MAEModelConfig, PretrainConfig, validate
+from ..config import (
+    PRETRAIN_CROP_SCALE,
+    DataConfig,
+    MAEModelConfig,
+    OptimConfig,
+    Rule,
+    RunConfig,
+    at_least,
+    validate,
+)
 from ..data import build_loader, has_eval_split
 from ..figures.curves import plot_learning_curve
 from ..figures.reconstruction import reconstruct, save_figure
 from ..metrics.knn import knn_accuracy
 from ..models.mae import MAE_VARIANTS, MaskedAutoencoderViT
-from ..models.pos_embed import resample_pos_embed
 from ..models.vit import to_2tuple, variant_kwargs
 from ..train.dist import print0
 from ..train.engine import Task, extract_features
 from ..train.optim import build_adamw, param_groups_weight_decay, schedule
 from ..train.runtime import Progress, Runtime, duration
 from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import mae_kwargs
+from ..weights.backbone import load_into, mae_kwargs
 from ..weights.checkpoint import find_latest
 from ..weights.read import ENCODER_PREFIXES, Weights, read_weights
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae pretrain --help`).
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretrain a masked autoencoder (MAE). With no flags: a small ViT on Fashion-MNIST (time per CPU class: README)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"figure_every": at_least(0, " (0 = never)"), "knn_every": at_least(-1, " (-1 = never)")}
+
+    recipe: Literal["", "fmnist-small", "paper"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values.
+    fmnist-small: small images on a CPU (the defaults here); paper: the paper's ImageNet values (pass --data.path)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=PRETRAIN_CROP_SCALE))
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    figure_every: int = 1
+    """Save a reconstruction figure every N epochs (0 = never)."""
+    knn_every: int = 0
+    """kNN monitor (k=20, T=0.07, the features `fastmae knn` uses by default) on the evaluation split every N
+    epochs and at the end (0 = only at the end, -1 = never; needs a labelled source with an evaluation split)."""
+    init: str = ""
+    """Weights to continue pretraining from ('' = random init): a fastmae run folder or checkpoint, an official
+    *_full.pth / mae_visualize_*.pth, a Hugging Face ViTMAE folder, or a released name (mae_pretrain_vit_base_full).
+    Encoder-only checkpoints (mae_pretrain_vit_*.pth, ViTMAEModel) initialise the encoder; the decoder starts
+    fresh. Sizes come from the checkpoint; a checkpoint in --run.output_dir (resume) takes precedence."""
+
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -70,26 +108,14 @@ def load_init(model: MaskedAutoencoderViT, w: Weights, ckpt_img_size: tuple[int,
 
     A full MAE loads strictly; an encoder loads every encoder tensor, and the decoder keeps its fresh init
     (checked: nothing else may be missing, nothing may be left over)."""
-    sd = dict(w.state_dict)
     p = model.patch_size
-    old_grid, new_grid = (ckpt_img_size[0] // p, ckpt_img_size[1] // p), tuple(model.grid_size)
-    notes = []
-    if old_grid != new_grid:
-        for key in ("pos_embed", "decoder_pos_embed"):
-            if key in sd:
-                sd[key] = resample_pos_embed(sd[key], new_grid, old_grid, n_prefix=1)  # (1, 1+h*w, D)
-        notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to {new_grid[0]}x{new_grid[1]}")
+    grid = (ckpt_img_size[0] // p, ckpt_img_size[1] // p)
     if w.kind == "mae":
-        model.load_state_dict(sd, strict=True)
-        return ["encoder and decoder from the checkpoint"] + notes
-    sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES) and not k.startswith("fc_norm.")}
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.startswith(DECODER_PREFIXES)]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"--init {w.source}: cannot initialise the MAE encoder: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    model.load_state_dict(sd, strict=False)  # only the decoder is left at its fresh init (checked above)
+        return ["encoder and decoder from the checkpoint"] + load_into(model, w.state_dict, grid,
+                                                                        f"--init {w.source}: cannot load the MAE")
+    sd = {k: v for k, v in w.state_dict.items() if k.startswith(ENCODER_PREFIXES) and not k.startswith("fc_norm.")}
+    notes = load_into(model, sd, grid, f"--init {w.source}: cannot initialise the MAE encoder",
+                      may_miss=DECODER_PREFIXES)
     return ["encoder from the checkpoint (encoder-only), decoder freshly initialised"] + notes
 
 

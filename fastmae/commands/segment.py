@@ -14,11 +14,26 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
-from ..config import SegDataConfig, SegmentConfig, SegParams, validate
+from ..config import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    EncoderConfig,
+    OptimConfig,
+    Rule,
+    RunConfig,
+    SourceConfig,
+    at_least,
+    finite,
+    validate,
+    within,
+)
 from ..data.build import source_norm_stats
 from ..data.segmentation import (
     SCENE_CLASSES,
@@ -46,6 +61,85 @@ from ..train.runtime import Runtime
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae segment --help`).
+
+@dataclass(frozen=True)
+class SegDataConfig(SourceConfig):
+    """Segmentation images: Fashion-MNIST scenes or an image folder (label maps: --seg.labels); batched at their
+    own size, so no crop, loader workers or held-out split."""
+
+    source: Literal["fashion-mnist", "folder"] = "fashion-mnist"
+    """fashion-mnist: scenes pasted from its items (--seg.*); folder: images under --data.path, label maps under
+    --seg.labels."""
+
+
+@dataclass(frozen=True)
+class SegModelConfig(EncoderConfig):
+    """The encoder under a segmentation head (its patch tokens after the final norm, at the data's own size)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"drop_path": FRACTION}
+
+    drop_path: float = 0.0
+    """With --finetune: stochastic depth rate of the last block (linearly increasing from 0); frozen: unused."""
+
+
+@dataclass(frozen=True)
+class SegParams:
+    """Segmentation data and head: Fashion-MNIST scenes (--data.source fashion-mnist) or image + label folders."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"num_classes": NON_NEGATIVE, "ignore_index": within(0, 255), "train_scenes": POSITIVE_INT,
+                "eval_scenes": POSITIVE_INT, "scene_size": at_least(28, " (the Fashion-MNIST item size)"),
+                "items": ((lambda v: len(v) == 2 and all(map(finite, v)) and 1 <= v[0] <= v[1]),
+                          "(fewest, most) with 1 <= fewest <= most"),
+                "fpn_channels": POSITIVE_INT, "figure_rows": NON_NEGATIVE}
+
+    labels: str = ""
+    """--data.source folder: the label maps of --data.path (the label of images/a/b.jpg is LABELS/a/b.png;
+    'P' PNGs: palette index = class, 'L' PNGs: value = class)."""
+    eval_labels: str = ""
+    """--data.source folder: the label maps of --data.eval_path."""
+    num_classes: int = 0
+    """Classes, background included (0 = 1 + the largest training label; Fashion-MNIST scenes: 11)."""
+    ignore_index: int = 255
+    """Label value that is neither trained on nor scored."""
+    train_scenes: int = 10000
+    """Fashion-MNIST scenes built from the train split."""
+    eval_scenes: int = 2000
+    """Fashion-MNIST scenes built from the t10k split."""
+    scene_size: int = 84
+    """Scene height and width in pixels (a multiple of the encoder's patch size)."""
+    items: tuple[int, int] = (2, 4)
+    """Fewest and most Fashion-MNIST items pasted into one scene."""
+    fpn_channels: int = 32
+    """--head fpn: channels of the feature pyramid and the head (small for CPUs; ViTDet uses 256)."""
+    figure_rows: int = 4
+    """Evaluation images shown in segmentation.png."""
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Semantic segmentation on a frozen (or fine-tuned) encoder: mIoU and pixel accuracy on the evaluation split."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"layer_decay": ((lambda v: finite(v) and 0 < v <= 1), "in (0, 1]")}
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
+    head: Literal["linear", "fpn"] = "linear"
+    """linear: BatchNorm + 1x1 conv on the patch map; fpn: a simple feature pyramid (x4, x2, x1, x0.5 of the
+    patch grid) fused by an FPN head. Logits are upsampled bilinearly to the image size."""
+    finetune: bool = False
+    """Train the encoder too (layer-wise lr decay, --layer_decay); default: frozen encoder, only the head trains."""
+    layer_decay: float = 0.75
+    """With --finetune: block i gets lr x layer_decay^(depth + 1 - i); the head gets the full lr."""
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    seg: SegParams = field(default_factory=SegParams)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=5, warmup_epochs=0.5, batch_size=64, blr=4e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/segment"))
+
 
 # ---------------------------------------------------------------------------------------------------
 # Heads and the model.

@@ -8,17 +8,69 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 
-from ..config import DataConfig, VisualizeConfig, validate
+from ..config import FRACTION, NON_NEGATIVE, POSITIVE_INT, DataConfig, Rule, validate
 
 # the old path fastmae.visualize is this module: PANELS and save_figure stay importable from it
 from ..figures.reconstruction import PANELS, reconstruct, save_figure, seeded_noise  # noqa: F401
 from ..train.device import resolve_device
 from ..train.results import refuse_replacing
 from ..weights.checkpoint import safe_join
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae visualize --help`).
+
+@dataclass(frozen=True)
+class VisualizeModelConfig:
+    """The MAE to reconstruct with, and its masking."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"num_heads": NON_NEGATIVE, "decoder_num_heads": NON_NEGATIVE, "mask_ratio": FRACTION}
+
+    mask_ratio: float = 0.75
+    num_heads: int = 0
+    """Encoder heads for checkpoints that do not record them (0 = metadata, else the standard width table)."""
+    decoder_num_heads: int = 0
+    """Decoder heads for checkpoints that do not record them (0 = metadata, else the standard width table)."""
+    norm_pix_loss: bool | None = None
+    """Whether the checkpoint predicts per-patch normalised pixels (None = its metadata; official *_full.pth
+    and visualize checkpoints do not record it: the official pretraining used True)."""
+
+
+@dataclass(frozen=True)
+class VisualizeRunConfig:
+    """Where the figure is computed; the seed picks the mask (the same seed gives the same mask)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """Save the MAE demo figure (original / masked / reconstruction / reconstruction + visible) as PNG."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"num": POSITIVE_INT}
+
+    init: str = "runs/pretrain"
+    """MAE checkpoint (fastmae run folder or file, official *_full.pth / visualize, Hugging Face ViTMAEForPreTraining)."""
+    images: tuple[str, ...] = ()
+    """Image files or folders; empty = the first --num samples of the data's evaluation split."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VisualizeModelConfig = field(default_factory=VisualizeModelConfig)
+    run: VisualizeRunConfig = field(default_factory=VisualizeRunConfig)
+    num: int = 8
+    """Images to show when taking dataset samples."""
+    output: str = "reconstruction.png"
+    """Output PNG (a grid); with --per_image, a folder with one PNG per image."""
+    per_image: bool = False
+    overwrite: bool = False
+    """Replace existing figures (otherwise an existing --output, or a per-image PNG of the same name, stops the
+    command before anything is written)."""
+
 
 # ---------------------------------------------------------------------------------------------------
 # `fastmae visualize`: a checkpoint and some images -> the figure.

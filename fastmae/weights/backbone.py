@@ -1,4 +1,8 @@
-"""Turn a checkpoint (MAE, encoder or classifier; any supported format) or `random` into a classification ViT.
+"""Models built from a checkpoint (MAE, encoder or classifier; any supported format), `random`, or the flags.
+
+`build_classifier` gives the classification ViT every encoder-reading command builds (an encoder with
+num_classes=0); `load_into` is the one way weights enter a model of another size; `mae_kwargs` sizes an MAE from
+--model.* flags.
 
 Shapes: D width, h, w patch grid. Encoder weights are copied strictly: the only keys a new classifier
 may lack are its head (and `fc_norm` for average pooling, which the MAE encoder does not have).
@@ -66,27 +70,37 @@ def build_classifier(bb: Weights, model_cfg: EncoderConfig, num_classes: int, in
                               drop_path_rate=drop_path)
     if bb.state_dict is None:
         return model
-    sd = dict(bb.state_dict)
     p = kw["patch_size"]
-    old_grid, new_grid = (old_hw[0] // p, old_hw[1] // p), model.grid_size
-    if old_grid != new_grid:
-        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], new_grid, old_grid, n_prefix=1)
+    load_into(model, bb.state_dict, (old_hw[0] // p, old_hw[1] // p), f"cannot initialise the classifier from {bb.source}",
+              may_miss=("head.", "fc_norm.", "norm."), drop=("norm.", "fc_norm."))
+    return model
+
+
+def load_into(model: nn.Module, state_dict: dict, source_grid: tuple[int, int], what: str,
+              may_miss: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> list[str]:
+    """Copy `state_dict` into `model`, the one way weights enter a model built at another size: position tables
+    (pos_embed, decoder_pos_embed: (1, 1+h*w, D)) resampled from `source_grid` to the model's grid; tensors under
+    the `drop` prefixes the model lacks are left out; the model's tensors under `may_miss` may be absent (they keep
+    their fresh init). Anything else missing, left over or of another shape is one ValueError that starts with
+    `what`. Returns what the log should say (the resampling)."""
+    sd = dict(state_dict)
+    grid = tuple(model.patch_embed.grid_size)
+    notes = []
+    if tuple(source_grid) != grid:
+        for key in ("pos_embed", "decoder_pos_embed"):
+            if key in sd:
+                sd[key] = resample_pos_embed(sd[key], grid, tuple(source_grid), n_prefix=1)  # (1, 1+h*w, D)
+        notes.append(f"position embeddings resampled from {source_grid[0]}x{source_grid[1]} to {grid[0]}x{grid[1]}")
     own = model.state_dict()
-    # avg pooling has fc_norm instead of norm; a classifier checkpoint's head is replaced
-    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("norm.", "fc_norm."))}
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(drop)} if drop else sd
     unexpected = sorted(set(sd) - set(own))
-    missing = sorted(set(own) - set(sd))
-    allowed_missing = {k for k in own if k.startswith(("head.", "fc_norm.", "norm."))}
-    bad_missing = [k for k in missing if k not in allowed_missing]
+    missing = [k for k in own if k not in sd and not k.startswith(may_miss)] if may_miss else sorted(set(own) - set(sd))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sd if k in own and sd[k].shape != own[k].shape]
-    if unexpected or bad_missing or shapes:
-        raise ValueError(
-            f"cannot initialise the classifier from {bb.source}: missing {bad_missing[:8]}, unexpected "
-            f"{unexpected[:8]}, shape mismatches {shapes[:8]}"
-        )
-    model.load_state_dict(sd, strict=False)  # only head / fc_norm may be left at their fresh init (checked above)
-    return model
+    if unexpected or missing or shapes:
+        raise ValueError(f"{what}: missing {missing[:8]}, unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
+    model.load_state_dict(sd, strict=not may_miss)  # only `may_miss` tensors may keep their fresh init (checked)
+    return notes
 
 
 OVERRIDABLE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
