@@ -6,11 +6,8 @@ Flags and --help come from the dataclass fields (tyro); a command's module is im
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +22,7 @@ from .commands.linprobe import LinprobeConfig
 from .commands.pretrain import PretrainConfig
 from .commands.segment import SegmentConfig
 from .commands.visualize import VisualizeConfig
+from .flags import check_command_line
 from .train.dist import cleanup
 from .train.engine import NonFiniteLossError
 from .train.runlock import release_all
@@ -61,109 +59,50 @@ def recipe_named(args: Sequence[str]) -> str:
 
 
 def parse(argv: Sequence[str] | None) -> object:
-    """argv -> the command's config. With --recipe NAME the recipe's config is the default every flag overrides."""
+    """argv -> the command's config. With --recipe NAME the recipe's config is the default every flag overrides.
+
+    The line is checked against the commands' flags first (flags.check_command_line): a malformed one ends in one
+    `fastmae: error: ...` line and exit code 2. --help goes to tyro untouched.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    name = recipe_named(args[1:]) if args and args[0] in COMMANDS else ""
+    command = args[0] if args and args[0] in COMMANDS else ""
+    name = recipe_named(args[1:]) if command else ""
     if name:
         from .recipes import recipe
 
-        cls = COMMANDS[args[0]][0]
         try:
-            default = recipe(args[0], name)
+            default = recipe(command, name)
         except ValueError as e:
-            print(f"fastmae: error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        return _one_line_errors(lambda: tyro.cli(cls, default=default, args=args[1:], prog=f"fastmae {args[0]}",
-                                                 use_underscores=True, description=cls.__doc__))
-    return _one_line_errors(lambda: tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (cls, _) in COMMANDS.items()},
-        prog="fastmae",
-        description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, visualize, "
-                    "convert, bench.",
-        args=args,
-        use_underscores=True,
-    ))
-
-
-def _one_line_errors(parse_fn):
-    """Run a tyro parse; a malformed command line becomes one `fastmae: error: ...` line on stderr (exit 2).
-
-    tyro draws its errors as a box of 5-40 lines (with every subcommand's help for a misspelt flag); the box's own
-    words are kept: the problem, the flag it suggests, and where the help is. --help (stdout) is untouched.
-    """
-    captured = io.StringIO()
+            _fail(str(e))
+    asks_help = any(a in ("-h", "--help") for a in args)
+    if not asks_help or (args[0] not in COMMANDS and not args[0].startswith("-")):  # help: only the command name
+        problem = check_command_line(args, {n: cls for n, (cls, _) in COMMANDS.items()})
+        if problem:
+            _fail(problem)
+    quiet = not asks_help  # errors are ours; tyro prints only help
     try:
-        with contextlib.redirect_stderr(captured):
-            cfg = parse_fn()
-    except SystemExit as e:
-        text = captured.getvalue()
-        if e.code not in (0, None) and text.strip():
-            print(f"fastmae: error: {parser_error_line(text)}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        sys.stderr.write(text)
+        if name:
+            cls = COMMANDS[command][0]
+            return tyro.cli(cls, default=default, args=args[1:], prog=f"fastmae {command}", use_underscores=True,
+                            description=cls.__doc__, console_outputs=not quiet)
+        return tyro.extras.subcommand_cli_from_dict(
+            {n: cls for n, (cls, _) in COMMANDS.items()},
+            prog="fastmae",
+            description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, "
+                        "visualize, convert, bench.",
+            args=args,
+            use_underscores=True,
+            console_outputs=not quiet,
+        )
+    except SystemExit as e:  # a line the check passed but tyro refused: no words of tyro's to show
+        if e.code not in (0, None) and quiet:
+            _fail(f"the command line was not understood; see `fastmae {command or ''} --help`".replace("  ", " "))
         raise
-    except BaseException:
-        sys.stderr.write(captured.getvalue())  # whatever the parser said before it failed
-        raise
-    sys.stderr.write(captured.getvalue())  # warnings printed while parsing
-    return cfg
 
 
-def parser_error_line(box: str) -> str:
-    """tyro's boxed error -> one line: `<problem>[; did you mean <flag> (<commands>)?]; see <help>`.
-
-    tyro (rich) draws the box with line characters on a UTF-8 stream and as plain indented text with dashed
-    rules elsewhere: sections are split at the rules, indentation is read relative to a section's first line.
-    """
-    boxed = "\u2502" in box
-    sections: list[list[str]] = [[]]
-    for raw in box.splitlines():
-        if boxed:
-            if "\u2502" not in raw:
-                continue  # the top border (title) and the bottom one
-            raw = raw[raw.index("\u2502") + 1 : raw.rindex("\u2502")]
-        body = raw.strip()
-        if len(body) >= 10 and set(body) <= {"\u2500", "-"}:
-            sections.append([])
-        else:
-            sections[-1].append(raw.rstrip())
-    if not boxed and len(sections) > 1:
-        sections = sections[1:]  # the plain layout puts the title above the first rule
-    sections = [sec for sec in sections if any(ln.strip() for ln in sec)]
-    if not sections:
-        return " ".join(box.split())
-
-    def text(sec: list[str]) -> str:  # a section's words; a blank line ends a paragraph
-        joined = re.sub(r" \(applied to [^)]*\)", "", "\n".join(sec))
-        return "; ".join(" ".join(para.split()) for para in joined.split("\n\n") if para.strip())
-
-    def indent(line: str) -> int:
-        return len(line) - len(line.lstrip())
-
-    def flags_under(sec: list[str]) -> dict[str, list[str]]:  # flag -> the commands whose help lists it
-        base, found, flag = indent(sec[0]), {}, ""
-        for ln in sec[1:]:
-            if ln.strip().startswith("-") and indent(ln) == base + 4:
-                flag = ln.split()[0]
-                found.setdefault(flag, [])
-            elif flag and (cmd := re.match(r"in fastmae (\w+) --help", ln.strip())) and cmd.group(1) not in found[flag]:
-                found[flag].append(cmd.group(1))
-        return found
-
-    first = text(sections[0])
-    parts = [first.rstrip(".")]
-    if first.startswith("Missing from"):  # required flags: their names, not their help
-        parts = [f"missing required {', '.join(flags_under(sections[0]))}"]
-    for sec in sections[1:]:
-        words = text(sec)
-        if words.startswith("Perhaps you meant") and (where := flags_under(sec)):
-            named = [f"{f} ({', '.join(c)})" if c else f for f, c in list(where.items())[:3]]
-            parts.append(f"did you mean {' or '.join(named)}?")
-        elif words.startswith("Available subcommands"):
-            parts.append(words[0].lower() + words[1:])
-        elif (help_at := re.search(r"(fastmae[\w ]*--help)", words)) and words.startswith("For full helptext"):
-            parts.append(f"see `{help_at.group(1)}`")
-    return "; ".join(parts)
+def _fail(problem: str):
+    print(f"fastmae: error: {problem}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
