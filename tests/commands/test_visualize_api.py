@@ -23,9 +23,9 @@ from fastmae.models.vit import VisionTransformer
 from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.weights.convert import mae_encoder, read_file
 
-from .test_cli_pretrain import make_fmnist, tiny_cfg
+from tests.commands.test_cli_pretrain import make_fmnist, tiny_cfg
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIDE = 28 * 4  # save_figure enlarges 28-pixel images 4x (to at least 112 pixels)
 PAD, HEAD = 4, 18
 

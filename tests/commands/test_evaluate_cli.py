@@ -14,7 +14,7 @@ from fastmae.models.vit import VisionTransformer
 from fastmae.weights.backbone import build_classifier, encoder_init
 from fastmae.weights.read import Weights
 
-from .test_cli_pretrain import pretrain_tiny
+from tests.commands.test_cli_pretrain import pretrain_tiny
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from fastmae.weights.checkpoint import (
     torch_load,
 )
 
-from .conftest import TINY_MAE
+from tests.conftest import TINY_MAE
 
 
 def _state(step: int) -> dict:

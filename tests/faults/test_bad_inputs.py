@@ -27,9 +27,9 @@ from fastmae.train import trainer
 from fastmae.weights.checkpoint import safe_join
 from fastmae.weights.convert import read_file
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # (extra flags for a tiny pretraining run, text the error must contain): each fails before any work starts.
 BAD_FLAGS = [

@@ -12,7 +12,7 @@ from fastmae.cli import main
 from fastmae.models.pos_embed import resample_pos_embed
 from fastmae.weights.checkpoint import load_checkpoint
 
-from .test_cli_pretrain import pretrain_tiny, tiny_args
+from tests.commands.test_cli_pretrain import pretrain_tiny, tiny_args
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch.distributed as tdist
 
 from fastmae.train.dist import cleanup, init_distributed
 
-from .conftest import set_torchrun_env
-from .test_cli_pretrain import make_fmnist, tiny_args
+from tests.conftest import set_torchrun_env
+from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
 
 
 def _epoch_losses(out) -> list[float]:
@@ -74,7 +74,7 @@ def test_two_process_stop_on_one_rank_then_resume_equals_uninterrupted(tmp_path)
 
     from fastmae.weights.checkpoint import load_checkpoint
 
-    helper = Path(__file__).parent / "helpers" / "ddp_stop_worker.py"
+    helper = Path(__file__).parents[1] / "helpers" / "ddp_stop_worker.py"
     data = make_fmnist(tmp_path, 96, 16)  # 96 images / (2 ranks x 16) = 3 steps per epoch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(helper.parents[2])}
 

@@ -20,7 +20,7 @@ from fastmae.figures.curves import (
     spread,
 )
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
 
 
 @pytest.mark.parametrize("command,cls", [("pretrain", PretrainConfig), ("finetune", FinetuneConfig),

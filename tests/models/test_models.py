@@ -9,7 +9,7 @@ from fastmae.api import encode
 from fastmae.models.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
 from fastmae.models.vit import VARIANTS, VisionTransformer, build_vit
 
-from .conftest import TINY_MAE
+from tests.conftest import TINY_MAE
 
 
 def _tiny_overrides(kw: dict) -> dict:

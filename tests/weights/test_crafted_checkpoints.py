@@ -12,7 +12,7 @@ from fastmae.cli import main
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.weights import convert as cv
 
-from .conftest import TINY_MAE
+from tests.conftest import TINY_MAE
 
 
 @pytest.fixture

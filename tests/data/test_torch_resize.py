@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fastmae.data import decode, load_image
-from tests.test_jpeg_decode import save_jpeg
+from tests.data.test_jpeg_decode import save_jpeg
 
 ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # outputs are 8-bit levels
 

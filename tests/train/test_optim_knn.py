@@ -19,7 +19,7 @@ from fastmae.train.optim import (
     scaled_lr,
 )
 
-from .conftest import TINY_MAE
+from tests.conftest import TINY_MAE
 
 
 def test_lr_schedule_warmup_peak_and_end():

@@ -7,7 +7,7 @@ import torch
 
 from fastmae.train import device as dev
 
-from .test_cli_pretrain import make_fmnist
+from tests.commands.test_cli_pretrain import make_fmnist
 
 CPU = torch.device("cpu")
 

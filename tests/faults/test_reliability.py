@@ -15,9 +15,9 @@ import torch
 
 from fastmae.weights.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_torch_load_uses_weights_only():

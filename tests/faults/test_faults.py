@@ -15,7 +15,7 @@ from fastmae.commands.pretrain import PretrainConfig
 from fastmae.train.trainer import save_json
 from fastmae.weights import checkpoint as C
 
-from .test_cli_pretrain import make_fmnist, tiny_args
+from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
 
 
 @pytest.fixture()

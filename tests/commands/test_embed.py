@@ -17,7 +17,7 @@ from fastmae.cli import main
 from fastmae.config import DataConfig
 from fastmae.data import build_loader
 
-from .test_cli_pretrain import pretrain_tiny
+from tests.commands.test_cli_pretrain import pretrain_tiny
 
 
 @pytest.fixture(scope="module")
