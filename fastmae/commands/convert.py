@@ -10,20 +10,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from ..config import NON_NEGATIVE, Rule, image_size, validate
-from ..weights.convert import (
-    HF_PREPROCESSOR,
-    Target,
-    fastmae_to_hf_mae,
-    fastmae_to_hf_vit,
-    fastmae_to_timm,
-    hf_preprocessor_config,
-    read_file,
-    save_fastmae,
-    save_hf,
-    save_official,
-    save_timm,
-    to_fastmae,
-)
+from ..weights import convert as formats
 from ..weights.read import find_source
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,7 +50,7 @@ class ConvertConfig:
     model: ReadModelConfig = field(default_factory=ReadModelConfig)
 
 
-def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads: int = 0,
+def convert(src: str | Path, dst: str | Path, to: formats.Target = "fastmae", num_heads: int = 0,
             decoder_num_heads: int = 0, img_size: tuple[int, int] | None = None) -> Path:
     """Read `src` (any supported format, a run folder: its newest checkpoint), convert, and write `dst` in format
     `to`; returns what was written. Existing files are never replaced: an output that exists is refused first."""
@@ -72,35 +59,35 @@ def convert(src: str | Path, dst: str | Path, to: Target = "fastmae", num_heads:
         raise ValueError(f"{taken[0]} exists; fastmae convert does not overwrite files: pass another --output or "
                          f"remove it first")
     src = find_source(Path(src).expanduser())
-    sd, config = read_file(src)
-    kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
+    sd, config = formats.read_file(src)
+    kind, sd, kw, extra = formats.to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
     if to == "fastmae":
         meta = {"kind": kind, "model_kwargs": kw, "source": str(src), **extra}
-        return save_fastmae(dst, sd, meta)
+        return formats.save_fastmae(dst, sd, meta)
     if to == "official":
-        return save_official(dst, sd)
+        return formats.save_official(dst, sd)
     if to == "timm":
-        return save_timm(dst, fastmae_to_timm(sd))
+        return formats.save_timm(dst, formats.fastmae_to_timm(sd))
     if to == "hf":
         mask_ratio = float(extra.get("mask_ratio", 0.75))
         if kind == "mae":
-            hf_sd, hf_config = fastmae_to_hf_mae(sd, kw, mask_ratio, style="legacy")
+            hf_sd, hf_config = formats.fastmae_to_hf_mae(sd, kw, mask_ratio, style="legacy")
         else:
-            hf_sd, hf_config = fastmae_to_hf_vit(sd, kw, style="legacy", mask_ratio=mask_ratio)
-        pre = (hf_preprocessor_config(kw.get("img_size", 224), extra["mean"], extra["std"])
+            hf_sd, hf_config = formats.fastmae_to_hf_vit(sd, kw, style="legacy", mask_ratio=mask_ratio)
+        pre = (formats.hf_preprocessor_config(kw.get("img_size", 224), extra["mean"], extra["std"])
                if "mean" in extra and "std" in extra else None)
-        return save_hf(dst, hf_sd, hf_config, pre)
+        return formats.save_hf(dst, hf_sd, hf_config, pre)
     raise ValueError(f"unknown target format {to!r}; choose fastmae, hf, timm or official")
 
 
-def output_files(dst: str | Path, to: Target) -> list[Path]:
+def output_files(dst: str | Path, to: formats.Target) -> list[Path]:
     """The files `convert(..., dst, to)` writes."""
     d = Path(dst)
     if to == "fastmae":
         base = d.with_suffix("") if d.suffix in (".safetensors", ".json") else d
         return [base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")]
     if to == "hf":
-        return [d / "model.safetensors", d / "config.json", d / HF_PREPROCESSOR]
+        return [d / "model.safetensors", d / "config.json", d / formats.HF_PREPROCESSOR]
     return [d]
 
 
