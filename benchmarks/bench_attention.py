@@ -8,6 +8,7 @@ The shapes are the encoder and decoder attention calls of cases F and C (benchma
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -37,6 +38,7 @@ def call_ms(fn, shape: tuple[int, ...], calls: int = 20) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(1)
     print("| call | shape | SDPA ms | matmul ms | SDPA / matmul |\n| --- | --- | ---: | ---: | ---: |")
     for name, shape in SHAPES.items():

@@ -142,7 +142,7 @@ class SegmentConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Heads and the model.
+# The head.
 
 
 def build_head(kind: str, dim: int, num_classes: int, patch_size: int, seg: SegParams) -> SegmentationHead:
@@ -196,7 +196,7 @@ def check_patch(size: tuple[int, int], patch: int, data: SegDataConfig, example:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Scoring and the figure.
+# Scoring and the figure's rows.
 
 
 @torch.no_grad()
