@@ -96,7 +96,7 @@ def parse(argv: Sequence[str] | None) -> object:
         )
     except SystemExit as e:  # a line the check passed but tyro refused: no words of tyro's to show
         if e.code not in (0, None) and quiet:
-            _fail(f"the command line was not understood; see `fastmae {command or ''} --help`".replace("  ", " "))
+            _fail(f"the command line was not understood; see `fastmae {command} --help`")  # checked: a command
         raise
 
 
