@@ -48,6 +48,11 @@ def is_out_of_memory(e: BaseException) -> bool:
         "can't allocate memory" in text or "CUDA out of memory" in text or "DefaultCPUAllocator" in text)
 
 
+def debugging() -> bool:
+    """FASTMAE_DEBUG set to 1/true/yes/on shows tracebacks; unset, empty, 0/false/no/off does not."""
+    return os.environ.get("FASTMAE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def recipe_named(args: Sequence[str]) -> str:
     """The value of --recipe among a command's arguments ('' when absent)."""
     for i, a in enumerate(args):
@@ -127,12 +132,12 @@ def _main(argv: Sequence[str] | None) -> int:
         ok = True
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, NonFiniteLossError,
             DiskFullError) as e:
-        if os.environ.get("FASTMAE_DEBUG"):
+        if debugging():
             raise
         print(f"fastmae: error: {e}", file=sys.stderr, flush=True)
         return 2
     except (MemoryError, RuntimeError) as e:
-        if os.environ.get("FASTMAE_DEBUG") or not is_out_of_memory(e):
+        if debugging() or not is_out_of_memory(e):
             raise
         print(f"fastmae: error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller model (--model.*), "
               f"a smaller --optim.batch_size, or a machine with more memory", file=sys.stderr, flush=True)

@@ -185,7 +185,7 @@ class RunConfig:
     save_every: int = 5
     """Write a checkpoint every N epochs (and always at the end)."""
     keep_last: int = 2
-    """Numbered checkpoints kept besides checkpoint-last (0 = keep all)."""
+    """Checkpoints kept: the newest N by epoch and batch, older ones deleted after each save (0 = keep all)."""
     num_threads: int = 0
     """torch intra-op threads (0 = leave torch's default)."""
     progress: bool = True

@@ -375,3 +375,17 @@ def test_the_flag_table_is_the_help(capsys, command):
     known = set(command_flags(COMMANDS[command][0]))
     shown -= {s for s in shown if any(k.startswith(s + ".") for k in known)}  # '--data.*' in a help text
     assert known == shown, (sorted(known - shown), sorted(shown - known))
+
+
+@pytest.mark.parametrize(("value", "shows"), [("", False), ("0", False), ("false", False), ("no", False),
+                                              ("1", True), ("true", True), ("YES", True)])
+def test_fastmae_debug_zero_means_off(monkeypatch, capsys, tmp_path, value, shows):
+    """FASTMAE_DEBUG=0 keeps the one-line error (it was read as on: any non-empty value showed the traceback)."""
+    monkeypatch.setenv("FASTMAE_DEBUG", value)
+    argv = ["knn", "--init", str(tmp_path / "missing.pt"), "--run.output_dir", str(tmp_path / "o")]
+    if shows:
+        with pytest.raises((ValueError, FileNotFoundError)):
+            main(argv)
+    else:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith("fastmae: error: ")
