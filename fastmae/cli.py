@@ -15,6 +15,7 @@ import tyro
 
 from .commands.bench import BenchConfig
 from .commands.convert import ConvertConfig
+from .commands.detect import DetectConfig
 from .commands.embed import EmbedConfig
 from .commands.finetune import FinetuneConfig
 from .commands.knn import KnnConfig
@@ -38,6 +39,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "bench": (BenchConfig, "fastmae.commands.bench:run_bench"),
     "embed": (EmbedConfig, "fastmae.commands.embed:run_embed"),
     "segment": (SegmentConfig, "fastmae.commands.segment:run_segment"),
+    "detect": (DetectConfig, "fastmae.commands.detect:run_detect"),
 }
 
 
@@ -94,7 +96,7 @@ def parse(argv: Sequence[str] | None) -> object:
             {n: cls for n, (cls, _) in COMMANDS.items()},
             prog="fastmae",
             description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, "
-                        "visualize, convert, bench.",
+                        "detect, visualize, convert, bench.",
             args=args,
             use_underscores=True,
             console_outputs=not quiet,

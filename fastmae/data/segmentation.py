@@ -44,6 +44,22 @@ class SegSplit:
     sources: torch.Tensor | None = None  # scenes: (S, T) indices of the pasted items in their split, -1 = none
 
 
+def scene_layout(num: int, num_source: int, size: int, item_hw: tuple[int, int], num_items: tuple[int, int],
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the items of `num` scenes go, a pure function of the seed: item counts (S,), source indices (S, T),
+    top and left corners (S, T) on a size x size canvas (T = the most items per scene)."""
+    lo, hi = num_items
+    h, w = item_hw
+    if size < max(h, w):
+        raise ValueError(f"the scene size must be at least the item size {max(h, w)}, got {size}")
+    g = torch.Generator().manual_seed(seed)
+    count = torch.randint(lo, hi + 1, (num,), generator=g)  # (S,)
+    src = torch.randint(0, num_source, (num, hi), generator=g)  # (S, T)
+    top = torch.randint(0, size - h + 1, (num, hi), generator=g)  # (S, T)
+    left = torch.randint(0, size - w + 1, (num, hi), generator=g)  # (S, T)
+    return count, src, top, left
+
+
 def make_scenes(
     items: torch.Tensor, labels: torch.Tensor, num: int, size: int = 84, num_items: tuple[int, int] = (2, 4),
     seed: int = 0, threshold: int = SCENE_THRESHOLD,
@@ -53,15 +69,9 @@ def make_scenes(
     Returns images (S, 1, size, size) uint8, label maps (S, size, size) uint8 (0 background, 1 + label)
     and the pasted items' indices (S, T) (-1 where a scene has fewer than T items). Vectorised over scenes.
     """
-    lo, hi = num_items
+    hi = num_items[1]
     h, w = items.shape[-2:]
-    if size < max(h, w):
-        raise ValueError(f"--seg.scene_size must be at least the item size {max(h, w)}, got {size}")
-    g = torch.Generator().manual_seed(seed)
-    count = torch.randint(lo, hi + 1, (num,), generator=g)  # (S,)
-    src = torch.randint(0, len(items), (num, hi), generator=g)  # (S, T)
-    top = torch.randint(0, size - h + 1, (num, hi), generator=g)  # (S, T)
-    left = torch.randint(0, size - w + 1, (num, hi), generator=g)  # (S, T)
+    count, src, top, left = scene_layout(num, len(items), size, (h, w), num_items, seed)
     canvas = torch.zeros(num, size, size, dtype=torch.uint8)  # (S, H, W)
     mask = torch.zeros(num, size, size, dtype=torch.uint8)  # (S, H, W)
     s_idx = torch.arange(num)[:, None, None]  # (S, 1, 1)

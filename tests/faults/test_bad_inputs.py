@@ -107,7 +107,7 @@ PARSE_CASES = [
     (["convert"], "missing required --init, --output; see `fastmae convert --help`"),
     (["segment", "--head", "nope"], "invalid choice 'nope' for argument '--head'"),
     (["segment", "--finetune=1"], "--finetune takes no value, got '1'; give it alone to switch it on"),
-    (["knn", "--model.drop_path", "0.1"], "--model.drop_path (finetune, segment)"),
+    (["knn", "--model.drop_path", "0.1"], "--model.drop_path (finetune, segment, detect)"),
     (["finetune", "--recipe", "fmnist-small", "--optim.epoch", "3"], "did you mean --optim.epochs?"),
     (["pretrain", "--data.hflip", "3"], "unexpected argument '3' after --data.hflip, which takes no value"),
     (["pretrain", "extra"], "unexpected argument 'extra': fastmae pretrain takes --flags only"),
@@ -360,7 +360,7 @@ def test_normalisation_values_must_match_the_channels(tmp_path, capsys, flags):
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "linprobe", "knn", "visualize", "convert", "bench", "embed",
-                                     "segment"])
+                                     "segment", "detect"])
 def test_the_flag_table_is_the_help(capsys, command):
     """fastmae.flags models tyro's flag names: every flag it knows is in `--help`, and every flag `--help` shows is
     known to it (a renamed field or a new type that tyro spells differently fails here)."""

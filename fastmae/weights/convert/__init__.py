@@ -74,8 +74,9 @@ from .tables import fastmae_to_timm, mae_encoder, timm_to_fastmae
 
 
 def segmenter_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int]:
-    """A `fastmae segment` checkpoint as its encoder: the weights under 'encoder.' (the head and the feature
-    pyramid stay behind), the metadata without the segmenter's model kwargs, and its encoder's heads (0: unknown)."""
+    """A dense-task checkpoint (`fastmae segment`, `fastmae detect`) as its encoder: the weights under 'encoder.'
+    (the head and the feature pyramid stay behind), the metadata without the task model's kwargs, and its encoder's
+    heads (0: unknown)."""
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     kw = config.get("model_kwargs")
     enc_kw = kw.get("encoder") if isinstance(kw, Mapping) else None
@@ -90,11 +91,12 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
     config: HF config.json or fastmae sidecar metadata ({} if none). Heads: explicit > config > table.
     """
     segmenter = "encoder.patch_embed.proj.weight" in sd and "patch_embed.proj.weight" not in sd
+    dense_kind = str(config.get("kind") or "segmenter")
     if segmenter:  # its encoder, sizes from the weights
         sd, config, heads = segmenter_encoder(sd, config)
         num_heads = num_heads or heads
     fmt = detect_format(sd)
-    extra: dict[str, Any] = {"source_format": "fastmae-segmenter" if segmenter else fmt}
+    extra: dict[str, Any] = {"source_format": f"fastmae-{dense_kind}" if segmenter else fmt}
     if fmt == "hf-vitmae-pretraining":
         out, kw = hf_mae_to_fastmae(sd, config or None, num_heads, decoder_num_heads)
         extra["mask_ratio"] = float(config.get("mask_ratio", 0.75)) if config else 0.75

@@ -1,0 +1,320 @@
+"""`fastmae detect`: object detection on an encoder's patch map, COCO in and out, scored by pycocotools.
+
+Shapes: B batch, C channels, H, W canvas (--model.img_size), D width, K classes, n boxes of an image.
+The encoder is built from any checkpoint `--init` accepts (or `random`) at the canvas size (position embeddings
+resampled); `DenseModel` puts a CenterNet-style head (models/detection.py) on its (B, D, h, w) map, frozen unless
+--finetune (layer-wise lr decay). Images are letterboxed onto the canvas (training: a random scale of the fit,
+a random place, a flip; boxes mapped with them); predictions are mapped back to each image's own pixels.
+Training runs through trainer.fit (resume, checkpoints, preemption, DDP). Outputs: detect.json (box AP by
+pycocotools' COCOeval), detections.json (COCO results of the evaluation split) and detections.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from PIL import ImageDraw
+
+from ..config import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    EncoderConfig,
+    OptimConfig,
+    Rule,
+    RunConfig,
+    SourceConfig,
+    at_least,
+    finite,
+    validate,
+)
+from ..data.build import source_norm_stats
+from ..data.detection import (
+    DetLoader,
+    DetSplit,
+    fashion_det_scenes,
+    read_coco,
+    unmap_boxes,
+    warn_empty_classes,
+    xywh,
+)
+from ..figures.grid import enlargement, save_grid, to_pil
+from ..metrics.detection import coco_box_metrics
+from ..models.dense import DenseModel
+from ..models.detection import CenterNetHead
+from ..train.device import autocast
+from ..train.dist import gather_objects, print0
+from ..train.engine import Task
+from ..train.optim import (
+    build_adamw,
+    param_groups_lrd,
+    param_groups_weight_decay,
+    schedule,
+)
+from ..train.runtime import Runtime
+from ..train.trainer import fit, model_meta, setup
+from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.checkpoint import atomic_write_text
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae detect --help`).
+
+
+@dataclass(frozen=True)
+class DetDataConfig(SourceConfig):
+    """Detection images: Fashion-MNIST scenes (one box per pasted item) or COCO instances files."""
+
+    source: Literal["fashion-mnist", "coco"] = "fashion-mnist"
+    """fashion-mnist: scenes pasted from its items (--det.*); coco: images under --data.path named by
+    --det.annotations (and --data.eval_path with --det.eval_annotations)."""
+
+
+@dataclass(frozen=True)
+class DetModelConfig(EncoderConfig):
+    """The encoder under the detection head (its patch tokens after the final norm, at --model.img_size)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"drop_path": FRACTION}
+
+    drop_path: float = 0.0
+    """With --finetune: stochastic depth rate of the last block (linearly increasing from 0); frozen: unused."""
+
+
+@dataclass(frozen=True)
+class DetParams:
+    """Detection data and head."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "train_scenes": POSITIVE_INT, "eval_scenes": POSITIVE_INT,
+        "scene_size": at_least(28, " (the Fashion-MNIST item size)"), "stride": POSITIVE_INT,
+        "items": ((lambda v: len(v) == 2 and all(map(finite, v)) and 1 <= v[0] <= v[1]),
+                  "(fewest, most) with 1 <= fewest <= most"),
+        "channels": POSITIVE_INT, "max_detections": POSITIVE_INT, "figure_rows": NON_NEGATIVE,
+        "figure_score": ((lambda v: finite(v) and 0 <= v <= 1), "in [0, 1]"),
+        "scale_range": ((lambda v: len(v) == 2 and all(map(finite, v)) and 0 < v[0] <= v[1] <= 1),
+                        "(min, max) with 0 < min <= max <= 1"),
+    }
+
+    annotations: str = ""
+    """--data.source coco: the COCO instances JSON of --data.path (e.g. instances_train2017.json)."""
+    eval_annotations: str = ""
+    """--data.source coco: the COCO instances JSON of --data.eval_path."""
+    train_scenes: int = 4000
+    """Fashion-MNIST scenes built from the train split."""
+    eval_scenes: int = 1000
+    """Fashion-MNIST scenes built from the t10k split."""
+    scene_size: int = 84
+    """Scene height and width in pixels (the canvas when --model.img_size is unset)."""
+    items: tuple[int, int] = (2, 4)
+    """Fewest and most Fashion-MNIST items pasted into one scene."""
+    stride: int = 4
+    """Output stride of the heatmaps in pixels (a power-of-two ratio to the patch size: ViTDet's pyramid level)."""
+    channels: int = 64
+    """Channels of the head (pyramid level and branches)."""
+    max_detections: int = 100
+    """Detections kept per image (the top heatmap peaks), as COCO's maxDets."""
+    scale_range: tuple[float, float] = (0.6, 1.0)
+    """Training scale augmentation: each image is resized to a random fraction in this range of the scale that
+    fits it onto the canvas, at a random place (boxes mapped with it)."""
+    figure_rows: int = 4
+    """Evaluation images shown in detections.png."""
+    figure_score: float = 0.3
+    """Detections drawn in detections.png: those scoring at least this."""
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Object detection on a frozen (or fine-tuned) encoder: box AP (pycocotools) on the evaluation split."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"layer_decay": ((lambda v: finite(v) and 0 < v <= 1), "in (0, 1]")}
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, or 'random' for a randomly initialised encoder."""
+    finetune: bool = False
+    """Train the encoder too (layer-wise lr decay, --layer_decay); default: frozen encoder, only the head trains."""
+    layer_decay: float = 0.75
+    """With --finetune: block i gets lr x layer_decay^(depth + 1 - i); the head gets the full lr."""
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    det: DetParams = field(default_factory=DetParams)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=10, warmup_epochs=1.0, batch_size=32, blr=2e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/detect"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+def det_splits(data: DetDataConfig, det: DetParams, channels: int, seed: int) -> tuple[DetSplit, DetSplit]:
+    """(train, eval): Fashion-MNIST scenes or COCO files, the evaluation split on the training split's classes."""
+    if data.source == "fashion-mnist":
+        args = (det.scene_size, tuple(det.items), seed)
+        train = fashion_det_scenes(data.path, "train", det.train_scenes, *args)
+        val = fashion_det_scenes(data.path, "eval", det.eval_scenes, *args)
+    else:
+        if not det.annotations:
+            raise ValueError("--data.source coco needs --det.annotations FILE (the COCO instances JSON of --data.path)")
+        if not (data.eval_path and det.eval_annotations):
+            raise ValueError("no evaluation data: pass --data.eval_path DIR (images) and --det.eval_annotations FILE "
+                             "(their COCO instances JSON)")
+        train = read_coco(data.path, det.annotations, channels, ("--data.path", "--det.annotations"))
+        val = read_coco(data.eval_path, det.eval_annotations, channels, ("--data.eval_path", "--det.eval_annotations"),
+                        categories=list(zip(train.category_ids, train.classes)))
+    if data.limit > 0:
+        train, val = (_limit(s, data.limit) for s in (train, val))
+    if not train.images:
+        raise ValueError("the training annotations list no images; pass annotations with images")
+    warn_empty_classes(train)
+    return train, val
+
+
+def _limit(split: DetSplit, n: int) -> DetSplit:
+    """The first n images of a split (and the ground truth of just those)."""
+    keep = set(split.image_ids[:n])
+    coco = {**split.coco, "images": [im for im in split.coco["images"] if int(im["id"]) in keep],
+            "annotations": [a for a in split.coco["annotations"] if int(a["image_id"]) in keep]}
+    return DetSplit(split.images[:n], split.boxes[:n], split.labels[:n], split.image_ids[:n], split.names[:n],
+                    split.classes, split.category_ids, coco)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Predictions, scores and the figure.
+
+
+@torch.no_grad()
+def predict_split(model: DenseModel, loader: DetLoader, rt: Runtime) -> list[dict]:
+    """COCO results of every evaluation image (all ranks): boxes in the image's own pixels, original ids."""
+    model.eval()
+    loader.set_epoch(0)
+    split, results = loader.split, []
+    for imgs, t in loader:
+        with autocast(rt.device, rt.precision):
+            out = model(imgs.to(rt.device))
+        for (boxes, scores, labels), s, i in zip(model.head.predict(out), t["scale"], t["index"]):
+            h, w = split.images[i].shape[-2:]
+            b = xywh(unmap_boxes(boxes.cpu(), s, h, w))
+            keep = (b[:, 2] > 0) & (b[:, 3] > 0)
+            results += [{"image_id": split.image_ids[i], "category_id": split.category_ids[c], "bbox": bb,
+                         "score": sc} for bb, sc, c in zip(b[keep].tolist(), scores.cpu()[keep].tolist(),
+                                                          labels.cpu()[keep].tolist())]
+    return [r for part in gather_objects(results, rt.dist) for r in part]
+
+
+def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int, min_score: float) -> Path:
+    """Per evaluation image: ground truth (green) and detections scoring >= min_score (red, with class and score)."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    names = dict(zip(split.category_ids, split.classes))
+    cells = []
+    for i in range(min(rows, len(split.images))):
+        img = split.images[i].float() / 255
+        h, w = img.shape[-2:]
+        scale = enlargement(h, w, 168)
+        panels = []
+        for kind in ("ground truth", "detections"):
+            pil = to_pil(img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3], scale).convert("RGB")
+            draw = ImageDraw.Draw(pil)
+            if kind == "ground truth":
+                items = [(b, split.classes[c], None) for b, c in zip(split.boxes[i].tolist(), split.labels[i].tolist())]
+                colour = (40, 200, 40)
+            else:
+                items = [([r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]],
+                          names[r["category_id"]], r["score"]) for r in by_image.get(split.image_ids[i], [])
+                         if r["score"] >= min_score]
+                colour = (230, 40, 40)
+            for b, name, score in items:
+                box = [v * scale for v in b]
+                draw.rectangle(box, outline=colour, width=2)
+                draw.text((box[0] + 2, box[1] + 1), name if score is None else f"{name} {score:.2f}", fill=colour)
+            panels.append(pil)
+        cells.append(panels)
+    return save_grid(("ground truth", f"detections (score >= {min_score})"), cells, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command.
+
+
+def _optimizer_groups(model: DenseModel, cfg: DetectConfig) -> list[dict]:
+    """Head: full lr with weight decay on weights; with --finetune, encoder groups with layer-wise lr decay."""
+    groups = param_groups_weight_decay(model.head, cfg.optim.weight_decay)
+    if cfg.finetune:
+        groups += param_groups_lrd(model.encoder, cfg.optim.weight_decay, cfg.layer_decay)
+    return [g for g in groups if g["params"]]
+
+
+def run_detect(cfg: DetectConfig) -> dict:
+    """Train a detection head (and, with --finetune, the encoder); write detect.json, detections.json and
+    detections.png."""
+    validate(cfg)
+    rt = setup(cfg.run, cfg)
+    d = rt.dist
+    t0 = time.perf_counter()
+    bb = encoder_init(cfg.init, cfg.model)
+    data_cfg = data_for(bb, cfg.data)
+    channels = data_cfg.channels or (1 if data_cfg.source == "fashion-mnist" else 3)
+    train, val = det_splits(data_cfg, cfg.det, channels, cfg.run.seed)
+    size = tuple(cfg.model.img_size) if cfg.model.img_size[0] else (cfg.det.scene_size, cfg.det.scene_size)
+    patch = bb.model_kwargs["patch_size"]
+    if size[0] % patch or size[1] % patch:
+        raise ValueError(f"the canvas {size[0]}x{size[1]} (HxW) is not a multiple of the encoder's patch size "
+                         f"{patch}: pass --model.img_size with multiples of {patch}")
+    mean, std = source_norm_stats(data_cfg, channels)
+    K = len(train.classes)
+    common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
+                  world_size=d.world_size, num_classes=K, classes=train.classes, batch_size=cfg.optim.batch_size,
+                  scale_range=tuple(cfg.det.scale_range))
+    train_loader = DetLoader(train, size, train=True, **common)
+    val_loader = DetLoader(val, size, train=False, drop_last=False, **common)
+    encoder = build_classifier(bb, dataclasses.replace(cfg.model, img_size=size), num_classes=0, in_chans=channels, global_pool="token",
+                               drop_path=cfg.model.drop_path if cfg.finetune else 0.0)
+    head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
+    model = DenseModel(encoder, head, cfg.finetune).to(rt.device)
+    lr = schedule(cfg.optim, len(train_loader), d.world_size)
+    optimizer = build_adamw(_optimizer_groups(model, cfg), lr.peak, cfg.optim.betas, rt.device)
+    mode = "fine-tuned" if cfg.finetune else "frozen"
+    print0(d, f"detect: CenterNet head (stride {cfg.det.stride}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
+              f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.images)} "
+              f"train / {len(val.images)} eval images on a {size[0]}x{size[1]} canvas, {K} classes | lr {lr.peak:.3g} | "
+              f"{rt.precision_label} on {rt.device} x{d.world_size}")
+
+    def loss_fn(m: nn.Module, imgs: torch.Tensor, targets: dict) -> torch.Tensor:
+        return head.loss(m(imgs), targets)
+
+    meta = model_meta("detector", {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "num_classes": K,
+                                   "stride": cfg.det.stride, "channels": cfg.det.channels},
+                      cfg, mean=list(mean), std=list(std), init=cfg.init, classes=train.classes,
+                      category_ids=train.category_ids)
+    task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
+                clip_grad=cfg.optim.clip_grad)
+    prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
+    if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
+        return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
+    results = predict_split(model, val_loader, rt)
+    metrics = coco_box_metrics(val.coco, results)
+    result = {**metrics, "init": cfg.init, "finetune": cfg.finetune, "epochs": cfg.optim.epochs, "num_classes": K,
+              "classes": train.classes, "train": len(train.images), "eval": len(val.images), "image_size": list(size),
+              "detections": len(results), "lr": lr.peak, "seconds": time.perf_counter() - t0,
+              "last_checkpoint": str(last) if last else None}
+    if d.is_main:
+        atomic_write_text(json.dumps(results), rt.out_dir / "detections.json")
+        out = rt.out_dir / "detect.json"
+        atomic_write_text(json.dumps(result, indent=2, sort_keys=True), out)
+        fig = None
+        if cfg.det.figure_rows:
+            fig = save_det_figure(val, results, rt.out_dir / "detections.png", cfg.det.figure_rows,
+                                  cfg.det.figure_score)
+        print0(d, f"detection ({mode} {cfg.init}, {cfg.optim.epochs} epochs): box mAP {result['map']:.2f}%  "
+                  f"AP50 {result['map50']:.2f}%  AP75 {result['map75']:.2f}%  ({out}{', ' + str(fig) if fig else ''})")
+    return result
+
+
+__all__ = ["DetectConfig", "run_detect"]

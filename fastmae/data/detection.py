@@ -1,0 +1,305 @@
+"""Detection data: Fashion-MNIST scenes with one box per pasted item (built-in, offline) and COCO instances files.
+
+Shapes: N images, n boxes of one image, C channels, H, W canvas (--model.img_size), h, w an image's own size.
+Boxes are (n, 4) float32 x1 y1 x2 y2 in an image's own pixels; labels (n,) int64 are contiguous class indices
+0..K-1, and `category_ids` maps them back to the file's own (arbitrary) COCO category ids. Images keep their
+size in memory; the loader letterboxes each onto the canvas (resize keeping the aspect ratio so it fits, pad
+bottom/right; in training a random smaller scale at a random place, and a horizontal flip), boxes mapped with it.
+
+COCO instances layout: {"images": [{"id", "file_name", "width"?, "height"?}], "annotations": [{"image_id",
+"category_id", "bbox": [x, y, w, h], "iscrowd"?}], "categories": [{"id", "name"}]}. Ids are any integers; crowd
+annotations are left out of training (COCOeval ignores them when scoring); an image without annotations is a
+negative example.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .decode import decode_image
+from .loader import SampledLoader
+from .sampler import AUGMENT_STREAM, mix_seed
+from .segmentation import scene_layout
+from .sources import FASHION_MNIST_CLASSES, check_dir, load_fashion_mnist
+
+log = logging.getLogger(__name__)
+
+SCENE_THRESHOLD = 32  # uint8 intensity above which a pasted item's pixel is visible (as in segmentation)
+
+
+@dataclass
+class DetSplit:
+    """One split in memory: images (C0, h, w) uint8 each, their boxes and class indices, COCO ids and names."""
+
+    images: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    image_ids: list[int]
+    names: list[str]
+    classes: list[str]
+    category_ids: list[int]
+    coco: dict = field(default_factory=dict)  # the ground truth as a COCO instances dict (what COCOeval reads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Boxes.
+
+
+def letterbox_scale(h: int, w: int, H: int, W: int) -> float:
+    """The scale that fits an h x w image into an H x W canvas keeping its aspect ratio."""
+    return min(H / h, W / w)
+
+
+def map_boxes(boxes: torch.Tensor, scale: float, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
+    """(n, 4) xyxy boxes of the image -> the canvas where it was scaled by `scale` and placed at (dx, dy)."""
+    return boxes * scale + torch.tensor([dx, dy, dx, dy], dtype=boxes.dtype)
+
+
+def unmap_boxes(boxes: torch.Tensor, scale: float, h: int, w: int, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
+    """Canvas boxes (n, 4) -> the image's own pixels, clipped to it (the inverse of map_boxes)."""
+    out = (boxes - torch.tensor([dx, dy, dx, dy], dtype=boxes.dtype)) / scale
+    return torch.stack([out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w), out[:, 3].clamp(0, h)], 1)
+
+
+def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Boxes (n, 4) of an image flipped left-right, `width` pixels wide."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(n, 4) xyxy -> COCO's [x, y, w, h]."""
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def scene_instances(items: torch.Tensor, labels: torch.Tensor, num: int, size: int, num_items: tuple[int, int],
+                    seed: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Scenes as in segmentation (the same layout for the same seed), with each item's visible extent as its box.
+
+    Returns images (S, 1, size, size) uint8, boxes per scene (n, 4) xyxy (pixel edges: a one-pixel item is
+    [x, y, x+1, y+1]) and class indices per scene (n,); an item hidden entirely by later ones has no box.
+    """
+    h, w = items.shape[-2:]
+    count, src, top, left = scene_layout(num, len(items), size, (h, w), num_items, seed)
+    hi = num_items[1]
+    canvas = torch.zeros(num, size, size, dtype=torch.uint8)  # (S, H, W)
+    owner = torch.full((num, size, size), -1, dtype=torch.int64)  # (S, H, W): the top-most item of a pixel
+    s_idx = torch.arange(num)[:, None, None]  # (S, 1, 1)
+    for j in range(hi):
+        item = items[src[:, j], 0]  # (S, h, w)
+        fg = (item > SCENE_THRESHOLD) & (j < count)[:, None, None]  # (S, h, w)
+        rows = (top[:, j, None] + torch.arange(h))[:, :, None]  # (S, h, 1)
+        cols = (left[:, j, None] + torch.arange(w))[:, None, :]  # (S, 1, w)
+        canvas[s_idx, rows, cols] = torch.where(fg, item, canvas[s_idx, rows, cols])
+        owner[s_idx, rows, cols] = torch.where(fg, j, owner[s_idx, rows, cols])
+    boxes, classes = [], []
+    ar = torch.arange(size)
+    for s in range(num):
+        bs, cs = [], []
+        for j in range(int(count[s])):
+            vis = owner[s] == j  # (H, W)
+            if not vis.any():
+                continue
+            ys, xs = ar[vis.any(1)], ar[vis.any(0)]
+            bs.append([float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)])
+            cs.append(int(labels[src[s, j]]))
+        boxes.append(torch.tensor(bs, dtype=torch.float32).view(-1, 4))
+        classes.append(torch.tensor(cs, dtype=torch.int64))
+    return canvas.unsqueeze(1), boxes, classes
+
+
+def coco_dict(split: DetSplit) -> dict:
+    """The split's ground truth as a COCO instances dict (images, annotations with area and iscrowd 0, categories)."""
+    anns = []
+    for img_id, img, bx, lb in zip(split.image_ids, split.images, split.boxes, split.labels):
+        for b, c in zip(xywh(bx).tolist(), lb.tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": split.category_ids[c], "bbox": b,
+                         "area": b[2] * b[3], "iscrowd": 0})
+    return {"images": [{"id": i, "height": int(x.shape[1]), "width": int(x.shape[2])}
+                       for i, x in zip(split.image_ids, split.images)],
+            "annotations": anns,
+            "categories": [{"id": c, "name": n} for c, n in zip(split.category_ids, split.classes)]}
+
+
+def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tuple[int, int], seed: int) -> DetSplit:
+    """Detection scenes of one split from that split's Fashion-MNIST items (train: train files, eval: t10k)."""
+    items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
+    images, boxes, classes = scene_instances(items, labels, num, size, num_items,
+                                             mix_seed(seed, {"train": 0, "eval": 1}[split], 11))
+    out = DetSplit(list(images), boxes, classes, list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)],
+                   list(FASHION_MNIST_CLASSES), list(range(1, len(FASHION_MNIST_CLASSES) + 1)))
+    out.coco = coco_dict(out)
+    return out
+
+
+def _fail(path: Path, problem: str, fix: str = "") -> ValueError:
+    return ValueError(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotations file {path} does not exist; pass the COCO instances JSON of the "
+                                f"images") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"not a readable JSON file ({e})", "pass a COCO instances JSON") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
+                                                                                     "categories")):
+        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+        raise _fail(path, f"not COCO instances annotations (needs lists 'images', 'annotations', 'categories'; "
+                          f"found {keys})", "pass a COCO instances JSON (e.g. instances_train2017.json)")
+    return data
+
+
+def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[str, str],
+              categories: Sequence[tuple[int, str]] = ()) -> DetSplit:
+    """The images under `images_root` named by a COCO instances file, with their boxes, checked.
+
+    categories: the training split's (id, name) pairs, so an evaluation file uses the same class indices
+    (a category the training file lacks is refused); () reads them from this file.
+    """
+    root = check_dir(images_root, flags[0])
+    path = Path(annotations)
+    data = _read_json(path)
+    try:
+        cats = [(int(c["id"]), str(c.get("name", c["id"]))) for c in data["categories"]]
+        images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(path, f"an image or category lacks its id or file_name ({e!r})",
+                    "every image needs 'id' and 'file_name', every category 'id' and 'name'") from None
+    cats = list(categories) or sorted(cats)
+    index = {cid: k for k, (cid, _) in enumerate(cats)}
+    own = {int(c["id"]) for c in data["categories"]}
+    if categories and own - set(index):
+        raise _fail(path, f"categories {sorted(own - set(index))} are not in the training annotations",
+                    "use one category list for both splits")
+    per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i, _ in images}
+    for a in data["annotations"]:
+        try:
+            img_id, cid, bbox = int(a["image_id"]), int(a["category_id"]), [float(v) for v in a["bbox"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _fail(path, f"annotation {a.get('id', '?') if isinstance(a, dict) else a!r} lacks image_id, "
+                              f"category_id or a numeric bbox ({e!r})", "each needs bbox [x, y, w, h]") from None
+        if img_id not in per_image:
+            raise _fail(path, f"annotation {a.get('id', '?')} names image_id {img_id}, which is not in 'images'")
+        if cid not in index:
+            raise _fail(path, f"annotation {a.get('id', '?')} has category_id {cid}, which is not in 'categories'",
+                        f"known ids: {sorted(index)[:10]}")
+        if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox) or bbox[2] <= 0 or bbox[3] <= 0:
+            raise _fail(path, f"annotation {a.get('id', '?')} has bbox {bbox}: a box is [x, y, w, h] with w, h > 0")
+        if not a.get("iscrowd", 0):
+            per_image[img_id].append((bbox, index[cid]))
+    split = DetSplit([], [], [], [], [], [n for _, n in cats], [c for c, _ in cats], data)
+    for img_id, name in images:
+        file = root / name
+        if not file.is_file():
+            raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
+                                    f"{flags[0]} {root} or remove it from the annotations")
+        x = decode_image(file, channels)  # (C, h, w) float in [0, 1]
+        h, w = x.shape[-2:]
+        boxes = torch.tensor([b for b, _ in per_image[img_id]], dtype=torch.float32).view(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        if len(boxes) and (boxes[:, :2].min() < -0.5 or boxes[:, 2].max() > w + 0.5 or boxes[:, 3].max() > h + 0.5):
+            raise _fail(path, f"a box of image {name} (id {img_id}) lies outside the {w}x{h} (WxH) image",
+                        "boxes are [x, y, w, h] in the image's pixels")
+        split.images.append(x.mul(255).round_().to(torch.uint8))
+        split.boxes.append(boxes.clamp(min=0))
+        split.labels.append(torch.tensor([c for _, c in per_image[img_id]], dtype=torch.int64))
+        split.image_ids.append(img_id)
+        split.names.append(str(file))
+    return split
+
+
+def warn_empty_classes(split: DetSplit) -> list[str]:
+    """Classes with no training box (logged once each; they can only be false positives)."""
+    seen = set(torch.cat(split.labels).tolist()) if split.labels else set()
+    empty = [n for k, n in enumerate(split.classes) if k not in seen]
+    for n in empty:
+        log.warning("category %r has no training boxes: the detector cannot learn it", n)
+    return empty
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loader.
+
+
+def letterbox(img: torch.Tensor, size: tuple[int, int], scale: float, dx: int, dy: int, flip: bool) -> torch.Tensor:
+    """uint8 (C0, h, w) -> float (C0, H, W) in [0, 1]: resized by `scale` (bilinear, antialiased), placed at
+    (dx, dy), flipped; the rest is 0 (filled with the mean after normalisation, see DetLoader)."""
+    h, w = img.shape[-2:]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = img.float().div_(255.0)[None]  # (1, C0, h, w)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    out = torch.zeros(1, img.shape[0], *size)
+    out[..., dy : dy + nh, dx : dx + nw] = x[..., : size[0] - dy, : size[1] - dx]
+    return out[0].flip(-1) if flip else out[0]
+
+
+class DetLoader(SampledLoader):
+    """Batches of (images (B, C, H, W) normalised, targets): a dict of per-image lists, 'boxes' (n, 4) canvas xyxy,
+    'labels' (n,), and (evaluation) 'scale' / 'image_id' to map predictions back. Padding is the mean colour."""
+
+    def __init__(self, split: DetSplit, img_size: tuple[int, int], *, scale_range: tuple[float, float] = (0.6, 1.0),
+                 **kw):
+        super().__init__(len(split.images), img_size=img_size, **kw)
+        self.split, self.scale_range = split, scale_range
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1)  # (C, 1, 1)
+        self._std = torch.tensor(self.std).view(-1, 1, 1)
+
+    def placement(self, i: int, g: torch.Generator | None) -> tuple[float, int, int, bool]:
+        """(scale, dx, dy, flip) of image i: fitted at the top left for evaluation; in training a random scale of
+        the fit, a random place and a coin flip, from `g`."""
+        h, w = self.split.images[i].shape[-2:]
+        H, W = self.img_size
+        s = letterbox_scale(h, w, H, W)
+        if g is None:
+            return s, 0, 0, False
+        lo, hi = self.scale_range
+        s *= lo + (hi - lo) * float(torch.rand((), generator=g))
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        dx = int(torch.randint(0, W - nw + 1, (), generator=g))
+        dy = int(torch.randint(0, H - nh + 1, (), generator=g))
+        return s, dx, dy, bool(self.hflip and float(torch.rand((), generator=g)) < 0.5)
+
+    def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+        """Image i on the canvas (C, H, W) normalised, with its canvas boxes."""
+        s, dx, dy, flip = self.placement(i, g)
+        img = self.split.images[i]
+        x = letterbox(img, self.img_size, s, dx, dy, flip)  # (C0, H, W)
+        placed = torch.zeros(1, *self.img_size)
+        h, w = img.shape[-2:]
+        placed[:, dy : dy + max(1, round(h * s)), dx : dx + max(1, round(w * s))] = 1
+        if flip:
+            placed = placed.flip(-1)
+        x = x.expand(self.channels, -1, -1)
+        x = torch.where(placed.bool(), (x - self._mean) / self._std, torch.zeros(()))  # padding = the mean colour
+        boxes = map_boxes(self.split.boxes[i], s, dx, dy)
+        if flip:
+            boxes = flip_boxes(boxes, self.img_size[1])
+        return x, {"boxes": boxes, "labels": self.split.labels[i], "scale": s, "image_id": self.split.image_ids[i],
+                   "index": i}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        indices, positions = self.sampler.order(self.epoch)
+        for sl in self.sampler.batch_slices(self.start_batch):
+            xs, ts = [], []
+            for i, pos in zip(indices[sl].tolist(), positions[sl].tolist()):
+                g = (torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM, pos))
+                     if self.train else None)
+                x, t = self.sample(i, g)
+                xs.append(x)
+                ts.append(t)
+            yield torch.stack(xs), {k: [t[k] for t in ts] for k in ts[0]}
