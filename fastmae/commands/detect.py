@@ -45,6 +45,7 @@ from ..data.detection import (
     warn_empty_classes,
     xywh,
 )
+from ..figures.curves import plot_learning_curve
 from ..figures.grid import enlargement, save_grid, to_pil
 from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
@@ -62,6 +63,8 @@ from ..train.runtime import Runtime
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
+
+DETECT_METRIC = ("map", "box mAP (%)")  # the key log.jsonl holds and its axis label
 
 # ---------------------------------------------------------------------------------------------------
 # The flags (`fastmae detect --help`).
@@ -96,6 +99,7 @@ class DetParams:
         "items": ((lambda v: len(v) == 2 and all(map(finite, v)) and 1 <= v[0] <= v[1]),
                   "(fewest, most) with 1 <= fewest <= most"),
         "channels": POSITIVE_INT, "max_detections": POSITIVE_INT, "figure_rows": NON_NEGATIVE,
+        "eval_every": at_least(0, " (0 = only at the end)"),
         "figure_score": ((lambda v: finite(v) and 0 <= v <= 1), "in [0, 1]"),
         "scale_range": ((lambda v: len(v) == 2 and all(map(finite, v)) and 0 < v[0] <= v[1] <= 1),
                         "(min, max) with 0 < min <= max <= 1"),
@@ -122,6 +126,9 @@ class DetParams:
     scale_range: tuple[float, float] = (0.6, 1.0)
     """Training scale augmentation: each image is resized to a random fraction in this range of the scale that
     fits it onto the canvas, at a random place (boxes mapped with it)."""
+    eval_every: int = 0
+    """Also score the evaluation split every N epochs (box mAP and AP50 in log.jsonl and learning_curve.png;
+    0 = only at the end)."""
     figure_rows: int = 4
     """Evaluation images shown in detections.png."""
     figure_score: float = 0.3
@@ -293,13 +300,28 @@ def run_detect(cfg: DetectConfig) -> dict:
                                    "stride": cfg.det.stride, "channels": cfg.det.channels},
                       cfg, mean=list(mean), std=list(std), init=cfg.init, classes=train.classes,
                       category_ids=train.category_ids)
+    scored: dict[int, tuple[list[dict], dict]] = {}  # epoch -> (detections, metrics)
+
+    def score(epoch: int) -> tuple[list[dict], dict]:
+        if epoch not in scored:
+            results = predict_split(model, val_loader, rt)
+            scored.clear()
+            scored[epoch] = (results, coco_box_metrics(val.coco, results))
+        return scored[epoch]
+
+    def on_epoch_end(epoch: int, m: nn.Module, progress) -> dict:
+        every = cfg.det.eval_every
+        if not every or ((epoch + 1) % every and epoch + 1 != cfg.optim.epochs):
+            return {}
+        metrics = score(epoch)[1]
+        return {"map": metrics["map"], "map50": metrics["map50"]}
+
     task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
-                clip_grad=cfg.optim.clip_grad)
+                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
     prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
     if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
         return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
-    results = predict_split(model, val_loader, rt)
-    metrics = coco_box_metrics(val.coco, results)
+    results, metrics = score(cfg.optim.epochs - 1)
     result = {**metrics, "init": cfg.init, "finetune": cfg.finetune, "epochs": cfg.optim.epochs, "num_classes": K,
               "classes": train.classes, "train": len(train.images), "eval": len(val.images), "image_size": list(size),
               "detections": len(results), "lr": lr.peak, "seconds": time.perf_counter() - t0,
@@ -308,6 +330,9 @@ def run_detect(cfg: DetectConfig) -> dict:
         atomic_write_text(json.dumps(results), rt.out_dir / "detections.json")
         out = rt.out_dir / "detect.json"
         atomic_write_text(json.dumps(result, indent=2, sort_keys=True), out)
+        if cfg.det.eval_every:
+            plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png", title="fastmae detect",
+                                loss_label="loss (focal + size + offset)", metric=DETECT_METRIC)
         fig = None
         if cfg.det.figure_rows:
             fig = save_det_figure(val, results, rt.out_dir / "detections.png", cfg.det.figure_rows,

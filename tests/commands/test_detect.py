@@ -236,8 +236,10 @@ def test_box_ap_is_pycocotools_own():
 def test_detect_end_to_end_on_scenes_resumes_and_loads(tmp_path):
     data, run = pretrain_tiny(tmp_path)
     out = tmp_path / "det"
-    assert main(scene_args(data, out) + ["--init", str(run)]) == 0
+    assert main(scene_args(data, out) + ["--init", str(run), "--det.eval_every", "1"]) == 0
     res = json.loads((out / "detect.json").read_text())
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"epoch"' in line]
+    assert logged[-1]["map"] == pytest.approx(res["map"]) and (out / "learning_curve.png").exists()
     assert {"map", "map50", "map75", "map_small", "map_medium", "map_large", "per_class_ap"} <= set(res)
     assert set(res["per_class_ap"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                                         "Sneaker", "Bag", "Ankle boot"}
