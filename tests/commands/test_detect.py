@@ -287,3 +287,13 @@ def test_scenes_are_a_pure_function_of_the_seed(tmp_path):
     a = fashion_det_scenes(str(data), "train", 6, 32, (1, 3), seed=0)
     b = fashion_det_scenes(str(data), "train", 6, 32, (1, 3), seed=0)
     assert all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes)) and a.coco == coco_dict(b)
+
+
+def test_a_category_without_training_boxes_is_warned(tmp_path, caplog):
+    d, ann = write_coco(tmp_path, sizes=((40, 30), (32, 32)))  # one boxed image (category 7), one negative
+    split = read_coco(str(d), str(ann), 3, ("--data.path", "--det.annotations"))
+    from fastmae.data.detection import warn_empty_classes
+
+    with caplog.at_level("WARNING"):
+        assert warn_empty_classes(split) == ["cat"]
+    assert "category 'cat' has no training boxes" in caplog.text
