@@ -24,7 +24,7 @@ class Runtime:
     logger: RunLogger
     run: RunConfig
     config: dict = field(default_factory=dict)  # the command's resolved config, written as config.json
-    lock: Path | None = None  # the run folder's lock (rank 0), released when fit ends or the CLI command exits
+    lock: Path | None = None  # the run folder's lock (rank 0), released when the command exits
 
 
 @dataclass

@@ -33,7 +33,6 @@ from .engine import EpochResult, Task, train_one_epoch
 from .log import RunLogger, epoch_line, run_time_left
 from .parallel import unwrap_model, wrap_for_training
 from .runlock import acquire as acquire_lock
-from .runlock import release as release_lock
 from .runtime import Progress, Runtime, position
 
 
@@ -306,7 +305,8 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
     finally:
         stop.uninstall()
         rt.logger.close()
-        release_lock(rt.lock)
+    # the folder stays locked until the command ends (cli.main releases it; so does interpreter exit): what a command
+    # writes after training (its final evaluation, result files) must not meet a second run in the same folder
     return prog, last_path or find_latest(rt.out_dir)
 
 

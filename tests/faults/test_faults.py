@@ -222,3 +222,34 @@ def test_checkpoint_without_rank_states_still_resumes(tmp_path, capsys):
     torch.save(state, path)
     assert main(_args(tmp_path, out, 2)) == 0
     assert C.load_checkpoint(out)[0]["epoch"] == 2
+
+
+@pytest.mark.parametrize(("module", "scorer", "args"), [
+    ("segment", "seg_metrics", ["--seg.train_scenes", "16", "--seg.eval_scenes", "8", "--seg.scene_size", "32",
+                                "--seg.figure_rows", "0"]),
+    ("detect", "coco_box_metrics", ["--det.train_scenes", "16", "--det.eval_scenes", "8", "--det.scene_size", "32",
+                                    "--det.figure_rows", "0", "--det.channels", "8"]),
+])
+def test_the_folder_stays_locked_through_the_final_evaluation(tmp_path, monkeypatch, module, scorer, args):
+    """Issue #29: the lock was released when training ended, so a second run could write the folder while the
+    first still scored and wrote its results. Now it is held until the command exits."""
+    import importlib
+
+    from fastmae.train.runlock import LOCK_NAME
+
+    mod = importlib.import_module(f"fastmae.commands.{module}")
+    real = getattr(mod, scorer)
+    out = tmp_path / "o"
+    seen = []
+
+    def scoring(*a, **kw):
+        seen.append((out / LOCK_NAME).exists())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mod, scorer, scoring)
+    data = make_fmnist(tmp_path)
+    tiny = ["--model.name", "vit_tiny_patch4", "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2"]
+    assert main([module, "--init", "random", *tiny, "--data.path", str(data), "--run.output_dir", str(out),
+                 "--optim.epochs", "1", "--optim.batch_size", "8", "--run.no_progress", "--run.precision", "fp32",
+                 *args]) == 0
+    assert seen == [True] and not (out / LOCK_NAME).exists()
