@@ -132,11 +132,21 @@ def make_case(cfg: BenchConfig, task: str) -> Case:
     )
 
 
-def time_loader(cfg: BenchConfig, img_size: tuple[int, int], batches: int) -> dict:
-    """Training-loader img/s of --data.* alone (decode, crop, resize, normalise; no model)."""
+def bench_loader(cfg: BenchConfig, img_size: tuple[int, int]):
+    """The training loader of --data.* that `time_loader` times, built (and checked) before any timing: a missing
+    path or data smaller than two batches fails in a second, not after the model's rounds."""
     from ..data import build_loader
 
     loader = build_loader(cfg.data, "train", img_size, cfg.bench.batch_size, train=True)
+    if len(loader) < 2:
+        raise ValueError(f"--data.* gives {len(loader)} training batch{'es' if len(loader) != 1 else ''} of "
+                         f"{cfg.bench.batch_size}: the loader is timed over batches after the first, so it needs two; "
+                         f"pass a smaller --bench.batch_size or more data")
+    return loader
+
+
+def time_loader(loader, batches: int, num_workers: int) -> dict:
+    """Training-loader img/s of --data.* alone (decode, crop, resize, normalise; no model)."""
     loader.set_epoch(0)
     it = iter(loader)
     next(it)  # workers start and the first batch is ready: not counted
@@ -147,8 +157,7 @@ def time_loader(cfg: BenchConfig, img_size: tuple[int, int], batches: int) -> di
     seconds = time.perf_counter() - t0
     if hasattr(loader, "close"):
         loader.close()
-    return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
-            "num_workers": cfg.data.num_workers if cfg.data.source != "fashion-mnist" else 0}
+    return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9), "num_workers": num_workers}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -160,6 +169,14 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.run.num_threads)
     if cfg.compare == "hf" and not hf_available():
         raise ValueError("--compare hf needs transformers: pip install transformers (or fastmae[hf])")
+    if cfg.run.output:  # refused before the rounds, not after them
+        out = Path(cfg.run.output)
+        if out.is_dir():
+            raise ValueError(f"--run.output {out} is a folder; pass a file name, e.g. {out / 'bench.json'}")
+        if out.exists():
+            raise ValueError(f"--run.output {out} exists (an earlier run's results); pass another --run.output or "
+                             f"remove it first")
+    loader = bench_loader(cfg, tuple(cfg.model.img_size)) if "data" in cfg.bench.tasks else None
     impls = ["fastmae"] + ([COMPILED] if cfg.run.compile else []) + (["hf"] if cfg.compare == "hf" else [])
     timing = Timing(rounds=cfg.bench.rounds, max_rounds=2 * cfg.bench.rounds, round_seconds=cfg.bench.round_seconds,
                     quiet_wait=cfg.bench.quiet_wait, optim_impl="fused")  # the AdamW fastmae trains with, for both
@@ -186,8 +203,8 @@ def run_bench(cfg: BenchConfig) -> dict:
               + f"; matmul peak {peaks[precision.name]:.3f} TFLOP/s ({precision.name}); process peak RSS "
               f"{result['peak_rss_mib']:.0f} MiB")
     if "data" in cfg.bench.tasks:
-        size = tuple(cfg.model.img_size)
-        result["loader"] = loader = time_loader(cfg, size, cfg.bench.data_batches)
+        workers = cfg.data.num_workers if cfg.data.source != "fashion-mnist" else 0
+        result["loader"] = loader = time_loader(loader, cfg.bench.data_batches, workers)
         model_ips = next((r["img_per_s"] for r in rows if r["case"] == "pretrain" and r["impl"] == "fastmae"), None)
         n = loader["num_workers"]
         who = "in the main process" if n == 0 else f"{n} worker{'s' if n > 1 else ''}"

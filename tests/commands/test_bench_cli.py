@@ -49,3 +49,31 @@ def test_bench_bad_input_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(command, "hf_available", lambda: False)
     assert main(["bench", *TINY, "--bench.tasks", "pretrain", "--compare", "hf"]) == 2
     assert "--compare hf needs transformers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["output file exists", "output is a folder", "data path missing", "data too small"])
+def test_bench_refuses_before_timing(tmp_path, monkeypatch, capsys, case):
+    """Issue #29: these failed after the whole timing (a traceback for a folder, a replaced file, '0 img/s')."""
+    def no_timing(*a, **kw):
+        raise AssertionError("timed before refusing")
+
+    monkeypatch.setattr(command, "bench_case_fitting", no_timing)
+    data = make_fmnist(tmp_path, 64, 16)
+    args = ["bench", *TINY, "--data.path", str(data)]
+    if case == "output file exists":
+        (tmp_path / "old.json").write_text("{}")
+        args += ["--run.output", str(tmp_path / "old.json")]
+        expect = "exists (an earlier run's results); pass another --run.output"
+    elif case == "output is a folder":
+        args += ["--run.output", str(tmp_path)]
+        expect = "is a folder; pass a file name"
+    elif case == "data path missing":
+        args = ["bench", *TINY, "--data.path", str(tmp_path / "nowhere")]
+        expect = "nowhere"
+    else:
+        args = ["bench", *TINY, "--data.path", str(data), "--data.limit", "8"]
+        expect = "gives 1 training batch of 8: the loader is timed over batches after the first"
+    assert main(args) == 2
+    assert expect in capsys.readouterr().err
+    if case == "output file exists":
+        assert (tmp_path / "old.json").read_text() == "{}"
