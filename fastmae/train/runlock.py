@@ -1,9 +1,11 @@
 """One writer per run folder: a pid file `.fastmae.lock`, taken by rank 0 before anything is written.
 
 Two runs in one output folder would overwrite each other's checkpoints and log while both exit 0. The lock
-file holds the owner's pid and host; a lock whose process is gone on this host (os.kill(pid, 0) fails with
-ProcessLookupError) is stale and taken over. Creating it with O_EXCL makes the take-over race-free between
-two starting runs: only one of them creates the file.
+file holds the owner's pid, host and process start time, and its holder touches it every HEARTBEAT_S seconds.
+A lock is stale, and taken over, when on this host its process is gone or the pid now belongs to another
+process (another start time), or, on any host (a preempted job resumed on another node), when it has not been
+touched for STALE_AFTER_S seconds. Creating it with O_EXCL makes the take-over race-free between two starting
+runs: only one of them creates the file.
 """
 
 from __future__ import annotations
@@ -12,10 +14,37 @@ import atexit
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 LOCK_NAME = ".fastmae.lock"
+HEARTBEAT_S = 30.0  # a live holder touches its lock this often
+STALE_AFTER_S = 300.0  # a lock untouched this long belongs to no live run, wherever it was taken
 _held: dict[Path, int] = {}  # lock path -> pid that took it (a forked child does not own its parent's lock)
+_beat: threading.Thread | None = None
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), '' where unknown: with the
+    pid it names one process, so a pid reused by another process is told apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def _heartbeat() -> None:
+    """Touch every lock this process holds, every HEARTBEAT_S seconds, for as long as it holds any."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        for path, pid in list(_held.items()):
+            if pid == os.getpid():
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass
 
 
 class RunFolderInUseError(ValueError):
@@ -23,12 +52,25 @@ class RunFolderInUseError(ValueError):
 
 
 def _owner(path: Path) -> dict | None:
-    """The lock's {'pid', 'host'}, or None when it is missing or unreadable (a writer killed mid-write)."""
+    """The lock's {'pid', 'host', 'start', 'age'}, or None when it is missing or unreadable (a writer killed
+    mid-write)."""
     try:
         data = json.loads(path.read_text())
-        return {"pid": int(data["pid"]), "host": str(data.get("host", ""))}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {"pid": int(data["pid"]), "host": str(data.get("host", "")), "start": str(data.get("start", "")),
+                "age": time.time() - path.stat().st_mtime}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _live(owner: dict, here: bool) -> bool:
+    """Whether the lock's run may still be running (see the module docstring)."""
+    if owner["age"] > STALE_AFTER_S:
+        return False
+    if not here:
+        return True
+    if not _alive(owner["pid"]):
+        return False
+    return not owner["start"] or owner["start"] == _start_time(owner["pid"])
 
 
 def _alive(pid: int) -> bool:
@@ -49,8 +91,17 @@ def _try_create(path: Path) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}, f)
     return True
+
+
+def _hold(path: Path) -> Path:
+    global _beat
+    _held[path] = os.getpid()
+    if _beat is None or not _beat.is_alive():
+        _beat = threading.Thread(target=_heartbeat, name="fastmae-lock-heartbeat", daemon=True)
+        _beat.start()
+    return path
 
 
 def acquire(folder: str | Path) -> Path:
@@ -61,19 +112,19 @@ def acquire(folder: str | Path) -> Path:
     path = Path(folder) / LOCK_NAME
     for _ in range(3):  # another starter may remove a stale lock between our read and our create
         if _try_create(path):
-            _held[path] = os.getpid()
-            return path
+            return _hold(path)
         owner = _owner(path)
         here = owner is not None and owner["host"] == socket.gethostname()
         if owner is not None and (owner["pid"] == os.getpid() and here):
-            _held[path] = os.getpid()
-            return path
-        if owner is not None and (not here or _alive(owner["pid"])):
+            return _hold(path)
+        if owner is not None and _live(owner, here):
             raise RunFolderInUseError(
                 f"{folder} is in use by another fastmae run (pid {owner['pid']}"
-                f"{'' if here else ' on ' + owner['host']}); wait for it, or pass another --run.output_dir"
+                f"{'' if here else ' on ' + owner['host']}, lock touched {owner['age']:.0f} s ago); wait for it, or "
+                f"pass another --run.output_dir; if no fastmae run uses the folder, remove {path}"
+                f"{'' if here else f' (it is taken over by itself {STALE_AFTER_S:.0f} s after its last touch)'}"
             )
-        path.unlink(missing_ok=True)  # stale: its process is gone (or the file is unreadable)
+        path.unlink(missing_ok=True)  # stale: its process is gone or silent (or the file is unreadable)
     raise RunFolderInUseError(f"{folder} is in use by another fastmae run (its lock {path} keeps reappearing); "
                               f"wait for it, or pass another --run.output_dir")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 import os
 import stat
 
@@ -126,8 +127,9 @@ def test_second_run_in_a_locked_folder_is_refused(tmp_path, capsys):
         (out / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": __import__("socket").gethostname()}))
         assert main(_args(tmp_path, out)) == 2
         line = _one_error_line(capsys)
-        assert line == (f"fastmae: error: {out} is in use by another fastmae run (pid {proc.pid}); wait for it, "
-                        f"or pass another --run.output_dir")
+        assert line.startswith(f"fastmae: error: {out} is in use by another fastmae run (pid {proc.pid}, lock "
+                               f"touched 0 s ago); wait for it, or pass another --run.output_dir; if no fastmae run "
+                               f"uses the folder, remove {out / LOCK_NAME}"), line
         assert not C.list_checkpoints(out) and not (out / "config.json").exists()
     finally:
         proc.kill()
@@ -253,3 +255,42 @@ def test_the_folder_stays_locked_through_the_final_evaluation(tmp_path, monkeypa
                  "--optim.epochs", "1", "--optim.batch_size", "8", "--run.no_progress", "--run.precision", "fp32",
                  *args]) == 0
     assert seen == [True] and not (out / LOCK_NAME).exists()
+
+
+
+def test_a_lock_of_an_unrelated_live_process_or_a_silent_node_is_stale(tmp_path, monkeypatch):
+    """Issue #29: a lock naming a live but unrelated pid (pid 1) refused the folder forever; a lock taken on another
+    node (a preempted job resumed elsewhere) could never be recognised as stale."""
+    import os
+    import socket
+
+    from fastmae.train import runlock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / runlock.LOCK_NAME
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "start": "0"}))  # pid 1 started at tick 14+
+    assert runlock.acquire(out) == lock and json.loads(lock.read_text())["pid"] == os.getpid()
+    runlock.release(lock)
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-17", "start": "99"}))  # fresh: maybe alive over there
+    with pytest.raises(runlock.RunFolderInUseError, match=r"pid 4242 on node-17.*remove .*\.fastmae\.lock"):
+        runlock.acquire(out)
+    old = time.time() - runlock.STALE_AFTER_S - 5
+    os.utime(lock, (old, old))  # untouched for longer than a live holder ever is
+    assert runlock.acquire(out) == lock
+    runlock.release(lock)
+
+
+def test_a_held_lock_is_touched_while_the_run_lives(tmp_path, monkeypatch):
+    from fastmae.train import runlock
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(runlock, "_beat", None)
+    lock = runlock.acquire(tmp_path)
+    try:
+        old = time.time() - 1000
+        __import__("os").utime(lock, (old, old))
+        time.sleep(0.5)
+        assert time.time() - lock.stat().st_mtime < 5
+    finally:
+        runlock.release(lock)
