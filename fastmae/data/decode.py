@@ -114,6 +114,10 @@ def _decode_planes(
     Files over max_image_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
     before_load(img) sees the opened file (header read, size checked) before it is decoded, e.g. to draft.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the reader forever, a device too
+        raise UnreadableImageError(
+            f"cannot read image {path}: not a regular file (a FIFO, socket, device or folder named like an image); "
+            f"remove it, or pass --data.skip_corrupt to skip unreadable files", reason="not a regular file")
     with _pillow_pixel_check(enabled=max_image_pixels <= 0):
         try:
             img = Image.open(path)  # reads the header only

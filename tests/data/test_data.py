@@ -521,3 +521,16 @@ def test_file_normalisation_equals_normalize_of_the_pixels(mode, mean, std):
     pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
     assert torch.equal(_planes_to_tensor([img]), pixels)
     torch.testing.assert_close(_normalized([img], mean, std), normalize(pixels, mean, std), rtol=1e-6, atol=1e-5)
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path):
+    """Issue #29: a FIFO among the images hung the loader (Pillow's open blocks until a writer comes)."""
+    import os
+
+    from fastmae.data import UnreadableImageError, decode_image
+
+    fifo = tmp_path / "stuck.png"
+    os.mkfifo(fifo)
+    with pytest.raises(UnreadableImageError, match="not a regular file") as e:
+        decode_image(fifo, 3)
+    assert e.value.reason == "not a regular file"
