@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -111,3 +112,25 @@ def test_a_model_too_large_to_allocate_is_one_line(tmp_path, capsys):
                  "--run.output_dir", str(tmp_path / "run"), "--data.limit", "8", "--run.precision", "fp32"])
     err = capsys.readouterr().err
     assert code == 2 and "out of memory" in err and "--optim.batch_size" in err, err
+
+
+@pytest.mark.parametrize(("side", "message"), [
+    ("[]", "holds a JSON list, not an object"),
+    ('{"kind": "detector", "config": "x"}', "has 'config' as a JSON str, not an object"),
+    ('{"kind": "vit", "model_kwargs": {"num_heads": "3"}}', "has model_kwargs num_heads = '3', not a whole number"),
+    ('{"kind": "vit", "model_kwargs": {"bogus": 1}}', "names model_kwargs fastmae's models do not take: bogus"),
+    ('{"mean": "0.5"}', "has 'mean' = '0.5', not a list of numbers"),
+    ("{bad", "is not valid JSON"),
+])
+def test_a_malformed_metadata_file_is_named_not_a_traceback(tmp_path, side, message):
+    """Issue #29: a sidecar of [] was silently ignored, 'config' as a string or a string num_heads were tracebacks."""
+    from fastmae.models.vit import VisionTransformer
+    from fastmae.weights.read import read_weights
+
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                            global_pool="token")
+    torch.save({"model": vit.state_dict()}, tmp_path / "w.pt")
+    (tmp_path / "w.json").write_text(side)
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        read_weights(tmp_path / "w.pt")
+    assert "w.json" in str(e.value)

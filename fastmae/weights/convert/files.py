@@ -74,13 +74,50 @@ def read_file(path: str | Path) -> tuple[StateDict, dict]:
         return _load_hf_dir(p)
     sd = _load_weights(p)
     side = p.with_suffix(".json")
-    meta = {}
-    if side.exists():
-        try:
-            meta = json.loads(side.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-    return sd, meta if isinstance(meta, dict) else {}
+    meta = check_meta(_read_json(side, f"metadata of {p.name}"), side) if side.is_file() else {}
+    return sd, meta
+
+
+# Integer sizes a fastmae metadata file's model_kwargs may hold, and every key it may hold.
+SIZE_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+             "decoder_num_heads", "num_classes")
+
+
+def _known_kwargs() -> set[str]:
+    import inspect
+
+    from ...models.mae import MaskedAutoencoderViT
+    from ...models.vit import VisionTransformer
+
+    return {n for cls in (MaskedAutoencoderViT, VisionTransformer) for n in inspect.signature(cls).parameters}
+
+
+def check_meta(meta: dict, path: Path) -> dict:
+    """The metadata beside a fastmae checkpoint, checked field by field: a ValueError naming the file, the field
+    and the fix for a wrong type, an unknown constructor argument or a size that is not a whole number."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path} (the checkpoint's metadata) {problem}; restore it from the run that wrote it, or "
+                          f"delete it to read the weights alone (sizes are then inferred from the weights)")
+
+    for key, typ in (("kind", str), ("config", dict), ("model_kwargs", dict)):
+        if key in meta and not isinstance(meta[key], typ):
+            raise bad(f"has {key!r} as a JSON {type(meta[key]).__name__}, not a{'n object' if typ is dict else ' string'}")
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)):
+            raise bad(f"has {key!r} = {v!r}, not a list of numbers")
+    kw = meta.get("model_kwargs") or {}
+    if isinstance(kw.get("encoder"), dict):  # a dense-task model (segment, detect): its encoder's kwargs
+        kw = kw["encoder"]
+    elif meta.get("kind") in ("mae", "vit", "encoder"):
+        unknown = sorted(set(kw) - _known_kwargs())
+        if unknown:
+            raise bad(f"names model_kwargs fastmae's models do not take: {', '.join(unknown)}")
+    for key in SIZE_KEYS:
+        v = kw.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise bad(f"has model_kwargs {key} = {v!r}, not a whole number")
+    return meta
 
 
 def _save_safetensors(path: Path, sd: Mapping[str, torch.Tensor]) -> Path:
