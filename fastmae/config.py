@@ -66,7 +66,7 @@ class SourceConfig:
     source: Literal["fashion-mnist", "folder", "unlabelled", "list"] = "fashion-mnist"
     """fashion-mnist: IDX .gz files; folder: one subfolder per class (ImageNet layout);
     unlabelled: every image under `path`, recursively; list: a text file of image paths
-    (one per line, optionally followed by an integer label)."""
+    (one per line, optionally followed by an integer label; relative paths are relative to the list file's folder)."""
     path: str = FASHION_MNIST_DIR
     """Training data: the IDX folder, the image folder, or the list file."""
     eval_path: str = ""
