@@ -56,6 +56,11 @@ def _single_band(img: Image.Image, path: str) -> Image.Image:
     """One band as mode 'L' (8-bit) or 'F' (in [0, 1]; 16-bit scaled by 65535, not clipped)."""
     if img.mode in _HIGH_BIT_MODES:
         a = np.asarray(img).astype(np.float32)  # (h, w)
+        if not np.isfinite(a).all():  # a NaN pixel becomes a NaN feature row or a NaN loss, far from its cause
+            bad = int((~np.isfinite(a)).sum())
+            raise UnreadableImageError(
+                f"cannot read image {path}: {bad} pixel{'s' if bad > 1 else ''} NaN or infinite (a float image); fix "
+                f"or remove the file, or pass --data.skip_corrupt to skip unreadable files", reason="non-finite pixels")
         if img.mode != "F":  # 16-bit ('I' is how Pillow may hand 16-bit data back)
             a = np.clip(a / 65535.0, 0.0, 1.0)
         return Image.fromarray(a)

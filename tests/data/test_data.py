@@ -534,3 +534,19 @@ def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path):
     with pytest.raises(UnreadableImageError, match="not a regular file") as e:
         decode_image(fifo, 3)
     assert e.value.reason == "not a regular file"
+
+
+def test_a_float_image_with_a_nan_pixel_is_named(tmp_path):
+    """Issue #29: a float TIFF with one NaN pixel gave a NaN feature row that kNN scored (exit 0)."""
+    from PIL import Image
+
+    from fastmae.data import UnreadableImageError, decode_image
+
+    a = np.full((8, 8), 0.5, dtype=np.float32)
+    a[2, 3] = np.nan
+    Image.fromarray(a).save(tmp_path / "nan.tif")
+    with pytest.raises(UnreadableImageError, match=r"nan.tif: 1 pixel NaN or infinite"):
+        decode_image(tmp_path / "nan.tif", 1)
+    a[2, 3] = 0.25
+    Image.fromarray(a).save(tmp_path / "ok.tif")
+    assert decode_image(tmp_path / "ok.tif", 1).shape == (1, 8, 8)
