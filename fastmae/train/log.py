@@ -18,6 +18,12 @@ class RunLogger:
     def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = Path(output_dir) / "log.jsonl"
+        for path in (self.path, Path(output_dir) / "tensorboard"):
+            wrong = path.is_dir() if path == self.path else (path.exists() and not path.is_dir())
+            if enabled and wrong:  # refused before training, not by an OSError after the first epoch
+                raise ValueError(f"{path} is a {'folder' if path.is_dir() else 'file'} where the run writes its "
+                                 f"{'log file' if path == self.path else 'TensorBoard folder'}; move it away or pass "
+                                 f"another --run.output_dir")
         self._tb_dir = Path(output_dir) / "tensorboard" if enabled and tensorboard else None
         self._tb = None
 

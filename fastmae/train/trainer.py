@@ -78,10 +78,10 @@ def setup(run: RunConfig, cfg, write_config: bool = True) -> Runtime:
     if dist.is_main:
         prepare_output_dir(out)
         lock = acquire_lock(out)
-        if write_config and not (run.resume or find_latest(out)):
-            save_json(cfg, out / "config.json")
+    logger = RunLogger(out, enabled=dist.is_main)  # checks its paths: a refused run writes nothing
+    if dist.is_main and write_config and not (run.resume or find_latest(out)):
+        save_json(cfg, out / "config.json")
     barrier(dist)
-    logger = RunLogger(out, enabled=dist.is_main)
     return Runtime(device=device, precision=precision.name, precision_label=str(precision), dist=dist, out_dir=out,
                    logger=logger, run=run, config=to_dict(cfg), lock=lock)
 

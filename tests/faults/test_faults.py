@@ -294,3 +294,15 @@ def test_a_held_lock_is_touched_while_the_run_lives(tmp_path, monkeypatch):
         assert time.time() - lock.stat().st_mtime < 5
     finally:
         runlock.release(lock)
+
+
+@pytest.mark.parametrize("what", ["log.jsonl", "tensorboard"])
+def test_a_log_path_of_the_wrong_kind_is_refused_before_training(tmp_path, capsys, what):
+    """Issue #29: log.jsonl as a folder ended in a traceback after the first epoch."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / what).mkdir() if what == "log.jsonl" else (out / what).write_text("x")
+    assert main(_args(tmp_path, out, 1)) == 2
+    line = _one_error_line(capsys)
+    assert f"{out / what} is a {'folder' if what == 'log.jsonl' else 'file'} where the run writes" in line
+    assert not C.list_checkpoints(out) and not (out / "config.json").exists()
