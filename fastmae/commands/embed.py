@@ -143,7 +143,7 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
     if cfg.embed.split == "train" and data.source != "fashion-mnist" and not data.eval_path:
         data = dataclasses.replace(data, eval_path=data.path)  # probe_encoder indexes an eval split; unused here
     encoder, train, val, _ = probe_encoder(cfg.init, cfg.model, data, rt, cfg.embed.batch_size)
-    written: list[Path] = []
+    computed = []  # every split's features before any file is written: a split that fails leaves the folder as it was
     for split, loader in (("train", train), ("eval", val)):
         if split not in split_names(cfg.embed.split):
             continue
@@ -154,11 +154,12 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
                 "path": cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path),
                 "rows": "files in " + f"{split}.txt" if files is not None else f"{cfg.data.source} {split} indices 0..N-1",
                 "shape": list(feats.shape), "classes": list(loader.classes)}
-        if rt.dist.is_main:
-            written += write_split(rt.out_dir, split, cfg.embed.format, feats,
-                                   labels if loader.num_classes > 0 else None, files, meta)
-            print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.embed.pool}) -> {written[-1].parent}")
+        computed.append((split, feats, labels if loader.num_classes > 0 else None, files, meta))
+    written: list[Path] = []
     if rt.dist.is_main:
+        for split, feats, labels, files, meta in computed:
+            written += write_split(rt.out_dir, split, cfg.embed.format, feats, labels, files, meta)
+            print0(rt.dist, f"{split}: features {tuple(feats.shape)} ({cfg.embed.pool}) -> {written[-1].parent}")
         written.append(write_config(rt))
     print0(rt.dist, f"done in {time.perf_counter() - t0:.0f}s: {', '.join(p.name for p in written)}")
     return written

@@ -89,3 +89,26 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys, argv, message):
     assert _embed(data, run, tmp_path / "bad", *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_split_that_fails_leaves_the_folder_as_it_was(trained, tmp_path, capsys):
+    """Issue #29: a corrupt evaluation image left new train features (and, with --embed.overwrite, beside the old
+    eval ones and the old config.json); then the rerun was refused. Now nothing is written unless every split is."""
+    _, run = trained
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    (tmp_path / "val" / "b" / "2.png").write_bytes(b"not a png")
+    out = tmp_path / "o"
+    args = ["embed", "--init", str(run), "--data.source", "folder", "--data.path", str(tmp_path / "train"),
+            "--data.eval_path", str(tmp_path / "val"), "--data.num_workers", "0", "--run.output_dir", str(out),
+            "--run.no_progress", "--run.precision", "fp32"]
+    assert main(args) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+    (tmp_path / "val" / "b" / "2.png").unlink()
+    assert main(args) == 0  # the rerun is not refused
+    assert (out / "train.safetensors").exists() and (out / "eval.safetensors").exists()
