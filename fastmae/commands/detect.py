@@ -197,10 +197,11 @@ def _limit(split: DetSplit, n: int) -> DetSplit:
 
 @torch.no_grad()
 def predict_split(model: DenseModel, loader: DetLoader, rt: Runtime) -> list[dict]:
-    """COCO results of every evaluation image (all ranks): boxes in the image's own pixels, original ids."""
+    """COCO results of every evaluation image (all ranks): boxes in the image's own pixels, original ids. Each
+    image's detections once, though DDP pads the ranks' shards with repeated images."""
     model.eval()
     loader.set_epoch(0)
-    split, results = loader.split, []
+    split, per_image = loader.split, {}
     for imgs, t in loader:
         with autocast(rt.device, rt.precision):
             out = model(imgs.to(rt.device))
@@ -208,10 +209,11 @@ def predict_split(model: DenseModel, loader: DetLoader, rt: Runtime) -> list[dic
             h, w = split.images[i].shape[-2:]
             b = xywh(unmap_boxes(boxes.cpu(), s, h, w))
             keep = (b[:, 2] > 0) & (b[:, 3] > 0)
-            results += [{"image_id": split.image_ids[i], "category_id": split.category_ids[c], "bbox": bb,
-                         "score": sc} for bb, sc, c in zip(b[keep].tolist(), scores.cpu()[keep].tolist(),
-                                                          labels.cpu()[keep].tolist())]
-    return [r for part in gather_objects(results, rt.dist) for r in part]
+            per_image[i] = [{"image_id": split.image_ids[i], "category_id": split.category_ids[c], "bbox": bb,
+                             "score": sc} for bb, sc, c in zip(b[keep].tolist(), scores.cpu()[keep].tolist(),
+                                                              labels.cpu()[keep].tolist())]
+    merged = {i: dets for part in gather_objects(per_image, rt.dist) for i, dets in part.items()}
+    return [r for i in sorted(merged) for r in merged[i]]
 
 
 def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int, min_score: float) -> Path:
