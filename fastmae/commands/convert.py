@@ -61,6 +61,16 @@ def convert(src: str | Path, dst: str | Path, to: formats.Target = "fastmae", nu
     src = find_source(Path(src).expanduser())
     sd, config = formats.read_file(src)
     kind, sd, kw, extra = formats.to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
+    try:
+        return _write(dst, to, src, kind, sd, kw, extra)
+    except BaseException:  # a full disk, a signal: no half set of files (e.g. weights without config.json) stays
+        for path in output_files(dst, to):  # none of them existed before (refused above)
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write(dst: str | Path, to: formats.Target, src: Path, kind: str, sd: dict, kw: dict, extra: dict) -> Path:
+    """Write the converted state dict in format `to`."""
     if to == "fastmae":
         meta = {"kind": kind, "model_kwargs": kw, "source": str(src), **extra}
         return formats.save_fastmae(dst, sd, meta)

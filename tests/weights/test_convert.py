@@ -389,3 +389,26 @@ def test_works_without_transformers(official, tmp_path, monkeypatch):
     assert meta["model_kwargs"]["num_heads"] == 4 and meta["mask_ratio"] == 0.75
     with pytest.raises(ImportError, match=r"fastmae\[hf\]"):
         convert_cmd.convert(out, tmp_path / "hf2", "hf")
+
+
+@pytest.mark.parametrize("to", ["hf", "fastmae"])
+def test_a_convert_that_fails_half_way_leaves_no_files(tmp_path, monkeypatch, to):
+    """Issue #29: a full disk while writing config.json left model.safetensors alone, and the rerun was refused."""
+    from fastmae.models.mae import MaskedAutoencoderViT
+    from fastmae.weights.checkpoint import DiskFullError
+    from fastmae.weights.convert import files
+
+    mae = MaskedAutoencoderViT(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": mae.state_dict()}, tmp_path / "mae.pth")
+
+    def full(path, text):
+        raise DiskFullError(f"no space left writing {path}")
+
+    monkeypatch.setattr(files, "_save_text", full)
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError):
+        convert_cmd.convert(tmp_path / "mae.pth", out, to, num_heads=2, decoder_num_heads=2)
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "mae.pth"] == []
+    monkeypatch.undo()
+    assert convert_cmd.convert(tmp_path / "mae.pth", out, to, num_heads=2, decoder_num_heads=2).exists()
