@@ -231,6 +231,16 @@ class ProbeModelConfig(EncoderConfig):
 
 
 @dataclass(frozen=True)
+class DenseModelConfig(EncoderConfig):
+    """The encoder under a dense-task head (segment, detect): its patch tokens after the final norm."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"drop_path": FRACTION}
+
+    drop_path: float = 0.0
+    """With --finetune: stochastic depth rate of the last block (linearly increasing from 0); frozen: unused."""
+
+
+@dataclass(frozen=True)
 class AugConfig:
     """Fine-tuning regularisation (the paper's ViT-B values are 0.8 / 1.0 / 0.1 / rand-m9 / 0.25)."""
 

@@ -23,10 +23,9 @@ import torch.nn as nn
 from PIL import ImageDraw
 
 from ..config import (
-    FRACTION,
     NON_NEGATIVE,
     POSITIVE_INT,
-    EncoderConfig,
+    DenseModelConfig,
     OptimConfig,
     Rule,
     RunConfig,
@@ -53,12 +52,7 @@ from ..models.detection import CenterNetHead
 from ..train.device import autocast
 from ..train.dist import gather_objects, print0
 from ..train.engine import Task
-from ..train.optim import (
-    build_adamw,
-    param_groups_lrd,
-    param_groups_weight_decay,
-    schedule,
-)
+from ..train.optim import build_adamw, param_groups_dense, schedule
 from ..train.runtime import Runtime
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
@@ -80,13 +74,8 @@ class DetDataConfig(SourceConfig):
 
 
 @dataclass(frozen=True)
-class DetModelConfig(EncoderConfig):
+class DetModelConfig(DenseModelConfig):
     """The encoder under the detection head (its patch tokens after the final norm, at --model.img_size)."""
-
-    RULES: ClassVar[dict[str, Rule]] = {"drop_path": FRACTION}
-
-    drop_path: float = 0.0
-    """With --finetune: stochastic depth rate of the last block (linearly increasing from 0); frozen: unused."""
 
 
 @dataclass(frozen=True)
@@ -252,14 +241,6 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
 # The command.
 
 
-def _optimizer_groups(model: DenseModel, cfg: DetectConfig) -> list[dict]:
-    """Head: full lr with weight decay on weights; with --finetune, encoder groups with layer-wise lr decay."""
-    groups = param_groups_weight_decay(model.head, cfg.optim.weight_decay)
-    if cfg.finetune:
-        groups += param_groups_lrd(model.encoder, cfg.optim.weight_decay, cfg.layer_decay)
-    return [g for g in groups if g["params"]]
-
-
 def run_detect(cfg: DetectConfig) -> dict:
     """Train a detection head (and, with --finetune, the encoder); write detect.json, detections.json and
     detections.png."""
@@ -288,7 +269,8 @@ def run_detect(cfg: DetectConfig) -> dict:
     head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
     model = DenseModel(encoder, head, cfg.finetune).to(rt.device)
     lr = schedule(cfg.optim, len(train_loader), d.world_size)
-    optimizer = build_adamw(_optimizer_groups(model, cfg), lr.peak, cfg.optim.betas, rt.device)
+    groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
+    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     mode = "fine-tuned" if cfg.finetune else "frozen"
     print0(d, f"detect: CenterNet head (stride {cfg.det.stride}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
               f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.images)} "

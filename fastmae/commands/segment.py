@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..config import (
-    FRACTION,
     NON_NEGATIVE,
     POSITIVE_INT,
-    EncoderConfig,
+    DenseModelConfig,
     OptimConfig,
     Rule,
     RunConfig,
@@ -51,12 +50,7 @@ from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
 from ..train.device import autocast
 from ..train.dist import all_reduce_mean, print0
 from ..train.engine import Task
-from ..train.optim import (
-    build_adamw,
-    param_groups_lrd,
-    param_groups_weight_decay,
-    schedule,
-)
+from ..train.optim import build_adamw, param_groups_dense, schedule
 from ..train.runtime import Runtime
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
@@ -76,13 +70,8 @@ class SegDataConfig(SourceConfig):
 
 
 @dataclass(frozen=True)
-class SegModelConfig(EncoderConfig):
+class SegModelConfig(DenseModelConfig):
     """The encoder under a segmentation head (its patch tokens after the final norm, at the data's own size)."""
-
-    RULES: ClassVar[dict[str, Rule]] = {"drop_path": FRACTION}
-
-    drop_path: float = 0.0
-    """With --finetune: stochastic depth rate of the last block (linearly increasing from 0); frozen: unused."""
 
 
 @dataclass(frozen=True)
@@ -231,14 +220,6 @@ def figure_rows(model: DenseModel, split_loader: SegLoader, n: int, device: torc
 # The command.
 
 
-def _optimizer_groups(model: DenseModel, cfg: SegmentConfig) -> list[dict]:
-    """Head: full lr with weight decay on weights; with --finetune, encoder groups with layer-wise lr decay."""
-    groups = param_groups_weight_decay(model.head, cfg.optim.weight_decay)
-    if cfg.finetune:
-        groups += param_groups_lrd(model.encoder, cfg.optim.weight_decay, cfg.layer_decay)
-    return [g for g in groups if g["params"]]
-
-
 def run_segment(cfg: SegmentConfig) -> dict:
     """Train a segmentation head (and, with --finetune, the encoder); write segment.json and segmentation.png."""
     validate(cfg)
@@ -265,7 +246,8 @@ def run_segment(cfg: SegmentConfig) -> dict:
     model = DenseModel(encoder, head, cfg.finetune)
     model = model.to(rt.device)
     lr = schedule(cfg.optim, len(train_loader), d.world_size)
-    optimizer = build_adamw(_optimizer_groups(model, cfg), lr.peak, cfg.optim.betas, rt.device)
+    groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
+    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     mode = "fine-tuned" if cfg.finetune else "frozen"
     print0(d, f"segment: {cfg.head} head on {mode} {bb.source} (ViT {encoder.embed_dim}x{len(encoder.blocks)}, "
               f"patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.masks)} train / "

@@ -154,3 +154,12 @@ def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], devic
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def param_groups_dense(model: nn.Module, weight_decay: float, finetune: bool, layer_decay: float) -> list[dict]:
+    """A DenseModel's groups: the head at the full lr with weight decay on its weights; with `finetune`, the
+    encoder's groups with layer-wise lr decay (frozen: none, its parameters take no gradient)."""
+    groups = param_groups_weight_decay(model.head, weight_decay)
+    if finetune:
+        groups += param_groups_lrd(model.encoder, weight_decay, layer_decay)
+    return [g for g in groups if g["params"]]
