@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment}`: one subcommand per
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect}`: one subcommand per
 config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
