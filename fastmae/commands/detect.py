@@ -11,7 +11,6 @@ pycocotools' COCOeval), detections.json (COCO results of the evaluation split) a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from ..train.engine import Task
 from ..train.optim import build_adamw, param_groups_dense, schedule
 from ..train.runtime import Runtime
 from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.backbone import data_for, dense_encoder, encoder_init, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
 
 DETECT_METRIC = ("map", "box mAP (%)")  # the key log.jsonl holds and its axis label
@@ -264,8 +263,7 @@ def run_detect(cfg: DetectConfig) -> dict:
                   scale_range=tuple(cfg.det.scale_range))
     train_loader = DetLoader(train, size, train=True, **common)
     val_loader = DetLoader(val, size, train=False, drop_last=False, **common)
-    encoder = build_classifier(bb, dataclasses.replace(cfg.model, img_size=size), num_classes=0, in_chans=channels, global_pool="token",
-                               drop_path=cfg.model.drop_path if cfg.finetune else 0.0)
+    encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
     head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
     model = DenseModel(encoder, head, cfg.finetune).to(rt.device)
     lr = schedule(cfg.optim, len(train_loader), d.world_size)

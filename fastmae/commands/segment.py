@@ -10,7 +10,6 @@ trainer.fit (resume, checkpoints, preemption); the loss is per-pixel cross entro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from ..train.engine import Task
 from ..train.optim import build_adamw, param_groups_dense, schedule
 from ..train.runtime import Runtime
 from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
+from ..weights.backbone import data_for, dense_encoder, encoder_init, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,8 +239,7 @@ def run_segment(cfg: SegmentConfig) -> dict:
                   world_size=d.world_size, num_classes=K, classes=classes, batch_size=cfg.optim.batch_size)
     train_loader = SegLoader(train, train=True, **common)
     val_loader = SegLoader(val, train=False, drop_last=False, **common)
-    encoder = build_classifier(bb, dataclasses.replace(cfg.model, img_size=size), num_classes=0, in_chans=channels,
-                               global_pool="token", drop_path=cfg.model.drop_path if cfg.finetune else 0.0)
+    encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
     head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
     model = DenseModel(encoder, head, cfg.finetune)
     model = model.to(rt.device)

@@ -235,15 +235,22 @@ def warn_empty_classes(split: DetSplit) -> list[str]:
 # The loader.
 
 
-def letterbox(img: torch.Tensor, size: tuple[int, int], scale: float, dx: int, dy: int, flip: bool) -> torch.Tensor:
-    """uint8 (C0, h, w) -> float (C0, H, W) in [0, 1]: resized by `scale` (bilinear, antialiased), placed at
-    (dx, dy), flipped; the rest is 0 (filled with the mean after normalisation, see DetLoader)."""
-    h, w = img.shape[-2:]
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+def placed_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """The size (h', w') an h x w image takes on the canvas at `scale` (at least one pixel)."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def letterbox(img: torch.Tensor, size: tuple[int, int], scale: float, dx: int, dy: int, flip: bool,
+              mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (C0, h, w) -> normalised float (C, H, W), mean and std (1, C, 1, 1): resized by `scale` (bilinear, antialiased),
+    normalised, placed at (dx, dy) on a canvas of 0 (the mean colour once normalised), then flipped."""
+    nh, nw = placed_size(*img.shape[-2:], scale)
     x = img.float().div_(255.0)[None]  # (1, C0, h, w)
-    if (nh, nw) != (h, w):
+    if (nh, nw) != tuple(img.shape[-2:]):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    out = torch.zeros(1, img.shape[0], *size)
+    C = mean.shape[1]
+    x = (x.expand(-1, C, -1, -1) - mean) / std  # (1, C, h', w')
+    out = torch.zeros(1, C, *size)
     out[..., dy : dy + nh, dx : dx + nw] = x[..., : size[0] - dy, : size[1] - dx]
     return out[0].flip(-1) if flip else out[0]
 
@@ -256,8 +263,8 @@ class DetLoader(SampledLoader):
                  **kw):
         super().__init__(len(split.images), img_size=img_size, **kw)
         self.split, self.scale_range = split, scale_range
-        self._mean = torch.tensor(self.mean).view(-1, 1, 1)  # (C, 1, 1)
-        self._std = torch.tensor(self.std).view(-1, 1, 1)
+        self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        self._std = torch.tensor(self.std).view(1, -1, 1, 1)
 
     def placement(self, i: int, g: torch.Generator | None) -> tuple[float, int, int, bool]:
         """(scale, dx, dy, flip) of image i: fitted at the top left for evaluation; in training a random scale of
@@ -269,7 +276,7 @@ class DetLoader(SampledLoader):
             return s, 0, 0, False
         lo, hi = self.scale_range
         s *= lo + (hi - lo) * float(torch.rand((), generator=g))
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        nh, nw = placed_size(h, w, s)
         dx = int(torch.randint(0, W - nw + 1, (), generator=g))
         dy = int(torch.randint(0, H - nh + 1, (), generator=g))
         return s, dx, dy, bool(self.hflip and float(torch.rand((), generator=g)) < 0.5)
@@ -278,14 +285,7 @@ class DetLoader(SampledLoader):
         """Image i on the canvas (C, H, W) normalised, with its canvas boxes."""
         s, dx, dy, flip = self.placement(i, g)
         img = self.split.images[i]
-        x = letterbox(img, self.img_size, s, dx, dy, flip)  # (C0, H, W)
-        placed = torch.zeros(1, *self.img_size)
-        h, w = img.shape[-2:]
-        placed[:, dy : dy + max(1, round(h * s)), dx : dx + max(1, round(w * s))] = 1
-        if flip:
-            placed = placed.flip(-1)
-        x = x.expand(self.channels, -1, -1)
-        x = torch.where(placed.bool(), (x - self._mean) / self._std, torch.zeros(()))  # padding = the mean colour
+        x = letterbox(img, self.img_size, s, dx, dy, flip, self._mean, self._std)  # (C, H, W)
         boxes = map_boxes(self.split.boxes[i], s, dx, dy)
         if flip:
             boxes = flip_boxes(boxes, self.img_size[1])

@@ -76,6 +76,14 @@ def build_classifier(bb: Weights, model_cfg: EncoderConfig, num_classes: int, in
     return model
 
 
+def dense_encoder(bb: Weights, model_cfg: EncoderConfig, size: tuple[int, int], in_chans: int, finetune: bool,
+                  drop_path: float = 0.0) -> VisionTransformer:
+    """The encoder of a dense task (segment, detect) at the canvas size, its final norm kept; stochastic depth only
+    when it is fine-tuned (a frozen encoder runs in eval mode)."""
+    return build_classifier(bb, dataclasses.replace(model_cfg, img_size=tuple(size)), num_classes=0, in_chans=in_chans,
+                            global_pool="token", drop_path=drop_path if finetune else 0.0)
+
+
 def load_into(model: nn.Module, state_dict: dict, source_grid: tuple[int, int], what: str,
               may_miss: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> list[str]:
     """Copy `state_dict` into `model`, the one way weights enter a model built at another size: position tables
