@@ -1,5 +1,6 @@
 """An encoder with a task head: the one model every head-training command builds (linear probe, segmentation;
-detection and pose heads plug in the same way).
+detection and pose heads plug in the same way; a task that reads the encoder
+its own way overrides `encode_features`, as pose does).
 
 The encoder is frozen (no gradients, eval mode, run under no_grad) unless `finetune`; then it trains with the head
 (layer-wise lr decay is the optimizer's business). `pool` picks the features the head reads, as `fastmae.encode`
@@ -24,13 +25,17 @@ class DenseModel(nn.Module):
             for p in encoder.parameters():
                 p.requires_grad_(False)
 
+    def encode_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The features the head reads (`fastmae.encode` with `pool`; a task may read the encoder its own way)."""
+        return encode(self.encoder, imgs, self.pool)
+
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
         """The encoder's features; without gradients (and in eval mode) when frozen."""
         if self.finetune:
-            return encode(self.encoder, imgs, self.pool)
+            return self.encode_features(imgs)
         with torch.no_grad():
             self.encoder.eval()
-            return encode(self.encoder, imgs, self.pool)
+            return self.encode_features(imgs)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(imgs).float())
