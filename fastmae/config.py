@@ -139,13 +139,16 @@ class MAEModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule: lr = blr x effective batch / 256, warmup then half-cycle cosine per step."""
+    """Optimiser and schedule: lr = blr x effective batch / 256, warmup then half-cycle cosine per step (or steps
+    down x0.1 at --optim.milestones)."""
 
     RULES: ClassVar[dict[str, Rule]] = {
         "epochs": POSITIVE_INT, "warmup_epochs": NON_NEGATIVE, "batch_size": POSITIVE_INT,
         "accum_iter": POSITIVE_INT, "blr": above(0), "lr": at_least(0, " (0 = from --optim.blr)"),
         "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "betas": each(FRACTION),
         "clip_grad": at_least(0, " (0 = off)"),
+        "milestones": ((lambda v: all(map(finite, v)) and list(v) == sorted(v) and all(m > 0 for m in v)),
+                       "increasing positive epochs"),
     }
 
     epochs: int = 20
@@ -164,6 +167,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 0.0
     """Clip the gradient norm to this value (0 = off)."""
+    milestones: tuple[float, ...] = ()
+    """Epochs at which the lr drops x0.1 after warmup (a step schedule, mmpose's MultiStepLR, e.g. 170 200); empty:
+    half-cycle cosine to min_lr."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Parameter groups, layer-wise lr decay, LARS, and the per-step lr schedule (pure).
 
-Schedules are pure functions of the global step: linear warmup, then half-cycle cosine.
+Schedules are pure functions of the global step: linear warmup, then half-cycle cosine (or x0.1 steps at milestones).
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ import torch
 import torch.nn as nn
 
 
-def lr_at(step: float, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """Learning rate at a (fractional) global step: linear warmup to peak, then half-cycle cosine to min_lr."""
+def lr_at(step: float, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0,
+          milestones: tuple[int, ...] = ()) -> float:
+    """Learning rate at a (fractional) global step: linear warmup to peak, then half-cycle cosine to min_lr, or,
+    with milestones (steps), peak x 0.1 per milestone passed."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
+    if milestones:
+        return peak_lr * 0.1 ** sum(step >= m for m in milestones)
     if total_steps <= warmup_steps:
         return peak_lr
     t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
@@ -37,9 +41,10 @@ class Schedule:
     warmup: int  # warmup steps
     min_lr: float
     effective_batch: int  # batch_size x accum_iter x world size
+    milestones: tuple[int, ...] = ()  # steps where the lr drops x0.1 (a step schedule); () = cosine
 
     def __call__(self, step: float) -> float:
-        return lr_at(step, self.total, self.warmup, self.peak, self.min_lr)
+        return lr_at(step, self.total, self.warmup, self.peak, self.min_lr, self.milestones)
 
 
 def schedule(optim, steps_per_epoch: int, world_size: int = 1) -> Schedule:
@@ -47,7 +52,8 @@ def schedule(optim, steps_per_epoch: int, world_size: int = 1) -> Schedule:
     effective = optim.batch_size * optim.accum_iter * world_size
     return Schedule(peak=scaled_lr(optim.blr, effective, optim.lr), total=optim.epochs * steps_per_epoch,
                     warmup=int(round(optim.warmup_epochs * steps_per_epoch)), min_lr=optim.min_lr,
-                    effective_batch=effective)
+                    effective_batch=effective,
+                    milestones=tuple(int(round(m * steps_per_epoch)) for m in getattr(optim, "milestones", ())))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from fastmae.config import OptimConfig
 from fastmae.metrics.knn import knn_accuracy, knn_scores
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import VisionTransformer
@@ -17,6 +18,7 @@ from fastmae.train.optim import (
     param_groups_lrd,
     param_groups_weight_decay,
     scaled_lr,
+    schedule,
 )
 
 from tests.conftest import TINY_MAE
@@ -33,6 +35,14 @@ def test_lr_schedule_warmup_peak_and_end():
     assert all(a <= b for a, b in zip(lrs[:100], lrs[1:101]))  # rising in warmup
     assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # falling after
     assert lr_at(500, total, 0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_step_schedule_drops_tenfold_at_each_milestone():
+    """--optim.milestones (epochs) become steps; warmup still comes first (mmpose: linear warmup, MultiStepLR)."""
+    s = schedule(OptimConfig(epochs=10, warmup_epochs=1, batch_size=64, blr=4e-3, milestones=(6.0, 8.5)), 10)
+    assert (s.warmup, s.milestones, s.peak) == (10, (60, 85), pytest.approx(1e-3))
+    assert s(5) == pytest.approx(5e-4)
+    assert [s(t) for t in (10, 59, 60, 84, 85, 99)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
 
 
 def test_scaled_lr_rule():
