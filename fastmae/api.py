@@ -21,7 +21,8 @@ from .models.encode import Pool, encode, feature_pool  # noqa: F401 (the public 
 from .models.mae import MAE_VARIANTS, MaskedAutoencoderViT
 from .models.vit import VARIANTS, VisionTransformer, variant_kwargs
 from .weights.backbone import load_into
-from .weights.read import Weights, default_stats, read_weights
+from .models.pose import PoseModel, build_pose
+from .weights.read import PoseWeights, Weights, default_stats, read_pose, read_weights
 
 # The decoder tensors every MAE has besides its blocks (12 tensors per decoder block, 'decoder_blocks.{i}.*').
 DECODER_KEYS = ("mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
@@ -61,11 +62,12 @@ def load(
 
     path_or_name:
       - a fastmae run folder (its newest checkpoint-*.pt) or training checkpoint (its .json gives the kwargs); a
-        `fastmae segment` run gives its encoder (the segmentation head and pyramid are left out);
+        `fastmae segment` or `detect` run gives its encoder (the head and pyramid are left out); a `fastmae pose`
+        run gives its `PoseModel` (encoder + heatmap head; `.encoder` is the ViT);
       - a fastmae export X.safetensors (+ X.json), or X without the extension (`fastmae convert --to fastmae`);
       - an official MAE .pth ({'model': state_dict}), a timm state dict (.pth/.safetensors);
       - a Hugging Face folder (config.json + weights) or weights file (ViTMAEForPreTraining, ViTMAEModel,
-        ViTForImageClassification);
+        ViTForImageClassification; a VitPoseForPoseEstimation folder gives a `PoseModel` with the same heatmaps);
       - a released checkpoint's name ('mae_visualize_vit_large', 'mae_pretrain_vit_base_full', see
         `fastmae.weights.hub.RELEASES`): downloaded once into $FASTMAE_CACHE (default ~/.cache/fastmae); official
         *_full.pth decoders predict normalised pixels (norm_pix_loss=True), the visualize ones raw pixels;
@@ -86,6 +88,9 @@ def load(
     p = Path(path_or_name).expanduser()
     name = str(path_or_name)
     is_file = p.exists() or p.with_name(p.name + ".safetensors").exists()
+    pose = read_pose(p) if is_file else None
+    if pose is not None:
+        return load_pose(pose).to(map_location).eval()
     if not is_file and name in MAE_VARIANTS:
         w = Weights("mae", None, variant_kwargs(name, MAE_VARIANTS, kind="MAE"), source=name)
     elif not is_file and name in VARIANTS:
@@ -96,6 +101,23 @@ def load(
     if w.kind == "mae" and norm_pix_loss is not None:
         w.model_kwargs["norm_pix_loss"] = norm_pix_loss
     return _attach_stats(build_model(w).to(map_location).eval(), w)
+
+
+def load_pose(pw: PoseWeights) -> PoseModel:
+    """The pose model of a `fastmae pose` run or a Hugging Face VitPose folder, weights loaded strictly, with
+    `data_mean` / `data_std` as `load` gives them; `model.encoder` is its ViT."""
+    model = build_pose(pw.kwargs)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(pw.state_dict)), sorted(set(pw.state_dict) - set(own))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in pw.state_dict.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"cannot load the pose model {pw.source}: missing {missing[:6]}, unexpected {unexpected[:6]}, "
+                         f"shape mismatches {shapes[:6]}")
+    model.load_state_dict(pw.state_dict, strict=True)
+    model.data_mean, model.data_std, model.data_stats_known = pw.mean, pw.std, pw.stats_known
+    model.source = pw.source
+    return model
 
 
 def _suggest_full(path: str) -> str:

@@ -1,5 +1,5 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect}`: one subcommand per
-config dataclass.
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose}`: one
+subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
 """
@@ -16,6 +16,7 @@ import tyro
 from .commands.bench import BenchConfig
 from .commands.convert import ConvertConfig
 from .commands.detect import DetectConfig
+from .commands.pose import PoseConfig
 from .commands.embed import EmbedConfig
 from .commands.finetune import FinetuneConfig
 from .commands.knn import KnnConfig
@@ -40,6 +41,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "embed": (EmbedConfig, "fastmae.commands.embed:run_embed"),
     "segment": (SegmentConfig, "fastmae.commands.segment:run_segment"),
     "detect": (DetectConfig, "fastmae.commands.detect:run_detect"),
+    "pose": (PoseConfig, "fastmae.commands.pose:run_pose"),
 }
 
 
@@ -96,7 +98,7 @@ def parse(argv: Sequence[str] | None) -> object:
             {n: cls for n, (cls, _) in COMMANDS.items()},
             prog="fastmae",
             description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, "
-                        "detect, visualize, convert, bench.",
+                        "detect, pose, visualize, convert, bench.",
             args=args,
             use_underscores=True,
             console_outputs=not quiet,

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from ..config import NON_NEGATIVE, Rule, image_size, validate
 from ..weights import convert as formats
-from ..weights.read import find_source
+from ..weights.read import PoseWeights, find_source, read_pose
 
 # ---------------------------------------------------------------------------------------------------
 # The flags (`fastmae convert --help`).
@@ -46,7 +46,8 @@ class ConvertConfig:
     or .pth file; official: a .pth file holding {'model': state_dict}."""
     to: Literal["fastmae", "hf", "timm", "official"] = "fastmae"
     """Target format. hf: MAE -> ViTMAEForPreTraining, encoder -> ViTMAEModel, cls-token classifier ->
-    ViTForImageClassification. timm/official keep the official names (timm drops an MAE's decoder)."""
+    ViTForImageClassification, `fastmae pose` run -> VitPoseForPoseEstimation. timm/official keep the official
+    names (timm drops an MAE's decoder); a pose or other dense-task run converts to its encoder."""
     model: ReadModelConfig = field(default_factory=ReadModelConfig)
 
 
@@ -59,9 +60,13 @@ def convert(src: str | Path, dst: str | Path, to: formats.Target = "fastmae", nu
         raise ValueError(f"{taken[0]} exists; fastmae convert does not overwrite files: pass another --output or "
                          f"remove it first")
     src = find_source(Path(src).expanduser())
-    sd, config = formats.read_file(src)
-    kind, sd, kw, extra = formats.to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
+    pose = read_pose(src) if to == "hf" else None
+    if pose is None:
+        sd, config = formats.read_file(src)
+        kind, sd, kw, extra = formats.to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
     try:
+        if pose is not None:
+            return _write_vitpose(dst, pose)
         return _write(dst, to, src, kind, sd, kw, extra)
     except BaseException:  # a full disk, a signal: no half set of files (e.g. weights without config.json) stays
         for path in output_files(dst, to):  # none of them existed before (refused above)
@@ -88,6 +93,16 @@ def _write(dst: str | Path, to: formats.Target, src: Path, kind: str, sd: dict, 
                if "mean" in extra and "std" in extra else None)
         return formats.save_hf(dst, hf_sd, hf_config, pre)
     raise ValueError(f"unknown target format {to!r}; choose fastmae, hf, timm or official")
+
+
+def _write_vitpose(dst: str | Path, pose: PoseWeights) -> Path:
+    """A pose model as a Hugging Face VitPoseForPoseEstimation folder (with a VitPoseImageProcessor config)."""
+    hf_sd, hf_config = formats.fastmae_to_hf_vitpose(pose.state_dict, pose.kwargs)
+    H, W = (int(v) for v in pose.kwargs["encoder"]["img_size"])
+    pre = {"image_processor_type": "VitPoseImageProcessor", "do_affine_transform": True,
+           "size": {"height": H, "width": W}, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "image_mean": list(pose.mean), "image_std": list(pose.std), "normalize_factor": 200.0}
+    return formats.save_hf(dst, hf_sd, hf_config, pre)
 
 
 def output_files(dst: str | Path, to: formats.Target) -> list[Path]:

@@ -14,7 +14,6 @@ negative example.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .coco_json import fail, read_coco_json
 from .decode import decode_image
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, mix_seed
@@ -143,26 +143,6 @@ def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tu
     return out
 
 
-def _fail(path: Path, problem: str, fix: str = "") -> ValueError:
-    return ValueError(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotations file {path} does not exist; pass the COCO instances JSON of the "
-                                f"images") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"not a readable JSON file ({e})", "pass a COCO instances JSON") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
-                                                                                     "categories")):
-        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
-        raise _fail(path, f"not COCO instances annotations (needs lists 'images', 'annotations', 'categories'; "
-                          f"found {keys})", "pass a COCO instances JSON (e.g. instances_train2017.json)")
-    return data
-
-
 def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[str, str],
               categories: Sequence[tuple[int, str]] = ()) -> DetSplit:
     """The images under `images_root` named by a COCO instances file, with their boxes, checked.
@@ -172,33 +152,33 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
     """
     root = check_dir(images_root, flags[0])
     path = Path(annotations)
-    data = _read_json(path)
+    data = read_coco_json(path)
     try:
         cats = [(int(c["id"]), str(c.get("name", c["id"]))) for c in data["categories"]]
         images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
     except (KeyError, TypeError, ValueError) as e:
-        raise _fail(path, f"an image or category lacks its id or file_name ({e!r})",
+        raise fail(path, f"an image or category lacks its id or file_name ({e!r})",
                     "every image needs 'id' and 'file_name', every category 'id' and 'name'") from None
     cats = list(categories) or sorted(cats)
     index = {cid: k for k, (cid, _) in enumerate(cats)}
     own = {int(c["id"]) for c in data["categories"]}
     if categories and own - set(index):
-        raise _fail(path, f"categories {sorted(own - set(index))} are not in the training annotations",
+        raise fail(path, f"categories {sorted(own - set(index))} are not in the training annotations",
                     "use one category list for both splits")
     per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i, _ in images}
     for a in data["annotations"]:
         try:
             img_id, cid, bbox = int(a["image_id"]), int(a["category_id"]), [float(v) for v in a["bbox"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise _fail(path, f"annotation {a.get('id', '?') if isinstance(a, dict) else a!r} lacks image_id, "
+            raise fail(path, f"annotation {a.get('id', '?') if isinstance(a, dict) else a!r} lacks image_id, "
                               f"category_id or a numeric bbox ({e!r})", "each needs bbox [x, y, w, h]") from None
         if img_id not in per_image:
-            raise _fail(path, f"annotation {a.get('id', '?')} names image_id {img_id}, which is not in 'images'")
+            raise fail(path, f"annotation {a.get('id', '?')} names image_id {img_id}, which is not in 'images'")
         if cid not in index:
-            raise _fail(path, f"annotation {a.get('id', '?')} has category_id {cid}, which is not in 'categories'",
+            raise fail(path, f"annotation {a.get('id', '?')} has category_id {cid}, which is not in 'categories'",
                         f"known ids: {sorted(index)[:10]}")
         if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox) or bbox[2] <= 0 or bbox[3] <= 0:
-            raise _fail(path, f"annotation {a.get('id', '?')} has bbox {bbox}: a box is [x, y, w, h] with w, h > 0")
+            raise fail(path, f"annotation {a.get('id', '?')} has bbox {bbox}: a box is [x, y, w, h] with w, h > 0")
         if not a.get("iscrowd", 0):
             per_image[img_id].append((bbox, index[cid]))
     split = DetSplit([], [], [], [], [], [n for _, n in cats], [c for c, _ in cats], data)
@@ -212,7 +192,7 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
         boxes = torch.tensor([b for b, _ in per_image[img_id]], dtype=torch.float32).view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         if len(boxes) and (boxes[:, :2].min() < -0.5 or boxes[:, 2].max() > w + 0.5 or boxes[:, 3].max() > h + 0.5):
-            raise _fail(path, f"a box of image {name} (id {img_id}) lies outside the {w}x{h} (WxH) image",
+            raise fail(path, f"a box of image {name} (id {img_id}) lies outside the {w}x{h} (WxH) image",
                         "boxes are [x, y, w, h] in the image's pixels")
         split.images.append(x.mul(255).round_().to(torch.uint8))
         split.boxes.append(boxes.clamp(min=0))

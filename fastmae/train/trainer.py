@@ -168,8 +168,9 @@ def restore_rank_state(rt: Runtime, state: dict, prog: "Progress") -> None:
                         f"{rt.dist.world_size}: random streams restart, the run is not bit-for-bit anymore")
 
 
+# checkpoint meta 'kind' -> the command that writes it
 COMMAND_OF_KIND = {"mae": "fastmae pretrain", "vit": "fastmae finetune", "linprobe": "fastmae linprobe",
-                   "segmenter": "fastmae segment"}  # checkpoint meta 'kind' -> the command that writes it
+                   "segmenter": "fastmae segment", "detector": "fastmae detect", "pose": "fastmae pose"}
 
 
 def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -20,7 +20,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..models.vit import to_2tuple
 from . import hub
 from .checkpoint import find_latest
-from .convert import HF_WEIGHT_FILES, Kind, read_file, to_fastmae
+from .convert import HF_WEIGHT_FILES, Kind, hf_vitpose_to_fastmae, is_vitpose, read_file, to_fastmae
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
 ENCODER_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -122,3 +122,38 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
                           + "; pass --data.mean/--data.std (and --model.norm_pix_loss) if they differ",
                           RuntimeWarning, stacklevel=2)
     return Weights(kind, sd, kw, tuple(float(m) for m in mean), tuple(float(s) for s in std), known, str(src), extra)
+
+
+@dataclass
+class PoseWeights:
+    """A whole pose model (`fastmae pose` run or Hugging Face VitPose): its state dict (encoder.*, head.*), the
+    pose kwargs of models.pose.build_pose, and the data normalisation it was trained with."""
+
+    state_dict: dict[str, torch.Tensor]
+    kwargs: dict
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stats_known: bool
+    source: str
+
+
+def read_pose(path: str | Path) -> PoseWeights | None:
+    """The pose model a path holds (a `fastmae pose` run or checkpoint, a Hugging Face VitPose folder), or None
+    when it holds another kind of model."""
+    try:
+        src = find_source(Path(path).expanduser())
+    except FileNotFoundError:
+        return None
+    sd, config = read_file(src)
+    if is_vitpose(sd):
+        sd, kw = hf_vitpose_to_fastmae(sd, config)
+        stats = _hf_stats(src) if src.is_dir() else None
+    elif config.get("kind") == "pose" and isinstance(config.get("model_kwargs"), dict):
+        kw = dict(config["model_kwargs"])
+        stats = (config["mean"], config["std"]) if config.get("mean") and config.get("std") else None
+    else:
+        return None
+    channels = int(kw["encoder"]["in_chans"])
+    known = stats is not None and len(stats[0]) == channels and len(stats[1]) == channels
+    mean, std = stats if known else default_stats(channels)
+    return PoseWeights(dict(sd), kw, tuple(map(float, mean)), tuple(map(float, std)), known, str(src))

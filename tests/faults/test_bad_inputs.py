@@ -107,7 +107,7 @@ PARSE_CASES = [
     (["convert"], "missing required --init, --output; see `fastmae convert --help`"),
     (["segment", "--head", "nope"], "invalid choice 'nope' for argument '--head'"),
     (["segment", "--finetune=1"], "--finetune takes no value, got '1'; give it alone to switch it on"),
-    (["knn", "--model.drop_path", "0.1"], "--model.drop_path (finetune, segment, detect)"),
+    (["knn", "--model.drop_path", "0.1"], "--model.drop_path (finetune, segment, detect, pose)"),
     (["finetune", "--recipe", "fmnist-small", "--optim.epoch", "3"], "did you mean --optim.epochs?"),
     (["pretrain", "--data.hflip", "3"], "unexpected argument '3' after --data.hflip, which takes no value"),
     (["pretrain", "extra"], "unexpected argument 'extra': fastmae pretrain takes --flags only"),

@@ -71,17 +71,19 @@ from .hf import (
     hf_vit_to_fastmae,
 )
 from .tables import fastmae_to_timm, mae_encoder, timm_to_fastmae
+from .vitpose import fastmae_to_hf_vitpose, hf_vitpose_to_fastmae, is_vitpose
 
 
-def segmenter_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int]:
-    """A dense-task checkpoint (`fastmae segment`, `fastmae detect`) as its encoder: the weights under 'encoder.'
+def segmenter_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int, Any]:
+    """A dense-task checkpoint (`fastmae segment`, `detect`, `pose`) as its encoder: the weights under 'encoder.'
     (the head and the feature pyramid stay behind), the metadata without the task model's kwargs, and its encoder's
-    heads (0: unknown)."""
+    heads (0: unknown) and image size (None: unknown)."""
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     kw = config.get("model_kwargs")
     enc_kw = kw.get("encoder") if isinstance(kw, Mapping) else None
     heads = int(enc_kw.get("num_heads", 0)) if isinstance(enc_kw, Mapping) else 0
-    return enc, {k: v for k, v in config.items() if k not in ("kind", "model_kwargs")}, heads
+    size = enc_kw.get("img_size") if isinstance(enc_kw, Mapping) else None
+    return enc, {k: v for k, v in config.items() if k not in ("kind", "model_kwargs")}, heads, size
 
 
 def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, decoder_num_heads: int = 0,
@@ -90,13 +92,18 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
 
     config: HF config.json or fastmae sidecar metadata ({} if none). Heads: explicit > config > table.
     """
+    source = ""
+    if is_vitpose(sd):  # a Hugging Face VitPose: its encoder, as that of a fastmae pose model
+        sd, pose_kw = hf_vitpose_to_fastmae(sd, config)
+        config, source = {"kind": "pose", "model_kwargs": pose_kw}, "hf-vitpose"
     segmenter = "encoder.patch_embed.proj.weight" in sd and "patch_embed.proj.weight" not in sd
     dense_kind = str(config.get("kind") or "segmenter")
     if segmenter:  # its encoder, sizes from the weights
-        sd, config, heads = segmenter_encoder(sd, config)
+        sd, config, heads, size = segmenter_encoder(sd, config)
         num_heads = num_heads or heads
+        img_size = img_size or (tuple(size) if isinstance(size, (list, tuple)) else size)
     fmt = detect_format(sd)
-    extra: dict[str, Any] = {"source_format": f"fastmae-{dense_kind}" if segmenter else fmt}
+    extra: dict[str, Any] = {"source_format": source or (f"fastmae-{dense_kind}" if segmenter else fmt)}
     if fmt == "hf-vitmae-pretraining":
         out, kw = hf_mae_to_fastmae(sd, config or None, num_heads, decoder_num_heads)
         extra["mask_ratio"] = float(config.get("mask_ratio", 0.75)) if config else 0.75
@@ -129,7 +136,7 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
 __all__ = [
     "DECODER_HEADS", "ENCODER_HEADS", "HF_PREPROCESSOR", "HF_WEIGHT_FILES", "Format", "HFStyle", "Kind", "StateDict", "Target",
     "check_state_dict", "default_num_heads", "detect_format", "expected_shapes",
-    "fastmae_to_hf_mae", "fastmae_to_hf_vit", "fastmae_to_timm", "hf_key_map", "hf_mae_to_fastmae",
+    "fastmae_to_hf_mae", "fastmae_to_hf_vit", "fastmae_to_hf_vitpose", "hf_vitpose_to_fastmae", "is_vitpose", "fastmae_to_timm", "hf_key_map", "hf_mae_to_fastmae",
     "hf_preprocessor_config", "hf_vit_to_fastmae", "infer_mae_kwargs", "infer_vit_kwargs", "kind_of", "mae_encoder",
     "read_file", "save_fastmae", "save_hf", "save_official", "save_timm", "timm_to_fastmae", "to_fastmae",
     "unwrap_state_dict",

@@ -1,0 +1,385 @@
+"""`fastmae pose`: top-down 2D keypoints on an encoder's last map with a light heatmap head (ViTPose), COCO keypoints
+in and out, scored by pycocotools (OKS AP) and PCK.
+
+Shapes: B batch, C channels, H, W crop (--model.img_size), K keypoints. Each instance is cropped from its box
+(data/pose.py: x1.25, the crop's aspect ratio, an affine warp; training adds scale, rotation and flip), the encoder
+(any checkpoint --init accepts, a Hugging Face VitPose folder, or `random`) reads the crop as ViTPose does and a
+simple or classic head gives K heatmaps (models/pose.py), frozen unless --finetune (layer-wise lr decay).
+Predictions (flip test, DARK decode) go back to each image's pixels through the crop's inverse matrix. Training
+runs through trainer.fit (resume, checkpoints, preemption, DDP). Outputs: pose.json (ap, ap50, ap75, ar by
+COCOeval with the OKS sigmas used, pck, sigmas), keypoints.json (COCO results of the evaluation split), pose.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from PIL import ImageDraw
+
+from ..config import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    DenseModelConfig,
+    OptimConfig,
+    Rule,
+    RunConfig,
+    SourceConfig,
+    above,
+    at_least,
+    finite,
+    validate,
+)
+from ..data.build import source_norm_stats
+from ..data.pose import (
+    PoseLoader,
+    PoseSplit,
+    apply_matrix,
+    fashion_pose_scenes,
+    pose_coco_dict,
+    read_coco_keypoints,
+    report_skipped,
+    sigmas_for,
+    unmap_keypoints,
+)
+from ..figures.curves import plot_learning_curve
+from ..figures.grid import enlargement, save_grid, to_pil
+from ..metrics.pose import coco_keypoint_metrics, pck
+from ..models.pose import PoseModel, build_head, flip_index, set_norm_eps, vitpose_padding
+from ..models.vit import LN_EPS
+from ..train.device import autocast
+from ..train.dist import gather_objects, print0
+from ..train.engine import Task
+from ..train.optim import build_adamw, param_groups_dense, schedule
+from ..train.runtime import Runtime
+from ..train.trainer import fit, model_meta, setup
+from ..weights.backbone import data_for, dense_encoder, encoder_init, encoder_kwargs
+from ..weights.checkpoint import atomic_write_text
+from ..weights.read import read_pose
+
+POSE_METRIC = ("ap", "OKS AP (%)")  # the key log.jsonl holds and its axis label
+KEYPOINT_SCORE = 0.2  # mmpose: an instance's score is the mean of its keypoint scores above this
+FASHION_CROP = (32, 32)  # the crop of the built-in task when --model.img_size is unset
+COCO_CROP = (256, 192)  # ViTPose's crop for COCO files
+
+
+# ---------------------------------------------------------------------------------------------------
+# The flags (`fastmae pose --help`).
+
+
+@dataclass(frozen=True)
+class PoseDataConfig(SourceConfig):
+    """Keypoint images: Fashion-MNIST garment scenes (seven landmarks per garment) or COCO keypoints files."""
+
+    source: Literal["fashion-mnist", "coco"] = "fashion-mnist"
+    """fashion-mnist: scenes of warped garments (--pose.*); coco: images under --data.path named by
+    --pose.annotations (and --data.eval_path with --pose.eval_annotations)."""
+
+
+@dataclass(frozen=True)
+class PoseModelConfig(DenseModelConfig):
+    """The encoder under the pose head, at --model.img_size (the crop: default 32 32 on the built-in task, 256 192
+    on COCO files)."""
+
+
+@dataclass(frozen=True)
+class PoseParams:
+    """Keypoint data, head and evaluation."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "train_images": POSITIVE_INT, "eval_images": POSITIVE_INT,
+        "scene_size": at_least(28, " (the Fashion-MNIST item size)"), "garments": POSITIVE_INT,
+        "channels": POSITIVE_INT, "sigma": above(0), "figure_rows": NON_NEGATIVE,
+        "eval_every": at_least(0, " (0 = only at the end)"),
+        "sigmas": ((lambda v: all(finite(s) and s > 0 for s in v)), "positive"),
+        "flip_pairs": ((lambda v: len(v) % 2 == 0 and all(i >= 0 for i in v)),
+                       "an even number of 0-based keypoint indices (pairs)"),
+        "scale_range": ((lambda v: len(v) == 2 and all(map(finite, v)) and 0 < v[0] <= v[1]),
+                        "(min, max) with 0 < min <= max"),
+        "rotation": ((lambda v: finite(v) and 0 <= v <= 180), "in [0, 180] degrees"),
+    }
+
+    annotations: str = ""
+    """--data.source coco: the COCO keypoints JSON of --data.path (e.g. person_keypoints_train2017.json)."""
+    eval_annotations: str = ""
+    """--data.source coco: the COCO keypoints JSON of --data.eval_path."""
+    train_images: int = 2000
+    """Fashion-MNIST scenes built from the train split."""
+    eval_images: int = 500
+    """Fashion-MNIST scenes built from the t10k split."""
+    scene_size: int = 64
+    """Scene height and width in pixels."""
+    garments: int = 2
+    """Most garments in one scene (each has 1 to this many)."""
+    head: Literal["simple", "classic"] = "simple"
+    """simple: ReLU, bilinear x4, 3x3 conv (ViTPose-simple); classic: two 4x4 stride-2 deconvolutions + BatchNorm +
+    ReLU, 1x1 conv (ViTPose)."""
+    channels: int = 256
+    """Width of the classic head's deconvolutions (256 in ViTPose and Hugging Face's VitPose)."""
+    sigma: float = 2.0
+    """Gaussian sigma of the heatmap targets in heatmap pixels (2 at ViTPose's 64x48)."""
+    sigmas: tuple[float, ...] = ()
+    """OKS sigmas, one per keypoint (empty: COCO's 17 for COCO's keypoint names, else 0.067 each)."""
+    flip_pairs: tuple[int, ...] = ()
+    """Keypoints that swap under a left-right flip, as pairs of 0-based indices (e.g. 1 2 3 4); empty: from the
+    names (left_* <-> right_*)."""
+    flip_test: bool = True
+    """Average the heatmaps of each crop and its mirror image at evaluation (mmpose's flip test)."""
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    """Training scale augmentation: the box is resized by a random factor in this range before cropping."""
+    rotation: float = 30.0
+    """Training rotation augmentation: up to this many degrees either way, on 60% of the crops (mmpose)."""
+    eval_every: int = 0
+    """Also score the evaluation split every N epochs (OKS AP and PCK in log.jsonl and learning_curve.png;
+    0 = only at the end)."""
+    figure_rows: int = 6
+    """Evaluation instances shown in pose.png."""
+
+
+@dataclass(frozen=True)
+class PoseConfig:
+    """2D keypoints on a frozen (or fine-tuned) encoder: OKS AP (pycocotools) and PCK on the evaluation split."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"layer_decay": ((lambda v: finite(v) and 0 < v <= 1), "in (0, 1]")}
+
+    init: str = "runs/pretrain"
+    """MAE/ViT checkpoint file or run folder, a `fastmae pose` run or Hugging Face VitPose folder (its head too when
+    the keypoints and head match), or 'random' for a randomly initialised encoder."""
+    recipe: Literal["", "vitpose"] = ""
+    """A named recipe (fastmae/recipes.py) as the starting point; flags given with it override its values."""
+    finetune: bool = False
+    """Train the encoder too (layer-wise lr decay, --layer_decay); default: frozen encoder, only the head trains."""
+    layer_decay: float = 0.75
+    """With --finetune: block i gets lr x layer_decay^(depth + 1 - i); the head gets the full lr."""
+    data: PoseDataConfig = field(default_factory=PoseDataConfig)
+    model: PoseModelConfig = field(default_factory=PoseModelConfig)
+    pose: PoseParams = field(default_factory=PoseParams)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=10, warmup_epochs=1.0, batch_size=64, blr=2e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pose"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+def pose_splits(data: PoseDataConfig, pose: PoseParams, channels: int, seed: int) -> tuple[PoseSplit, PoseSplit]:
+    """(train, eval): Fashion-MNIST garment scenes or COCO keypoints files."""
+    if data.source == "fashion-mnist":
+        args = (pose.scene_size, pose.garments, seed)
+        train = fashion_pose_scenes(data.path, "train", pose.train_images, *args)
+        val = fashion_pose_scenes(data.path, "eval", pose.eval_images, *args)
+    else:
+        if not pose.annotations:
+            raise ValueError("--data.source coco needs --pose.annotations FILE (the COCO keypoints JSON of "
+                             "--data.path)")
+        if not (data.eval_path and pose.eval_annotations):
+            raise ValueError("no evaluation data: pass --data.eval_path DIR (images) and --pose.eval_annotations FILE "
+                             "(their COCO keypoints JSON)")
+        train = read_coco_keypoints(data.path, pose.annotations, channels, ("--data.path", "--pose.annotations"))
+        val = read_coco_keypoints(data.eval_path, pose.eval_annotations, channels,
+                                  ("--data.eval_path", "--pose.eval_annotations"), like=train)
+    if data.limit > 0:
+        train, val = (_limit(s, data.limit) for s in (train, val))
+    for split, what in ((train, "training"), (val, "evaluation")):
+        if not len(split.boxes):
+            raise ValueError(f"the {what} annotations hold no instance with a box and a labelled keypoint; pass "
+                             f"COCO keypoints annotations with some")
+    return train, val
+
+
+def _limit(split: PoseSplit, n: int) -> PoseSplit:
+    """The first n instances of a split (and the ground truth of just those)."""
+    out = PoseSplit(split.images, split.image_ids, split.names, split.owner[:n], split.boxes[:n], split.keypoints[:n],
+                    split.keypoint_names, split.skeleton, split.category_id, split.category,
+                    None if split.areas is None else split.areas[:n], skipped=split.skipped)
+    out.coco = pose_coco_dict(out)
+    return out
+
+
+def flip_of(names: list[str], pairs: tuple[int, ...]) -> list[int]:
+    """The flip index from --pose.flip_pairs (checked against K), else from the names."""
+    K = len(names)
+    if any(i >= K for i in pairs):
+        raise ValueError(f"--pose.flip_pairs {list(pairs)} names keypoints beyond the {K} of the data (0..{K - 1})")
+    return flip_index(names, list(zip(pairs[::2], pairs[1::2])))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Predictions and the figure.
+
+
+@torch.no_grad()
+def predict_split(model: PoseModel, loader: PoseLoader, rt: Runtime, flip_test: bool) -> dict[int, torch.Tensor]:
+    """Keypoints (K, 3) x y score in image pixels of every evaluation instance (all ranks), by instance index."""
+    model.eval()
+    loader.set_epoch(0)
+    per_instance = {}
+    for crops, t in loader:
+        with autocast(rt.device, rt.precision):
+            crops = crops.to(rt.device)
+            heat = model.flip_test(crops) if flip_test else model(crops)
+        xy, scores = model.head.predict(heat.float())
+        xy = unmap_keypoints(xy.cpu(), t["matrix"])  # (B, K, 2) image pixels
+        for i, p, s in zip(t["index"].tolist(), xy, scores.cpu()):
+            per_instance[i] = torch.cat([p, s[:, None]], 1)
+    return {i: k for part in gather_objects(per_instance, rt.dist) for i, k in part.items()}
+
+
+def coco_results(split: PoseSplit, preds: dict[int, torch.Tensor]) -> list[dict]:
+    """COCO keypoint results: one per instance, its score the mean of its keypoint scores above KEYPOINT_SCORE."""
+    out = []
+    for i in sorted(preds):
+        k = preds[i]
+        good = k[:, 2] > KEYPOINT_SCORE
+        score = float(k[good, 2].mean()) if good.any() else 0.0
+        out.append({"image_id": split.image_ids[int(split.owner[i])], "category_id": split.category_id,
+                    "keypoints": [round(v, 3) for v in k.flatten().tolist()], "score": score})
+    return out
+
+
+def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: Path, rows: int) -> Path:
+    """Per evaluation instance, its crop with the true (green) and the predicted (red) skeleton and keypoints."""
+    split = loader.split
+    cells = []
+    mean, std = torch.tensor(loader.mean).view(-1, 1, 1), torch.tensor(loader.std).view(-1, 1, 1)
+    for i in range(min(rows, len(split.boxes))):
+        crop, t = loader.sample(i, None)
+        img = (crop * std + mean).clamp(0, 1)
+        scale = enlargement(*img.shape[-2:], 160)
+        truth = torch.cat([t["keypoints"], t["weights"][:, None]], 1)  # (K, 3) crop pixels, labelled
+        pred = preds[i].clone()
+        pred[:, :2] = apply_matrix(t["matrix"], pred[:, :2])
+        panels = []
+        for kp, colour, thr in ((truth, (40, 200, 40), 0.5), (pred, (230, 40, 40), KEYPOINT_SCORE)):
+            pil = to_pil(img, scale)
+            draw = ImageDraw.Draw(pil)
+            pts = [(float(x) * scale, float(y) * scale) if v > thr else None for x, y, v in kp.tolist()]
+            for a, b in split.skeleton:
+                if pts[a] and pts[b]:
+                    draw.line([pts[a], pts[b]], fill=colour, width=2)
+            for p in pts:
+                if p:
+                    draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+            panels.append(pil)
+        cells.append(panels)
+    return save_grid(("ground truth", f"prediction (score > {KEYPOINT_SCORE})"), cells, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command.
+
+
+def run_pose(cfg: PoseConfig) -> dict:
+    """Train a pose head (and, with --finetune, the encoder); write pose.json, keypoints.json and pose.png."""
+    validate(cfg)
+    rt = setup(cfg.run, cfg)
+    d = rt.dist
+    t0 = time.perf_counter()
+    bb = encoder_init(cfg.init, cfg.model)
+    whole = read_pose(cfg.init) if cfg.init != "random" else None  # a pose model: its head may come along
+    data_cfg = data_for(bb, cfg.data)
+    channels = data_cfg.channels or (1 if data_cfg.source == "fashion-mnist" else 3)
+    train, val = pose_splits(data_cfg, cfg.pose, channels, cfg.run.seed)
+    for split, what in ((train, "training"), (val, "evaluation")):
+        if report_skipped(split, what):
+            print0(d, report_skipped(split, what))
+    size = (tuple(cfg.model.img_size) if cfg.model.img_size[0]
+            else FASHION_CROP if data_cfg.source == "fashion-mnist" else COCO_CROP)
+    patch = bb.model_kwargs["patch_size"]
+    if size[0] % patch or size[1] % patch:
+        raise ValueError(f"the crop {size[0]}x{size[1]} (HxW) is not a multiple of the encoder's patch size {patch}: "
+                         f"pass --model.img_size with multiples of {patch}")
+    names, K = train.keypoint_names, len(train.keypoint_names)
+    flip = flip_of(names, tuple(cfg.pose.flip_pairs))
+    sigmas, sigmas_from = sigmas_for(names, cfg.pose.sigmas)
+    mean, std = source_norm_stats(data_cfg, channels)
+    common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
+                  world_size=d.world_size, batch_size=cfg.optim.batch_size, flip=flip,
+                  scale_range=tuple(cfg.pose.scale_range), rotation=cfg.pose.rotation)
+    train_loader = PoseLoader(train, size, train=True, **common)
+    val_loader = PoseLoader(val, size, train=False, drop_last=False, **common)
+    encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
+    norm_eps = float(whole.kwargs.get("norm_eps", LN_EPS)) if whole else LN_EPS
+    set_norm_eps(encoder, norm_eps)
+    head = build_head(cfg.pose.head, encoder.embed_dim, K, patch, cfg.pose.sigma, cfg.pose.channels)
+    head_from = "new"
+    if whole and whole.kwargs["head"] == cfg.pose.head and int(whole.kwargs["num_keypoints"]) == K:
+        own = head.state_dict()
+        sd = {k[len("head."):]: v for k, v in whole.state_dict.items() if k.startswith("head.")}
+        if {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in own.items()}:
+            head.load_state_dict(sd, strict=True)
+            head_from = f"from {cfg.init}"
+    padding = int(whole.kwargs.get("patch_padding", 0)) if whole else vitpose_padding(patch)
+    model = PoseModel(encoder, head, cfg.finetune, padding, names, flip, train.skeleton, sigmas).to(rt.device)
+    lr = schedule(cfg.optim, len(train_loader), d.world_size)
+    groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
+    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
+    mode = "fine-tuned" if cfg.finetune else "frozen"
+    print0(d, f"pose: {cfg.pose.head} head ({head_from}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
+              f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.boxes)} "
+              f"train / {len(val.boxes)} eval instances, {K} keypoints, {size[0]}x{size[1]} crops | OKS sigmas "
+              f"{sigmas_from} | lr {lr.peak:.3g} | {rt.precision_label} on {rt.device} x{d.world_size}")
+
+    def loss_fn(m: nn.Module, imgs: torch.Tensor, targets: dict) -> torch.Tensor:
+        return head.loss(m(imgs), targets)
+
+    kwargs = {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "head": cfg.pose.head,
+              "num_keypoints": K, "channels": cfg.pose.channels, "sigma": cfg.pose.sigma, "patch_padding": padding,
+              "norm_eps": norm_eps, "names": names, "flip": flip, "skeleton": [list(e) for e in train.skeleton],
+              "sigmas": sigmas}
+    meta = model_meta("pose", kwargs, cfg, mean=list(mean), std=list(std), init=cfg.init)
+    scored: dict[int, tuple[dict, dict]] = {}  # epoch -> (predictions, metrics)
+
+    def score(epoch: int) -> tuple[dict, dict]:
+        if epoch not in scored:
+            preds = predict_split(model, val_loader, rt, cfg.pose.flip_test)
+            results = coco_results(val, preds)
+            order = sorted(preds)
+            metrics = coco_keypoint_metrics(val.coco, results, sigmas)
+            p = pck(torch.stack([preds[i][:, :2] for i in order]), val.keypoints[order], val.boxes[order])
+            metrics["pck"] = {k.split("@")[1]: v for k, v in p.items()}
+            scored.clear()
+            scored[epoch] = (preds, metrics)
+        return scored[epoch]
+
+    def on_epoch_end(epoch: int, m: nn.Module, progress) -> dict:
+        every = cfg.pose.eval_every
+        if not every or ((epoch + 1) % every and epoch + 1 != cfg.optim.epochs):
+            return {}
+        metrics = score(epoch)[1]
+        return {"ap": metrics["ap"], "ap50": metrics["ap50"], "pck@0.1": metrics["pck"]["0.1"]}
+
+    task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
+                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
+    prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
+    if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
+        return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
+    preds, metrics = score(cfg.optim.epochs - 1)
+    result = {**metrics, "sigmas": sigmas, "sigmas_from": sigmas_from, "init": cfg.init, "finetune": cfg.finetune,
+              "head": cfg.pose.head, "epochs": cfg.optim.epochs, "num_keypoints": K, "keypoints": names,
+              "train": len(train.boxes), "eval": len(val.boxes), "skipped": {"train": train.skipped,
+                                                                              "eval": val.skipped},
+              "image_size": list(size), "flip_test": cfg.pose.flip_test, "lr": lr.peak,
+              "seconds": time.perf_counter() - t0, "last_checkpoint": str(last) if last else None}
+    if d.is_main:
+        atomic_write_text(json.dumps(coco_results(val, preds)), rt.out_dir / "keypoints.json")
+        out = rt.out_dir / "pose.json"
+        atomic_write_text(json.dumps(result, indent=2, sort_keys=True), out)
+        if cfg.pose.eval_every:
+            plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png", title="fastmae pose",
+                                loss_label="loss (heatmap MSE)", metric=POSE_METRIC)
+        fig = save_pose_figure(val_loader, preds, rt.out_dir / "pose.png", cfg.pose.figure_rows) \
+            if cfg.pose.figure_rows else None
+        print0(d, f"pose ({mode} {cfg.init}, {cfg.optim.epochs} epochs): OKS AP {result['ap']:.2f}%  AP50 "
+                  f"{result['ap50']:.2f}%  AR {result['ar']:.2f}%  PCK@0.1 {result['pck']['0.1']:.2f}%  "
+                  f"({out}{', ' + str(fig) if fig else ''})")
+    return result
+
+
+__all__ = ["PoseConfig", "run_pose"]
