@@ -32,6 +32,7 @@ from .dist import barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
 from .log import RunLogger, epoch_line, run_time_left
 from .parallel import unwrap_model, wrap_for_training
+from .owner import COMMAND_OF_KIND, claim, command_of
 from .runlock import acquire as acquire_lock
 from .runtime import Progress, Runtime, position
 
@@ -78,6 +79,8 @@ def setup(run: RunConfig, cfg, write_config: bool = True) -> Runtime:
     if dist.is_main:
         prepare_output_dir(out)
         lock = acquire_lock(out)
+        if command_of(cfg):
+            claim(out, command_of(cfg))
     logger = RunLogger(out, enabled=dist.is_main)  # checks its paths: a refused run writes nothing
     if dist.is_main and write_config and not (run.resume or find_latest(out)):
         save_json(cfg, out / "config.json")
@@ -166,11 +169,6 @@ def restore_rank_state(rt: Runtime, state: dict, prog: "Progress") -> None:
     if ranks:
         print0(rt.dist, f"note: the checkpoint was written by {len(ranks)} process(es), this job has "
                         f"{rt.dist.world_size}: random streams restart, the run is not bit-for-bit anymore")
-
-
-# checkpoint meta 'kind' -> the command that writes it
-COMMAND_OF_KIND = {"mae": "fastmae pretrain", "vit": "fastmae finetune", "linprobe": "fastmae linprobe",
-                   "segmenter": "fastmae segment", "detector": "fastmae detect", "pose": "fastmae pose"}
 
 
 def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
