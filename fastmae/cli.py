@@ -28,6 +28,7 @@ from .flags import check_command_line
 from .train.dist import cleanup
 from .train.engine import NonFiniteLossError
 from .train.runlock import release_all
+from .train.signals import Stopped, raising
 from .weights.checkpoint import DiskFullError
 
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -132,8 +133,14 @@ def _main(argv: Sequence[str] | None) -> int:
     run = getattr(importlib.import_module(module), fn)
     ok = False
     try:
-        run(cfg)
+        with raising():  # a stop signal outside the training loop ends the command at once (see train.signals)
+            run(cfg)
         ok = True
+    except Stopped as e:
+        print(f"fastmae: stopped by signal {e.signum} before the command finished; the checkpoints and files it had "
+              f"finished are kept, none half-written: run the same command again to go on", file=sys.stderr,
+              flush=True)
+        return 128 + e.signum
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, NonFiniteLossError,
             DiskFullError) as e:
         if debugging():

@@ -152,6 +152,10 @@ class FileLoader(SampledLoader):
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.num_workers > 0,
                 worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
+                # iter(DataLoader) draws its workers' base seed from this generator, not the global RNG that masks
+                # and drop-path use (saved in checkpoints): otherwise a resumed epoch draws once more from that
+                # stream than the uninterrupted run did, and trains on other masks. Augmentation has its own seeds.
+                generator=torch.Generator().manual_seed(self.seed),
             )
             # Holds the DataLoader (and its queues) alive until this loader is collected or the program exits,
             # so the workers are always asked to stop: they ignore SIGTERM, and a DataLoader collected

@@ -71,7 +71,9 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
     """Train `model` (task.model, maybe wrapped) over the rest of epoch prog.epoch, from batch prog.batch.
 
     Global step = epoch x batches per epoch + batch. The optimizer steps every task.accum_iter batches with
-    task.lr(step); gradients of the micro-batches in between are not all-reduced (no_sync). Every `check`
+    task.lr(step), groups counted from the epoch's first batch (a resumed epoch keeps them); gradients of the
+    micro-batches in between are not all-reduced (no_sync). A stop inside a group takes effect after its update
+    (at most accum_iter - 1 more batches): a save there would lose the group's gradients. Every `check`
     steps (1 on a CPU, 20 on a GPU, where reading the loss back syncs) the loss is checked (a non-finite one
     raises NonFiniteLossError naming the step), logged, and the stop decision taken: in a DDP job agreed by
     all ranks (any rank's signal stops all after the same batch, so they enter the same collectives).
@@ -88,18 +90,18 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
     t0 = time.perf_counter()
     loss_sum = torch.full((), prog.loss_sum, dtype=torch.float32, device=device)
     steps = images = 0
-    stopped = False
+    stopped = stopping = False  # stopping: a stop was asked for; it ends the epoch after the next update
     bar = progress(loader, total=num_batches, enabled=show, desc=f"epoch {prog.epoch + 1}/{epochs}")
     lr = task.lr(first_step)
     t_last, img_last = t0, 0
     for i, (imgs, targets) in enumerate(bar):
-        step = first_step + i
-        if i % task.accum_iter == 0:
+        step, b = first_step + i, prog.batch + i  # b: the batch's index in its epoch
+        if b % task.accum_iter == 0:
             lr = task.lr(step)
             set_lr(task.optimizer, lr)
         imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
         targets = to_device(targets, device)  # labels (B,), label maps (B, H, W), or a dict of tensors
-        update = (i + 1) % task.accum_iter == 0 or i + 1 == num_batches
+        update = (b + 1) % task.accum_iter == 0 or i + 1 == num_batches
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             with autocast(device, rt.precision):
@@ -127,11 +129,12 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
                 rt.logger.scalars(step, {"loss": value, "lr": lr, "images_per_s": ips})
         if i + 1 >= num_batches:
             break
-        if dist.distributed:
-            if steps % check == 0 and any_rank(stop(), dist, device):
-                stopped = True
-                break
-        elif stop():
+        if not stopping:
+            if dist.distributed:  # the same answer on every rank
+                stopping = steps % check == 0 and any_rank(stop(), dist, device)
+            else:
+                stopping = stop()
+        if stopping and update:
             stopped = True
             break
     if show:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,14 +20,16 @@ from ..weights.checkpoint import (
     atomic_write_text,
     check_state_dict,
     find_latest,
+    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from .device import make_scaler, resolve_device, resolve_precision
-from .dist import barrier, gather_objects, init_distributed, print0
+from .dist import any_rank, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
+from .signals import StopFlag, Stopped
 from .log import RunLogger, epoch_line, run_time_left
 from .parallel import unwrap_model, wrap_for_training
 from .owner import COMMAND_OF_KIND, claim, command_of
@@ -87,35 +87,6 @@ def setup(run: RunConfig, cfg, write_config: bool = True) -> Runtime:
     barrier(dist)
     return Runtime(device=device, precision=precision.name, precision_label=str(precision), dist=dist, out_dir=out,
                    logger=logger, run=run, config=to_dict(cfg), lock=lock)
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (preemption): the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def describe(self) -> str:
-        """'signal 15' on the rank that got it, else 'a signal on another rank' (the ranks agreed to stop)."""
-        return f"signal {self.signal}" if self.signal is not None else "a stop signal on another rank"
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def uninstall(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
 
 
 def flat_flags(d: dict, prefix: str = "--") -> dict[str, object]:
@@ -182,7 +153,16 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     path = rt.run.resume or find_latest(rt.out_dir)
     if not path:
         return Progress(steps_per_epoch=steps_per_epoch)
-    state, saved_meta = load_checkpoint(path)
+    try:
+        state, saved_meta = load_checkpoint(path)
+    except ValueError as e:  # damaged (a copy cut short, a full disk when it was written elsewhere)
+        if rt.run.resume:
+            raise
+        older = list_checkpoints(rt.out_dir)[:-1]
+        raise ValueError(f"{e}. To resume from the checkpoint before it ({older[-1]}), move the damaged one and its "
+                         f".json out of the folder (mv {path} {path}.damaged)" if older else
+                         f"{e}. It is the run's only checkpoint: move it out of the folder to start the run afresh, "
+                         f"or pass another --run.output_dir") from None
     if "optimizer" not in state:
         raise ValueError(f"{path} is a weights-only file, not a training checkpoint; pass it as the "
                          f"initialisation (e.g. --init PATH) instead of --run.resume")
@@ -294,13 +274,24 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
             entry = {"epoch": epoch + 1, "step": step, "loss": res.loss, "lr": task.lr(step),
                      "images_per_s": res.images / max(res.seconds, 1e-9), "epoch_seconds": res.seconds}
             if task.on_epoch_end is not None:
-                entry.update(task.on_epoch_end(epoch, task.model, prog))
+                try:  # a stop does not wait for an epoch-end evaluation (a DDP job's ranks finish it together)
+                    with stop.interrupting(enabled=not rt.dist.distributed):
+                        entry.update(task.on_epoch_end(epoch, task.model, prog))
+                except Stopped as e:
+                    entry["epoch_end_skipped"] = f"signal {e.signum}"
             rt.logger.scalars(step, {"epoch_loss": res.loss}, prefix="epoch")
             rt.logger.record(entry)
             walls.append((time.perf_counter() - t_epoch, len(loader) - first_batch))
             print0(rt.dist, epoch_line(entry, epochs, run_time_left(walls, (epochs - epoch - 1) * len(loader))))
-            if (epoch + 1) % max(rt.run.save_every, 1) == 0 or epoch + 1 == epochs:
+            got = stop.signal is not None  # a signal during the epoch's last batch or its evaluation
+            stopping = any_rank(got, rt.dist, rt.device) if rt.dist.distributed else got
+            if stopping or (epoch + 1) % max(rt.run.save_every, 1) == 0 or epoch + 1 == epochs:
                 last_path = save(rt, task.model, task.optimizer, scaler, prog, step, task.meta)
+            if stopping and prog.epoch < epochs:  # preempted at an epoch's end: saved, leave
+                rt.logger.record({"event": "preempted", "epoch": prog.epoch, "batch": 0, "step": step,
+                                  "checkpoint": str(last_path)})
+                print0(rt.dist, f"{stop.describe()}: saved {last_path}; run the same command again to resume")
+                return prog, last_path
     finally:
         stop.uninstall()
         rt.logger.close()
