@@ -45,6 +45,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
+        norm_eps: float = LN_EPS,
     ):
         super().__init__()
         check_heads(embed_dim, num_heads)
@@ -62,17 +63,17 @@ class MaskedAutoencoderViT(nn.Module):
         # encoder
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + L, embed_dim), requires_grad=False)  # fixed sin-cos
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 
         # decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + L, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=LN_EPS)
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
         self.initialize_weights()
 

@@ -153,12 +153,13 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 norm_eps: float = LN_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,6 +301,7 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         global_pool: Literal["avg", "token"] = "avg",
         drop_path_rate: float = 0.0,
+        norm_eps: float = LN_EPS,
     ):
         super().__init__()
         if global_pool not in ("avg", "token"):
@@ -315,10 +317,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + L, embed_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # grows with depth (meta-safe)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i], norm_eps) for i in range(depth))
         # timm's layout: avg pooling normalises after pooling (fc_norm), token pooling before it (norm)
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "token" else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "avg" else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if global_pool == "token" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if global_pool == "avg" else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 

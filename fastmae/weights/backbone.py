@@ -19,19 +19,20 @@ import torch.nn as nn
 from ..config import EncoderConfig, MAEModelConfig, SourceConfig
 from ..models.mae import MAE_VARIANTS
 from ..models.pos_embed import resample_pos_embed
-from ..models.vit import VARIANTS, VisionTransformer, variant_kwargs
+from ..models.vit import LN_EPS, VARIANTS, VisionTransformer, variant_kwargs
 from .read import Weights, read_weights
 
 SourceT = TypeVar("SourceT", bound=SourceConfig)
 
 
 def encoder_kwargs(model: nn.Module) -> dict:
-    """Encoder constructor kwargs of an MAE or ViT instance."""
+    """Encoder constructor kwargs of an MAE or ViT instance (norm_eps only where it is not the default 1e-6)."""
     blk = model.blocks[0]
     D = model.cls_token.shape[-1]
-    return dict(img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
-                in_chans=model.patch_embed.in_chans, embed_dim=D, depth=len(model.blocks),
-                num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / D)
+    kw = dict(img_size=tuple(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+              in_chans=model.patch_embed.in_chans, embed_dim=D, depth=len(model.blocks),
+              num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / D)
+    return kw if blk.norm1.eps == LN_EPS else {**kw, "norm_eps": blk.norm1.eps}
 
 
 def encoder_init(init: str, model_cfg: EncoderConfig) -> Weights:

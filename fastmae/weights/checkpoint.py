@@ -58,11 +58,12 @@ class DiskFullError(OSError):
         self.errno = errno.ENOSPC
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None],
+                 disk_full_fix: str = "free space or pass another --run.output_dir") -> Path:
     """write(tmp) to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file.
 
     The file gets the mode a plain open() would give (0o666 minus the umask), not mkstemp's 0o600.
-    A full disk raises DiskFullError naming the file; the previous file at `path` is left untouched.
+    A full disk raises DiskFullError naming the file and disk_full_fix; the previous file at `path` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +79,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if _is_disk_full(e, path.parent):
-            raise DiskFullError(f"no space left on device while writing {path}; free space or pass "
-                                f"another --run.output_dir") from None
+            raise DiskFullError(f"no space left on device while writing {path}; {disk_full_fix}") from None
         raise
     return path
 
@@ -242,7 +242,9 @@ def torch_load(path: str | Path) -> Any:
             f"safetensors.torch.save_file(ckpt['model'], 'weights.safetensors')."
         ) from None
     except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); it may be truncated") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first}); it may be truncated: copy or write "
+                         f"it again from its source, or pass another file") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
@@ -250,7 +252,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     p = resolve(path)
     state = torch_load(p)
     meta_path = p.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}, the metadata of checkpoint {p}, is not valid JSON ({e}); restore it from the "
+                         f"run it came with, or remove it to read the weights without it") from None
     return state, meta
 
 

@@ -8,10 +8,12 @@ where one is recorded), then read from there. Without network the error says whi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from .checkpoint import atomic_write
 BASE_URL = "https://dl.fbaipublicfiles.com/mae"
 CHUNK = 1 << 20  # bytes read per step of the download
 TIMEOUT_S = 60.0  # seconds a stalled connection waits before failing
+STALE_DOWNLOAD_S = 600.0  # a download's temporary file untouched this long belongs to a killed process
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,14 @@ def fetch(name: str, progress: bool = True) -> Path:
     if key is None:
         raise unknown_name_error(name)
     rel = RELEASES[key]
-    dest = cache_dir() / f"{key}.pth"
+    folder = cache_dir()
+    dest = folder / f"{key}.pth"
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the download cache {folder} ($FASTMAE_CACHE) is a file, not a folder; set "
+                                 f"FASTMAE_CACHE to a folder, or pass --init PATH to a local copy of {key}.pth")
     if dest.exists():
         return dest
+    remove_stale_downloads(folder, dest.name)
     try:
         return download(rel.url, dest, size=rel.size, sha256=rel.sha256, progress=progress)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
@@ -104,6 +112,25 @@ def fetch(name: str, progress: bool = True) -> Path:
         raise FileNotFoundError(
             f"could not download {key} from {rel.url} ({type(e).__name__}: {reason}); put {key}.pth in "
             f"{dest.parent}/ or pass --init PATH") from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionError(f"cannot write the download cache {folder} ({e.strerror}); set FASTMAE_CACHE to a "
+                              f"folder you can write, or pass --init PATH to a local copy of {key}.pth") from None
+
+
+def remove_stale_downloads(folder: Path, name: str) -> list[Path]:
+    """Remove the temporary files of downloads of `name` that a killed process left (SIGKILL, power loss): untouched
+    for STALE_DOWNLOAD_S, so a download still running in another process keeps its file. Returns those removed."""
+    removed = []
+    for tmp in folder.glob(f".{name}.*.tmp") if folder.is_dir() else ():
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_DOWNLOAD_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def download(url: str, dest: Path, size: int | None = None, sha256: str | None = None,
@@ -136,7 +163,8 @@ def download(url: str, dest: Path, size: int | None = None, sha256: str | None =
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise ValueError(f"{url} has sha256 {digest.hexdigest()}, expected {sha256}; not using it")
 
-        return atomic_write(dest, write)
+        return atomic_write(dest, write, disk_full_fix=f"free space, or set FASTMAE_CACHE to a folder on a disk "
+                                                       f"with room (or pass --init PATH to a local copy)")
 
 
 __all__ = ["RELEASES", "Release", "cache_dir", "download", "fetch", "looks_official", "release_name"]

@@ -23,7 +23,7 @@ from .checkpoint import find_latest
 from .convert import HF_WEIGHT_FILES, Kind, hf_vitpose_to_fastmae, is_vitpose, read_file, to_fastmae
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
-ENCODER_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ENCODER_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 
 
 @dataclass
@@ -103,11 +103,24 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
     config, else the standard widths).
     """
     src = find_source(Path(path).expanduser(), variant_names)
-    sd, config = read_file(src)
+    try:
+        sd, config = read_file(src)
+    except ValueError as e:  # a damaged download in the cache is fastmae's own copy: it can be fetched again
+        name = hub.release_name(src)
+        if name is None or src.resolve() != (hub.cache_dir() / f"{name}.pth").resolve():
+            raise
+        raise ValueError(f"the cached download of {name}, {src}, cannot be read ({str(e).split('; it may')[0]}); "
+                         f"delete it (rm {src}) and it is downloaded again") from None
     kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads)
     release = hub.RELEASES.get(hub.release_name(src) or "")
     if kind == "mae" and "norm_pix_loss" not in kw and release is not None and release.norm_pix_loss is not None:
         kw["norm_pix_loss"] = release.norm_pix_loss  # official files do not record their pixel target
+    elif kind == "mae" and "norm_pix_loss" not in kw and not src.is_dir() and src.suffix not in (".pt", ".safetensors"):
+        full = ", ".join(n for n in hub.RELEASES if n.endswith("_full"))
+        warnings.warn(f"{src} does not record the pixel target of its decoder, so it is read as predicting raw pixels "
+                      f"(norm_pix_loss False); the official *_full files predict per-patch normalised pixels: for one "
+                      f"of those pass --model.norm_pix_loss (fastmae.load(..., norm_pix_loss=True)) or its release "
+                      f"name ({full})", RuntimeWarning, stacklevel=2)
     mean, std = extra.get("mean"), extra.get("std")
     if mean is None and src.is_dir():
         mean, std = _hf_stats(src) or (None, None)

@@ -172,11 +172,27 @@ def test_hf_missing_fixed_pos_embeds_are_rebuilt():
     assert torch.equal(torch.cat([pe[:, 32:], pe[:, :32]], dim=1), sincos_2d(8, 8, 64, cls_token=True))
 
 
-def test_hf_config_eps_warns():
+def test_hf_layer_norm_eps_is_loaded_and_written_back():
+    """HF's default layer_norm_eps is 1e-12 (fastmae's, the official MAE's, 1e-6): a native HF ViTMAE keeps its eps,
+    so its outputs are HF's (the eps matters for a perturbed model: the tokens' variance is small)."""
     tf = pytest.importorskip("transformers")
     hf = tf.ViTMAEForPreTraining(tf.ViTMAEConfig(**{**HF_MAE, "layer_norm_eps": 1e-12}))
-    with pytest.warns(UserWarning, match="layer_norm_eps"):
-        cv.hf_mae_to_fastmae(hf.state_dict(), hf.config)
+    hf.load_state_dict(_perturbed(hf).state_dict())
+    hf.eval()
+    sd, kw = cv.hf_mae_to_fastmae(hf.state_dict(), hf.config)
+    assert kw["norm_eps"] == 1e-12
+    m = MaskedAutoencoderViT(**kw).eval()
+    m.load_state_dict(sd, strict=True)
+    assert all(mod.eps == 1e-12 for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm))
+    g = torch.Generator().manual_seed(3)
+    imgs, noise = torch.randn(2, 3, 32, 32, generator=g) * 1e-4, torch.rand(2, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(m(imgs, 0.75, noise=noise)[1], hf(pixel_values=imgs, noise=noise).logits,
+                                   atol=1e-5, rtol=0)
+    assert cv.fastmae_to_hf_mae(sd, kw)[1].layer_norm_eps == 1e-12
+    enc = tf.ViTMAEModel(hf.config)  # the encoder alone -> a fastmae encoder with that eps
+    _, vit_kw = cv.hf_vit_to_fastmae(enc.state_dict(), enc.config)
+    assert vit_kw["norm_eps"] == 1e-12 and VisionTransformer(**vit_kw).blocks[0].norm1.eps == 1e-12
 
 
 # ------------------------------------------------------------------ official and timm

@@ -153,3 +153,64 @@ def test_release_table_has_the_official_files():
     assert hub.RELEASES["mae_pretrain_vit_large_full"].url == \
         "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large_full.pth"
     assert all(r.sha256 is None for r in hub.RELEASES.values())  # none published: none invented
+
+
+def test_temp_files_of_killed_downloads_are_removed_live_ones_kept(served, tmp_path):
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead, live = cache / ".mae_visualize_vit_base.pth.abc123.tmp", cache / ".mae_visualize_vit_base.pth.def456.tmp"
+    dead.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y" * 1000)
+    old = time.time() - 2 * hub.STALE_DOWNLOAD_S
+    os.utime(dead, (old, old))  # a SIGKILLed download's file; the other is still being written
+    fastmae.load("mae_visualize_vit_base")
+    assert not dead.exists() and live.exists()
+
+
+def test_cache_that_is_a_file_or_read_only_is_one_line_naming_the_fix(served, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"cache .*cache \(\$FASTMAE_CACHE\) is a file, not a folder; set "
+                                                 r"FASTMAE_CACHE to a folder"):
+        hub.fetch("mae_visualize_vit_base")
+    (tmp_path / "cache").unlink()
+
+    def read_only(*args, **kwargs):  # what mkstemp meets in a read-only cache (root ignores chmod)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError, match=r"cannot write the download cache .*cache \(Permission denied\); set "
+                                              r"FASTMAE_CACHE to a folder you can write"):
+        hub.fetch("mae_visualize_vit_base")
+
+
+def test_full_disk_in_the_cache_names_the_cache_not_the_output_folder(served, tmp_path, monkeypatch):
+    import errno
+
+    import fastmae.weights.checkpoint as ckpt
+
+    real = ckpt.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    with pytest.raises(ckpt.DiskFullError, match=r"writing .*mae_visualize_vit_base.pth; free space, or set "
+                                                 r"FASTMAE_CACHE to a folder on a disk with room"):
+        hub.fetch("mae_visualize_vit_base")
+    monkeypatch.setattr(ckpt.os, "fsync", real)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_a_damaged_cached_download_says_to_delete_it(served, tmp_path):
+    path = hub.fetch("mae_visualize_vit_base")
+    path.write_bytes(path.read_bytes()[: 2000])  # cut short after the download
+    with pytest.raises(ValueError, match=r"the cached download of mae_visualize_vit_base, .* cannot be read \(.*not a "
+                                         r"readable PyTorch checkpoint.*\); delete it \(rm .*mae_visualize_vit_base.pth\) "
+                                         r"and it is downloaded again"):
+        fastmae.load("mae_visualize_vit_base")

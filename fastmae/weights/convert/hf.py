@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -161,19 +160,16 @@ def check_config_sizes(cfg: Mapping[str, Any], sd: Mapping[str, torch.Tensor], e
 
 
 def _check_hf_config(cfg: Mapping[str, Any]) -> None:
-    """Refuse settings fastmae's blocks cannot reproduce; warn on LayerNorm eps (fastmae uses 1e-6)."""
+    """Refuse settings fastmae's blocks cannot reproduce (its LayerNorm eps is read: `norm_eps`)."""
     if cfg.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported: fastmae blocks use exact GELU")
     if not cfg.get("qkv_bias", True):
         raise ValueError("qkv_bias=False is not supported: fastmae's attention has a qkv bias")
-    eps = cfg.get("layer_norm_eps", LN_EPS)
-    if eps != LN_EPS:
-        warnings.warn(f"the Hugging Face config has layer_norm_eps={eps}; fastmae uses {LN_EPS} (the official "
-                      f"MAE value), so outputs differ very slightly", stacklevel=3)
 
 
 def _hf_image_kwargs(cfg: Mapping[str, Any]) -> dict:
-    """img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio of an HF ViT/ViTMAE config."""
+    """img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio of an HF ViT/ViTMAE config, and
+    norm_eps where its layer_norm_eps is not fastmae's 1e-6 (HF's default is 1e-12)."""
     img, patch = cfg["image_size"], cfg["patch_size"]
     if isinstance(patch, (list, tuple)):
         if patch[0] != patch[1]:
@@ -182,9 +178,11 @@ def _hf_image_kwargs(cfg: Mapping[str, Any]) -> dict:
     if isinstance(img, (list, tuple)):
         img = int(img[0]) if img[0] == img[1] else (int(img[0]), int(img[1]))
     D = cfg["hidden_size"]
-    return dict(img_size=img, patch_size=int(patch), in_chans=cfg.get("num_channels", 3), embed_dim=D,
-                depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-                mlp_ratio=cfg["intermediate_size"] / D)
+    kw = dict(img_size=img, patch_size=int(patch), in_chans=cfg.get("num_channels", 3), embed_dim=D,
+              depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+              mlp_ratio=cfg["intermediate_size"] / D)
+    eps = float(cfg.get("layer_norm_eps", LN_EPS))
+    return kw if eps == LN_EPS else {**kw, "norm_eps": eps}
 
 
 def hf_mae_to_fastmae(hf_sd: Mapping[str, torch.Tensor], hf_config=None, num_heads: int = 0,
@@ -270,12 +268,12 @@ def fastmae_to_hf_mae(sd: Mapping[str, torch.Tensor], mae_kwargs: Mapping[str, A
 
 
 def _hf_common_config(kw: Mapping[str, Any]) -> dict:
-    """Config fields shared by ViTConfig and ViTMAEConfig, with fastmae's LayerNorm eps and exact GELU."""
+    """Config fields shared by ViTConfig and ViTMAEConfig, with the model's LayerNorm eps and exact GELU."""
     img = kw.get("img_size", 224)
     img = img if isinstance(img, int) else (int(img[0]) if img[0] == img[1] else [int(img[0]), int(img[1])])
     return dict(image_size=img, patch_size=kw["patch_size"], num_channels=kw.get("in_chans", 3),
                 hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"], num_attention_heads=kw["num_heads"],
-                hidden_act="gelu", layer_norm_eps=LN_EPS, qkv_bias=True,
+                hidden_act="gelu", layer_norm_eps=float(kw.get("norm_eps", LN_EPS)), qkv_bias=True,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
