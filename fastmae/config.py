@@ -61,7 +61,8 @@ class SourceConfig:
     """Where images come from and how they are normalised: the data flags every command shares."""
 
     RULES: ClassVar[dict[str, Rule]] = {"channels": at_least(0, " (0 = the source's own)"), "limit": NON_NEGATIVE,
-                   "mean": each((finite, "finite")), "std": each(above(0))}
+                   "mean": each((finite, "finite")), "std": each(above(0)),
+                   "max_image_pixels": at_least(0, " (0 = Pillow's limit)")}
 
     source: Literal["fashion-mnist", "folder", "unlabelled", "list"] = "fashion-mnist"
     """fashion-mnist: IDX .gz files; folder: one subfolder per class (ImageNet layout);
@@ -81,6 +82,19 @@ class SourceConfig:
     """Random horizontal flip in training."""
     limit: int = 0
     """Use only the first N samples of each split (0 = all): for quick runs."""
+    max_image_pixels: int = 0
+    """Largest image (width x height) decoded; bigger files are refused as possible decompression bombs
+    (0 = Pillow's limit, 178,956,970 pixels)."""
+
+
+@dataclass(frozen=True)
+class AnnotatedSourceConfig(SourceConfig):
+    """Images with annotations in their pixels (label maps, boxes, keypoints): the frame those are in."""
+
+    apply_exif_orientation: bool = True
+    """Turn each image by its EXIF orientation (as viewers, labelme, CVAT and detectron2 show it) and take its
+    annotations in that upright frame; --data.no_apply_exif_orientation: the stored pixels, for annotations
+    made on them."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,6 @@ class DataConfig(SourceConfig):
 
     RULES: ClassVar[dict[str, Rule]] = {
         "num_workers": NON_NEGATIVE, "holdout": at_least(0, " (0 = the source's own evaluation split)"),
-        "max_image_pixels": at_least(0, " (0 = Pillow's limit)"),
         "crop_scale": ((lambda v: len(v) == 2 and all(map(finite, v)) and 0 < v[0] <= v[1] <= 1),
                        "(min, max) with 0 < min <= max <= 1"),
     }
@@ -100,9 +113,6 @@ class DataConfig(SourceConfig):
     """DataLoader worker processes for file-based sources (in-memory sources need none)."""
     skip_corrupt: bool = False
     """Skip unreadable/corrupt image files (counted and listed in the log) instead of stopping."""
-    max_image_pixels: int = 0
-    """Largest image (width x height) decoded; bigger files are refused as possible decompression bombs
-    (0 = Pillow's limit, 178,956,970 pixels)."""
     holdout: int = 0
     """Hold out N training samples (a fixed random choice, the same in every run) as the evaluation split instead
     of the test / --data.eval_path one: tune on them, then report on the test split with 0 (the default)."""
@@ -120,7 +130,8 @@ class MAEModelConfig:
     }
 
     name: str = "mae_vit_tiny_d6_patch4"
-    """Variant from fastmae.models.mae.MAE_VARIANTS (e.g. mae_vit_base_patch16); the default is the small-data one."""
+    """Variant: mae_vit_{tiny,small,base,large,huge}_patch{2,4,8,14,16} (e.g. mae_vit_base_patch16, the paper's
+    ViT-B/16), or mae_vit_tiny_d6_patch4, the small-data default (fastmae.models.mae.MAE_VARIANTS)."""
     img_size: tuple[int, int] = (28, 28)
     """Input height and width (multiples of the patch size)."""
     in_chans: int = 0
@@ -152,19 +163,24 @@ class OptimConfig:
     }
 
     epochs: int = 20
+    """Training epochs (a re-run with more epochs continues a finished run)."""
     warmup_epochs: float = 1.0
+    """Epochs of linear lr warmup from 0 (fractions allowed)."""
     batch_size: int = 128
     """Per-process batch size; effective batch = batch_size x accum_iter x world size."""
     accum_iter: int = 1
     """Gradient accumulation steps per optimizer step."""
     blr: float = 1.5e-3
-    """Base learning rate (for an effective batch of 256). The paper's 1.5e-4 is for 800+ epochs at batch 4096;
-    short runs on small data need a larger one (the pretrain default 1.5e-3 was chosen on Fashion-MNIST)."""
+    """Base learning rate: lr = blr x effective batch / 256. Each command's default is its own (pretrain's 1.5e-3
+    was chosen on Fashion-MNIST; the paper's 1.5e-4 is for 800+ epochs at batch 4096); see BENCHMARKS.md."""
     lr: float = 0.0
     """Absolute learning rate; overrides blr when > 0."""
     min_lr: float = 0.0
+    """The lr the cosine schedule ends at."""
     weight_decay: float = 0.05
+    """Decoupled weight decay (none on biases, norms, tokens and position embeddings)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's (beta1, beta2); linprobe's LARS has no betas."""
     clip_grad: float = 0.0
     """Clip the gradient norm to this value (0 = off)."""
     milestones: tuple[float, ...] = ()
@@ -215,7 +231,8 @@ class EncoderConfig:
                     "num_heads": NON_NEGATIVE}
 
     name: str = "vit_tiny_d6_patch4"
-    """Variant from fastmae.models.vit.VARIANTS, used only with --init random (else the checkpoint decides)."""
+    """Variant: vit_{tiny,small,base,large,huge}_patch{2,4,8,14,16} or vit_tiny_d6_patch4 (fastmae.models.vit.VARIANTS),
+    used only with --init random (else the checkpoint decides)."""
     embed_dim: int = 0
     """With --init random: width override (0 = the variant's)."""
     depth: int = 0

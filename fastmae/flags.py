@@ -15,6 +15,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import tyro
+
+SUPPRESS = typing.get_args(tyro.conf.Suppress[int])[1]  # the marker tyro.conf.Suppress adds
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -45,12 +49,21 @@ def _leaf(name: str, hint, required: bool) -> list[Flag]:
     return [Flag(name, 1, hint.__name__ if hint in (int, float) else "str", (), required)]
 
 
+def _suppressed(hint) -> bool:
+    """Whether a field is hidden from the command line (`tyro.conf.Suppress[...]`: a field a command does not use)."""
+    return typing.get_origin(hint) is typing.Annotated and any(m is SUPPRESS for m in hint.__metadata__)
+
+
 def command_flags(cls: type, prefix: str = "--") -> dict[str, Flag]:
     """Every flag of a config dataclass (nested sections included), by name."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     flags: dict[str, Flag] = {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        if _suppressed(hint):
+            continue
+        if typing.get_origin(hint) is typing.Annotated:
+            hint = typing.get_args(hint)[0]
         if dataclasses.is_dataclass(hint):
             flags.update(command_flags(hint, f"{prefix}{f.name}."))
             continue

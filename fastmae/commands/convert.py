@@ -35,6 +35,7 @@ class ConvertConfig:
     """Convert a checkpoint between fastmae, the official MAE release, Hugging Face and timm.
 
     fastmae convert --init mae_visualize_vit_base.pth --output vit-mae-base --to hf
+
     fastmae convert --init vit-mae-base --output mae_base --to fastmae   (writes mae_base.safetensors + .json)
     """
 

@@ -28,7 +28,7 @@ from ..config import (
     OptimConfig,
     Rule,
     RunConfig,
-    SourceConfig,
+    AnnotatedSourceConfig,
     at_least,
     finite,
     validate,
@@ -64,7 +64,7 @@ DETECT_METRIC = ("map", "box mAP (%)")  # the key log.jsonl holds and its axis l
 
 
 @dataclass(frozen=True)
-class DetDataConfig(SourceConfig):
+class DetDataConfig(AnnotatedSourceConfig):
     """Detection images: Fashion-MNIST scenes (one box per pasted item) or COCO instances files."""
 
     source: Literal["fashion-mnist", "coco"] = "fashion-mnist"
@@ -159,9 +159,10 @@ def det_splits(data: DetDataConfig, det: DetParams, channels: int, seed: int) ->
         if not (data.eval_path and det.eval_annotations):
             raise ValueError("no evaluation data: pass --data.eval_path DIR (images) and --det.eval_annotations FILE "
                              "(their COCO instances JSON)")
-        train = read_coco(data.path, det.annotations, channels, ("--data.path", "--det.annotations"))
+        frame = {"max_image_pixels": data.max_image_pixels, "upright": data.apply_exif_orientation}
+        train = read_coco(data.path, det.annotations, channels, ("--data.path", "--det.annotations"), **frame)
         val = read_coco(data.eval_path, det.eval_annotations, channels, ("--data.eval_path", "--det.eval_annotations"),
-                        categories=list(zip(train.category_ids, train.classes)))
+                        categories=list(zip(train.category_ids, train.classes)), **frame)
     if data.limit > 0:
         train, val = (_limit(s, data.limit) for s in (train, val))
     if not train.images:
@@ -266,7 +267,7 @@ def run_detect(cfg: DetectConfig) -> dict:
     encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
     head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
     model = DenseModel(encoder, head, cfg.finetune).to(rt.device)
-    lr = schedule(cfg.optim, len(train_loader), d.world_size)
+    lr = schedule(cfg.optim, len(train_loader), d.world_size, train_loader.num_samples)
     groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
     optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     mode = "fine-tuned" if cfg.finetune else "frozen"

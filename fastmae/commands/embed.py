@@ -3,7 +3,8 @@
 Shapes: N samples, D width, h, w patch grid. Per split, one file: `features` (N, D) for avg/token pooling or
 (N, D, h, w) for dense, `labels` (N,) when the source is labelled, and the row order: image sources list their
 files in SPLIT.txt (line i = row i); Fashion-MNIST rows are the split's indices 0..N-1 (metadata says so).
-The encoder and features are those of `fastmae knn` / `linprobe` (`evaluate.probe_encoder`, `features_of`).
+The encoder and features are computed as in `fastmae knn` / `linprobe` (`probe_encoder`, `features_of`); the default
+pool is the cls token here, while knn's `auto` takes every patch token on small grids, else their mean.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ..config import POSITIVE_INT, DataConfig, EncoderConfig, Rule, RunConfig, validate
 from ..data import has_eval_split
+from ..data.decode import UnreadableImageError
 from ..train.dist import print0
 from ..train.probe import features_of, probe_encoder
 from ..train.results import refuse_replacing
@@ -147,8 +149,11 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
     for split, loader in (("train", train), ("eval", val)):
         if split not in split_names(cfg.embed.split):
             continue
-        with torch.no_grad():
-            feats, labels = features_of(encoder, loader, cfg.embed.pool, rt)  # (N, D) or (N, D, h, w); (N,)
+        try:
+            with torch.no_grad():
+                feats, labels = features_of(encoder, loader, cfg.embed.pool, rt)  # (N, D) or (N, D, h, w); (N,)
+        except UnreadableImageError as e:  # embed cannot skip a file (one row per file)
+            raise e.without_skip_hint() from None
         files = row_names(loader)
         meta = {"init": cfg.init, "pool": cfg.embed.pool, "split": split, "source": cfg.data.source,
                 "path": cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path),

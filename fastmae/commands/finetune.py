@@ -90,7 +90,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     K = train.num_classes
     model = build_classifier(bb, cfg.model, K, train.channels, global_pool=cfg.model.global_pool,
                              drop_path=cfg.model.drop_path).to(rt.device)
-    lr = schedule(cfg.optim, len(train), d.world_size)
+    lr = schedule(cfg.optim, len(train), d.world_size, train.num_samples)
     groups = param_groups_lrd(model, cfg.optim.weight_decay, cfg.layer_decay)
     optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     augment = FinetuneAugment(cfg.aug, K, train.mean, train.std)

@@ -61,7 +61,7 @@ def train_head_on_features(
     """LARS on cached features (N, D) with the run's warmup+cosine schedule; returns the per-epoch mean loss."""
     n = feats.shape[0]
     steps = max(n // optim.batch_size, 1)
-    lr = schedule(optim, steps, world_size)
+    lr = schedule(optim, steps, world_size, n * world_size)  # every rank trains on all n features
     opt = LARS(head.parameters(), lr=lr.peak, weight_decay=optim.weight_decay)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -106,7 +106,8 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         tr, va = features_of(encoder, train, pool, rt), features_of(encoder, val, pool, rt)
         feat_s = time.perf_counter() - t0
         losses = train_head_on_features(head, *tr, cfg.optim, rt.dist.world_size, cfg.run.seed)
-        lr = schedule(cfg.optim, max(len(tr[1]) // cfg.optim.batch_size, 1), rt.dist.world_size).peak
+        lr = schedule(cfg.optim, max(len(tr[1]) // cfg.optim.batch_size, 1), rt.dist.world_size,
+                      len(tr[1]) * rt.dist.world_size).peak
         result = {**head_accuracy(head, *va), "train_loss": losses[-1], "feature_seconds": feat_s}
         if rt.dist.is_main:
             save_checkpoint(rt.out_dir, {"model": head.state_dict(), "epoch": cfg.optim.epochs, "batch": 0,
@@ -117,7 +118,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         train_aug = build_loader(data_cfg, "train", tuple(encoder.patch_embed.img_size), cfg.optim.batch_size,
                                  train=True, seed=cfg.run.seed, rank=rt.dist.rank, world_size=rt.dist.world_size)
         model = DenseModel(encoder, head, finetune=False, pool=pool).to(rt.device)
-        sched = schedule(cfg.optim, len(train_aug), rt.dist.world_size)
+        sched = schedule(cfg.optim, len(train_aug), rt.dist.world_size, train_aug.num_samples)
         lr = sched.peak
         opt = LARS(head.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay)
         task = Task(model, opt, loss=lambda m, x, y: head.loss(m(x), y), lr=sched,

@@ -29,7 +29,7 @@ from ..config import (
     OptimConfig,
     Rule,
     RunConfig,
-    SourceConfig,
+    AnnotatedSourceConfig,
     above,
     at_least,
     finite,
@@ -73,7 +73,7 @@ COCO_CROP = (256, 192)  # ViTPose's crop for COCO files
 
 
 @dataclass(frozen=True)
-class PoseDataConfig(SourceConfig):
+class PoseDataConfig(AnnotatedSourceConfig):
     """Keypoint images: Fashion-MNIST garment scenes (seven landmarks per garment) or COCO keypoints files."""
 
     source: Literal["fashion-mnist", "coco"] = "fashion-mnist"
@@ -181,9 +181,11 @@ def pose_splits(data: PoseDataConfig, pose: PoseParams, channels: int, seed: int
         if not (data.eval_path and pose.eval_annotations):
             raise ValueError("no evaluation data: pass --data.eval_path DIR (images) and --pose.eval_annotations FILE "
                              "(their COCO keypoints JSON)")
-        train = read_coco_keypoints(data.path, pose.annotations, channels, ("--data.path", "--pose.annotations"))
+        frame = {"max_image_pixels": data.max_image_pixels, "upright": data.apply_exif_orientation}
+        train = read_coco_keypoints(data.path, pose.annotations, channels, ("--data.path", "--pose.annotations"),
+                                    **frame)
         val = read_coco_keypoints(data.eval_path, pose.eval_annotations, channels,
-                                  ("--data.eval_path", "--pose.eval_annotations"), like=train)
+                                  ("--data.eval_path", "--pose.eval_annotations"), like=train, **frame)
     if data.limit > 0:
         train, val = (_limit(s, data.limit) for s in (train, val))
     for split, what in ((train, "training"), (val, "evaluation")):
@@ -317,7 +319,7 @@ def run_pose(cfg: PoseConfig) -> dict:
             head_from = f"from {cfg.init}"
     padding = int(whole.kwargs.get("patch_padding", 0)) if whole else vitpose_padding(patch)
     model = PoseModel(encoder, head, cfg.finetune, padding, names, flip, train.skeleton, sigmas).to(rt.device)
-    lr = schedule(cfg.optim, len(train_loader), d.world_size)
+    lr = schedule(cfg.optim, len(train_loader), d.world_size, train_loader.num_samples)
     groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
     optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     mode = "fine-tuned" if cfg.finetune else "frozen"

@@ -218,7 +218,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
                           "notes": notes})
     model = model.to(rt.device)
     steps = len(train)
-    lr = schedule(cfg.optim, steps, d.world_size)
+    lr = schedule(cfg.optim, steps, d.world_size, train.num_samples)
     optimizer = build_adamw(param_groups_weight_decay(model, cfg.optim.weight_decay), lr.peak, cfg.optim.betas, rt.device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(d, f"MAE {cfg.model.name} {kwargs} | {n_params / 1e6:.2f}M trainable params | {train.num_samples} "

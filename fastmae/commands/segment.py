@@ -26,7 +26,7 @@ from ..config import (
     OptimConfig,
     Rule,
     RunConfig,
-    SourceConfig,
+    AnnotatedSourceConfig,
     at_least,
     finite,
     validate,
@@ -59,7 +59,7 @@ from ..weights.checkpoint import atomic_write_text
 # The flags (`fastmae segment --help`).
 
 @dataclass(frozen=True)
-class SegDataConfig(SourceConfig):
+class SegDataConfig(AnnotatedSourceConfig):
     """Segmentation images: Fashion-MNIST scenes or an image folder (label maps: --seg.labels); batched at their
     own size, so no crop, loader workers or held-out split."""
 
@@ -155,8 +155,9 @@ def seg_splits(data: SegDataConfig, seg: SegParams, channels: int, seed: int) ->
         if not data.eval_path:
             raise ValueError("no evaluation data: pass --data.eval_path DIR (images) and --seg.eval_labels DIR "
                              "(their label PNGs)")
-        train = folder_split(data.path, seg.labels, channels, ("--data.path", "--seg.labels"))
-        val = folder_split(data.eval_path, seg.eval_labels, channels, ("--data.eval_path", "--seg.eval_labels"))
+        frame = (data.max_image_pixels, data.apply_exif_orientation)
+        train = folder_split(data.path, seg.labels, channels, ("--data.path", "--seg.labels"), *frame)
+        val = folder_split(data.eval_path, seg.eval_labels, channels, ("--data.eval_path", "--seg.eval_labels"), *frame)
         if train.images.shape[-2:] != val.images.shape[-2:]:
             raise ValueError(f"evaluation images are {tuple(val.images.shape[-2:])} (HxW) but training images "
                              f"{tuple(train.images.shape[-2:])}; resize them to one size")
@@ -177,9 +178,10 @@ def check_patch(size: tuple[int, int], patch: int, data: SegDataConfig, example:
     """ValueError unless the image size is a multiple of the encoder's patch size, naming the fix."""
     H, W = size
     if H % patch or W % patch:
-        fit_to = f"{H - H % patch}x{W - W % patch}"
+        down, up = f"{H - H % patch}x{W - W % patch}", f"{-(-H // patch) * patch}x{-(-W // patch) * patch}"
+        fit_to = f"e.g. {down} or {up} (HxW)" if H >= patch and W >= patch else f"at least {up} (HxW)"
         fix = (f"--seg.scene_size must be a multiple of {patch}" if data.source == "fashion-mnist" else
-               f"crop or pad the images (and label maps) to a multiple of {patch}, e.g. {fit_to} (HxW)")
+               f"crop or pad the images (and label maps) to a multiple of {patch}, {fit_to}")
         raise ValueError(f"images are {H}x{W} (HxW, e.g. {example}) but the encoder's patch size is {patch}: {fix}")
 
 
@@ -243,7 +245,7 @@ def run_segment(cfg: SegmentConfig) -> dict:
     head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
     model = DenseModel(encoder, head, cfg.finetune)
     model = model.to(rt.device)
-    lr = schedule(cfg.optim, len(train_loader), d.world_size)
+    lr = schedule(cfg.optim, len(train_loader), d.world_size, train_loader.num_samples)
     groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
     optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
     mode = "fine-tuned" if cfg.finetune else "frozen"

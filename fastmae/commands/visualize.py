@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+import tyro
 
 from ..config import FRACTION, NON_NEGATIVE, POSITIVE_INT, DataConfig, Rule, validate
 
@@ -50,6 +51,16 @@ class VisualizeRunConfig:
 
 
 @dataclass(frozen=True)
+class VisualizeDataConfig(DataConfig):
+    """Dataset samples for the figure when no --images are given: the first --num of the evaluation split, resized
+    and centre-cropped (training augmentation and loader workers do not apply, so they are not flags here)."""
+
+    crop_scale: tyro.conf.Suppress[tuple[float, float]] = (0.2, 1.0)
+    hflip: tyro.conf.Suppress[bool] = False
+    num_workers: tyro.conf.Suppress[int] = 0
+
+
+@dataclass(frozen=True)
 class VisualizeConfig:
     """Save the MAE demo figure (original / masked / reconstruction / reconstruction + visible) as PNG."""
 
@@ -59,7 +70,7 @@ class VisualizeConfig:
     """MAE checkpoint (fastmae run folder or file, official *_full.pth / visualize, Hugging Face ViTMAEForPreTraining)."""
     images: tuple[str, ...] = ()
     """Image files or folders; empty = the first --num samples of the data's evaluation split."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: VisualizeDataConfig = field(default_factory=VisualizeDataConfig)
     model: VisualizeModelConfig = field(default_factory=VisualizeModelConfig)
     run: VisualizeRunConfig = field(default_factory=VisualizeRunConfig)
     num: int = 8
@@ -104,17 +115,29 @@ def load_images(
 
     Files over max_image_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
     """
-    from ..data import load_image
+    from ..data import UnreadableImageError, load_image
 
     files = image_files(paths)
-    imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False, max_image_pixels=max_image_pixels)
-                        for f in files])  # (B, C, H, W)
-    names, seen = [], {}
-    for f in files:  # a/x.png and b/x.jpg -> x, x-1
-        n = seen.get(f.stem, 0)
-        seen[f.stem] = n + 1
-        names.append(f.stem if n == 0 else f"{f.stem}-{n}")
-    return imgs, names
+    try:
+        imgs = torch.stack([load_image(f, img_size, channels, mean, std, train=False,
+                                       max_image_pixels=max_image_pixels) for f in files])  # (B, C, H, W)
+    except UnreadableImageError as e:  # --images names each file: none is skipped
+        raise e.without_skip_hint() from None
+    return imgs, unique_names([f.stem for f in files])
+
+
+def unique_names(stems: Sequence[str]) -> list[str]:
+    """One output name per input, never two alike, even ignoring case (macOS, Windows): a/x.png, b/x.jpg and
+    x-1.png -> x, x-1, x-1-1."""
+    names, taken = [], set()
+    for stem in stems:
+        name, n = stem, 0
+        while name.casefold() in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 def dataset_images(data: DataConfig, num: int, img_size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:

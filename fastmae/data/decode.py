@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .transforms import CROP_RATIO, eval_crop_box, normalize, sample_crop_box
 
+log = logging.getLogger(__name__)
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg can apply while decoding (Image.draft), largest first
 FAST_JPEG = True  # default of load_image(fast_jpeg=...): decode JPEGs at reduced size where the crop allows
@@ -38,6 +41,7 @@ _REVERSED_AXES = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True,
                   8: (False, True)}
 _SWAPS_AXES = (5, 6, 7, 8)  # orientations that swap width and height
 
+SKIP_HINT = ", or pass --data.skip_corrupt to skip unreadable files"  # the end of every UnreadableImageError's fix
 Box = tuple[float, float, float, float]  # top, left, h, w in source pixels
 
 
@@ -51,6 +55,10 @@ class UnreadableImageError(ValueError):
         super().__init__(message)
         self.reason = reason or message
 
+    def without_skip_hint(self) -> UnreadableImageError:
+        """The same error for a command that cannot skip files (its fix must not name --data.skip_corrupt)."""
+        return UnreadableImageError(str(self).replace(SKIP_HINT, ""), self.reason)
+
 
 def _single_band(img: Image.Image, path: str) -> Image.Image:
     """One band as mode 'L' (8-bit) or 'F' (in [0, 1]; 16-bit scaled by 65535, not clipped)."""
@@ -60,7 +68,7 @@ def _single_band(img: Image.Image, path: str) -> Image.Image:
             bad = int((~np.isfinite(a)).sum())
             raise UnreadableImageError(
                 f"cannot read image {path}: {bad} pixel{'s' if bad > 1 else ''} NaN or infinite (a float image); fix "
-                f"or remove the file, or pass --data.skip_corrupt to skip unreadable files", reason="non-finite pixels")
+                f"or remove the file{SKIP_HINT}", reason="non-finite pixels")
         if img.mode != "F":  # 16-bit ('I' is how Pillow may hand 16-bit data back)
             a = np.clip(a / 65535.0, 0.0, 1.0)
         return Image.fromarray(a)
@@ -70,7 +78,7 @@ def _single_band(img: Image.Image, path: str) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _pillow_pixel_check(enabled: bool) -> Iterator[None]:
+def pillow_pixel_check(enabled: bool) -> Iterator[None]:
     """Pillow's own decompression-bomb check on or off for one decode (off: fastmae checks its own limit).
 
     Pillow reads its limit from a module global, so it is swapped only around the decode (one thread
@@ -87,60 +95,108 @@ def _pillow_pixel_check(enabled: bool) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _unreadable(path: str, e: BaseException) -> UnreadableImageError:
-    """The error for a file Pillow cannot decode: what is wrong with it and how to get past it."""
+def _unreadable(path: str, e: BaseException, empty: bool = False) -> UnreadableImageError:
+    """The error for a file Pillow cannot decode: what is wrong with it and how to get past it (empty: the bytes
+    given for it were none)."""
     if isinstance(e, Image.DecompressionBombError):
         return UnreadableImageError(
             f"image {path} is too large to decode safely: {e} If you trust the file, raise the limit with "
-            f"`--data.max_image_pixels N` (N >= its pixel count) or downscale it; or pass --data.skip_corrupt "
-            f"to skip such files",
+            f"`--data.max_image_pixels N` (N >= its pixel count) or downscale it{SKIP_HINT}",
             reason=str(e),
         )
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if empty or (os.path.isfile(path) and os.path.getsize(path) == 0):
         why = "the file is empty (0 bytes)"
     elif isinstance(e, UnidentifiedImageError):
         why = "not an image in a format Pillow reads (a renamed or non-image file?)"
     else:
         why = str(e)
     return UnreadableImageError(
-        f"cannot read image {path}: {why}; fix or remove the file, or pass --data.skip_corrupt to skip "
-        f"unreadable files",
+        f"cannot read image {path}: {why}; fix or remove the file{SKIP_HINT}",
         reason=why,
     )
 
 
+def _check_regular(path: str) -> None:
+    """UnreadableImageError for a path that exists but is not a regular file (a FIFO would block the reader
+    forever, a device too)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UnreadableImageError(
+            f"cannot read image {path}: not a regular file (a FIFO, socket, device or folder named like an image); "
+            f"remove it{SKIP_HINT}", reason="not a regular file")
+
+
+def _open_checked(path: str | io.BytesIO, max_image_pixels: int) -> Image.Image:
+    """The file opened (header read, nothing decoded), refused over max_image_pixels (0 = Pillow's limit)."""
+    img = Image.open(path)  # reads the header only
+    if 0 < max_image_pixels < img.width * img.height:
+        raise Image.DecompressionBombError(
+            f"Image size ({img.width * img.height} pixels) exceeds the limit of {max_image_pixels} pixels."
+        )
+    return img
+
+
+def image_header(path: str | Path, max_image_pixels: int = 0) -> tuple[tuple[int, int], int]:
+    """(stored (h, w), EXIF orientation) of an image file from its header alone, nothing decoded; the same
+    UnreadableImageError as decoding for a file that is not an image or is over the pixel limit."""
+    path = str(path)
+    _check_regular(path)
+    with pillow_pixel_check(enabled=max_image_pixels <= 0):
+        try:
+            with _open_checked(path, max_image_pixels) as img:
+                return (img.height, img.width), _orientation(img)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise _unreadable(path, e) from e
+
+
+def exif_frame_note(stored_hw: tuple[int, int], orientation: int, upright: bool = True) -> str:
+    """The end of an error for an annotation whose size is not its image's: '' when the image is stored upright,
+    else the frame it was read in and the flag for the other one."""
+    if orientation == 1:
+        return ""
+    h, w = stored_hw
+    if upright:
+        return (f" (the image is turned by its EXIF orientation {orientation}; stored, it is {w}x{h}: if the "
+                f"annotations follow the stored pixels, pass --data.no_apply_exif_orientation)")
+    return (f" (the image is read as stored, its EXIF orientation {orientation} ignored by "
+            f"--data.no_apply_exif_orientation: if the annotations follow the upright image, drop that flag)")
+
+
+def oriented_hw(stored_hw: tuple[int, int], orientation: int, upright: bool = True) -> tuple[int, int]:
+    """(h, w) of an image as decoded: turned by its EXIF orientation (upright) or as stored."""
+    h, w = stored_hw
+    return (w, h) if upright and orientation in _SWAPS_AXES else (h, w)
+
+
 def _decode_planes(
-    path: str, channels: int, max_image_pixels: int = 0, before_load: Callable[[Image.Image], None] | None = None
+    path: str, channels: int, max_image_pixels: int = 0, before_load: Callable[[Image.Image], None] | None = None,
+    upright: bool = True, data: bytes | None = None,
 ) -> list[Image.Image]:
-    """Decode (EXIF-rotated) and convert to `channels` channels, as Pillow images of mode 'L', 'RGB' or 'F'.
+    """Decode (EXIF-rotated unless upright=False: the stored pixels) and convert to `channels` channels, as Pillow
+    images of mode 'L', 'RGB' or 'F'.
 
     1 channel: grey; 3: RGB (RGBA, P, CMYK, L, 16-bit grey are converted); other counts: the
     image's own bands (e.g. RGBA for 4) or the pages of a multi-page TIFF, one band each.
     Files over max_image_pixels pixels (0 = Pillow's limit) are refused as possible decompression bombs.
     before_load(img) sees the opened file (header read, size checked) before it is decoded, e.g. to draft.
+    data: the file's bytes (a member of a tar shard); `path` then only names it in errors.
     """
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the reader forever, a device too
-        raise UnreadableImageError(
-            f"cannot read image {path}: not a regular file (a FIFO, socket, device or folder named like an image); "
-            f"remove it, or pass --data.skip_corrupt to skip unreadable files", reason="not a regular file")
-    with _pillow_pixel_check(enabled=max_image_pixels <= 0):
+    if data is None:
+        _check_regular(path)
+    with pillow_pixel_check(enabled=max_image_pixels <= 0):
         try:
-            img = Image.open(path)  # reads the header only
-            if 0 < max_image_pixels < img.width * img.height:
-                raise Image.DecompressionBombError(
-                    f"Image size ({img.width * img.height} pixels) exceeds the limit of {max_image_pixels} pixels."
-                )
+            img = _open_checked(path if data is None else io.BytesIO(data), max_image_pixels)
             if before_load is not None:
                 before_load(img)
             img.load()  # decode now, so a truncated file fails here
             pages = getattr(img, "n_frames", 1)
-            first = img if _orientation(img) == 1 else ImageOps.exif_transpose(img)  # upright: no copy
+            first = img if not upright or _orientation(img) == 1 else ImageOps.exif_transpose(img)  # no copy
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise _unreadable(path, e) from e
-        return _to_channels(img, first, pages, channels, path)
+            raise _unreadable(path, e, empty=data is not None and not data) from e
+        return _to_channels(img, first, pages, channels, path, upright)
 
 
-def _to_channels(img: Image.Image, first: Image.Image, pages: int, channels: int, path: str) -> list[Image.Image]:
+def _to_channels(img: Image.Image, first: Image.Image, pages: int, channels: int, path: str,
+                 upright: bool = True) -> list[Image.Image]:
     """The decoded image (first: its first page, EXIF-rotated) as `channels` planes; see _decode_planes."""
     if channels in (1, 3):
         if first.mode in _HIGH_BIT_MODES:
@@ -155,7 +211,7 @@ def _to_channels(img: Image.Image, first: Image.Image, pages: int, channels: int
         planes = []
         for i in range(pages):
             img.seek(i)
-            planes.append(_single_band(ImageOps.exif_transpose(img), path))
+            planes.append(_single_band(ImageOps.exif_transpose(img) if upright else img.copy(), path))
         if len({p.size for p in planes}) != 1:
             raise ValueError(f"{path}: pages differ in size {[p.size for p in planes]}; they must match to stack")
         return planes
@@ -213,9 +269,30 @@ def _uint8_affine(mean: tuple[float, ...], std: tuple[float, ...], channels: int
     return scale, bias
 
 
-def decode_image(path: str | Path, channels: int, max_image_pixels: int = 0) -> torch.Tensor:
-    """An image file at full size as (C, h, w) float32 in [0, 1], EXIF-rotated, converted to `channels`."""
-    return _planes_to_tensor(_decode_planes(str(path), channels, max_image_pixels))
+def decode_image(path: str | Path, channels: int, max_image_pixels: int = 0, upright: bool = True) -> torch.Tensor:
+    """An image file at full size as (C, h, w) float32 in [0, 1], EXIF-rotated (upright=False: the stored pixels,
+    for annotations made on them), converted to `channels`."""
+    return _planes_to_tensor(_decode_planes(str(path), channels, max_image_pixels, upright=upright))
+
+
+def decode_annotated(path: str | Path, channels: int, max_image_pixels: int = 0,
+                     upright: bool = True) -> tuple[torch.Tensor, tuple[int, int], int]:
+    """An image whose annotations are in its pixels (label map, boxes, keypoints): (C, h, w) float32 in [0, 1] as
+    decode_image, its stored (h, w) and EXIF orientation (for the annotation checks). Errors name no
+    --data.skip_corrupt: a skipped file would leave its annotations without an image."""
+    try:
+        stored_hw, orientation = image_header(path, max_image_pixels)
+        return decode_image(path, channels, max_image_pixels, upright), stored_hw, orientation
+    except UnreadableImageError as e:
+        raise e.without_skip_hint() from None
+
+
+def warn_exif_turned(turned: int, total: int, root: str | Path, annotations: str) -> None:
+    """Say (once per split) that images with an EXIF orientation were read upright, annotations in that frame."""
+    if turned:
+        log.warning("%d of %d images under %s carry an EXIF orientation: they are read upright (as displayed) and "
+                    "their %s taken in that frame; pass --data.no_apply_exif_orientation if the %s follow the "
+                    "stored pixels", turned, total, root, annotations, annotations)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -304,6 +381,7 @@ def load_image(
     max_image_pixels: int = 0,
     fast_jpeg: bool | None = None,
     torch_resize: bool | None = None,
+    data: bytes | None = None,
 ) -> torch.Tensor:
     """Decode one file and apply the train or eval transform: (C, H, W) float32, normalised.
 
@@ -311,6 +389,7 @@ def load_image(
     pixels (0 = Pillow's limit) raise UnreadableImageError. fast_jpeg (None: FAST_JPEG) decodes a JPEG
     at 1/2, 1/4 or 1/8 scale when its crop box still covers img_size there (box drawn from the header).
     torch_resize (None: TORCH_RESIZE) resizes 8-bit crops of whole pixels with torch's uint8 kernel, not Pillow.
+    data: the file's bytes (a tar shard's member), decoded instead of reading `path`, which names it in errors.
     """
     H, W = img_size
     fast = FAST_JPEG if fast_jpeg is None else fast_jpeg
@@ -328,7 +407,7 @@ def load_image(
             box = _reduced_box(box, scale, full_hw, _orientation(img))
         drawn.append((box, flip))
 
-    planes = _decode_planes(str(path), channels, max_image_pixels, draft_for_crop)
+    planes = _decode_planes(str(path), channels, max_image_pixels, draft_for_crop, data=data)
     w0, h0 = planes[0].size
     (top, left, h, w), flip = drawn[0] if drawn else _crop_and_flip((h0, w0), img_size, train, crop_scale, hflip,
                                                                     generator)

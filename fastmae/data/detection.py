@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .coco_json import fail, read_coco_json
-from .decode import decode_image
+from .coco_json import entry_hw, fail, read_coco_image, read_coco_json
+from .decode import warn_exif_turned
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, mix_seed
 from .segmentation import scene_layout
@@ -144,11 +144,12 @@ def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tu
 
 
 def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[str, str],
-              categories: Sequence[tuple[int, str]] = ()) -> DetSplit:
+              categories: Sequence[tuple[int, str]] = (), max_image_pixels: int = 0, upright: bool = True) -> DetSplit:
     """The images under `images_root` named by a COCO instances file, with their boxes, checked.
 
     categories: the training split's (id, name) pairs, so an evaluation file uses the same class indices
-    (a category the training file lacks is refused); () reads them from this file.
+    (a category the training file lacks is refused); () reads them from this file. upright: images are turned by
+    their EXIF orientation and the boxes are in that frame (False: both in the stored frame).
     """
     root = check_dir(images_root, flags[0])
     path = Path(annotations)
@@ -156,6 +157,7 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
     try:
         cats = [(int(c["id"]), str(c.get("name", c["id"]))) for c in data["categories"]]
         images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+        sizes = [entry_hw(im) for im in data["images"]]
     except (KeyError, TypeError, ValueError) as e:
         raise fail(path, f"an image or category lacks its id or file_name ({e!r})",
                     "every image needs 'id' and 'file_name', every category 'id' and 'name'") from None
@@ -182,23 +184,26 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
         if not a.get("iscrowd", 0):
             per_image[img_id].append((bbox, index[cid]))
     split = DetSplit([], [], [], [], [], [n for _, n in cats], [c for c, _ in cats], data)
-    for img_id, name in images:
+    turned = 0
+    for (img_id, name), stated_hw in zip(images, sizes):
         file = root / name
         if not file.is_file():
             raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
                                     f"{flags[0]} {root} or remove it from the annotations")
-        x = decode_image(file, channels)  # (C, h, w) float in [0, 1]
+        x, orientation = read_coco_image(file, img_id, stated_hw, path, channels, max_image_pixels, upright)
+        turned += upright and orientation != 1
         h, w = x.shape[-2:]
         boxes = torch.tensor([b for b, _ in per_image[img_id]], dtype=torch.float32).view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         if len(boxes) and (boxes[:, :2].min() < -0.5 or boxes[:, 2].max() > w + 0.5 or boxes[:, 3].max() > h + 0.5):
             raise fail(path, f"a box of image {name} (id {img_id}) lies outside the {w}x{h} (WxH) image",
                         "boxes are [x, y, w, h] in the image's pixels")
-        split.images.append(x.mul(255).round_().to(torch.uint8))
+        split.images.append(x)  # (C, h, w) uint8
         split.boxes.append(boxes.clamp(min=0))
         split.labels.append(torch.tensor([c for _, c in per_image[img_id]], dtype=torch.int64))
         split.image_ids.append(img_id)
         split.names.append(str(file))
+    warn_exif_turned(turned, len(images), root, "boxes")
     return split
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .coco_json import fail, read_coco_json
-from .decode import decode_image
+from .coco_json import entry_hw, fail, read_coco_image, read_coco_json
+from .decode import warn_exif_turned
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, mix_seed
 from .sources import check_dir, load_fashion_mnist
@@ -251,10 +251,11 @@ def fashion_pose_scenes(path: str, split: str, num: int, size: int = 64, slots: 
 
 
 def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags: tuple[str, str],
-                        like: PoseSplit | None = None) -> PoseSplit:
+                        like: PoseSplit | None = None, max_image_pixels: int = 0, upright: bool = True) -> PoseSplit:
     """The instances of a COCO keypoints file (its one category with 'keypoints'), their images under
     `images_root`, checked. Crowd annotations, boxes of zero size and instances without a labelled keypoint are
-    left out and counted (`skipped`). like: the training split, whose keypoint names this one must have."""
+    left out and counted (`skipped`). like: the training split, whose keypoint names this one must have.
+    upright: images are turned by their EXIF orientation, boxes and keypoints in that frame (False: as stored)."""
     root = check_dir(images_root, flags[0])
     path = Path(annotations)
     data = read_coco_json(path, "keypoints", "person_keypoints_train2017.json")
@@ -272,6 +273,7 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
         skeleton = [(int(a) - 1, int(b) - 1) for a, b in cat.get("skeleton") or []]
         cid = int(cat["id"])
         images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+        sizes = [entry_hw(im) for im in data["images"]]
     except (KeyError, TypeError, ValueError) as e:
         raise fail(path, f"an image or the category lacks its id or file_name, or a skeleton edge is not two "
                           f"keypoint numbers ({e!r})", "see the COCO keypoints format") from None
@@ -318,15 +320,19 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
     used = sorted(set(owner))
     remap = {n: m for m, n in enumerate(used)}
     split.owner = torch.tensor([remap[n] for n in owner], dtype=torch.int64)
+    turned = 0
     for n in used:  # only the images with an instance
         img_id, name = images[n]
         file = root / name
         if not file.is_file():
             raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
                                     f"{flags[0]} {root} or remove it from the annotations")
-        split.images.append(decode_image(file, channels).mul(255).round_().to(torch.uint8))
+        x, orientation = read_coco_image(file, img_id, sizes[n], path, channels, max_image_pixels, upright)
+        turned += upright and orientation != 1
+        split.images.append(x)  # (C, h, w) uint8
         split.image_ids.append(img_id)
         split.names.append(str(file))
+    warn_exif_turned(turned, len(used), root, "keypoints")
     split.skipped = {k: v for k, v in skipped.items() if v}
     split.coco = pose_coco_dict(split)
     return split

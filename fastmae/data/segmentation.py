@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from .decode import decode_image
+from .decode import decode_annotated, exif_frame_note, pillow_pixel_check, warn_exif_turned
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, mix_seed
 from .sources import FASHION_MNIST_CLASSES, check_dir, find_images, load_fashion_mnist
@@ -94,21 +94,38 @@ def fashion_scenes(path: str, split: str, num: int, size: int, num_items: tuple[
     return SegSplit(images, masks, [f"{split} scene {i}" for i in range(num)], sources)
 
 
-def read_label_map(path: str | Path) -> np.ndarray:
-    """A label PNG as (H, W) uint8 class indices: 'P' the palette index, 'L' the value ('1': 0/1)."""
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L", "1"):
-            raise ValueError(
-                f"label map {path} is a mode-{img.mode} image; save it as an index PNG ('P': palette index = class) "
-                f"or a grayscale PNG ('L': value = class)"
-            )
-        return np.array(img).astype(np.uint8)  # (H, W)
+def read_label_map(path: str | Path, image_hw: tuple[int, int] | None = None, image: str | Path = "",
+                   frame_note: str = "") -> np.ndarray:
+    """A label PNG as (H, W) uint8 class indices: 'P' the palette index, 'L' the value ('1': 0/1).
+
+    image_hw: its image's (h, w) as decoded, checked against the label's header before any pixel is decoded
+    (a huge label map costs nothing to refuse); image, frame_note: that image's file and why the sizes may
+    differ, for that error.
+    """
+    try:
+        with pillow_pixel_check(enabled=False), Image.open(path) as img:  # the size check below is the limit
+            if img.mode not in ("P", "L", "1"):
+                raise ValueError(
+                    f"label map {path} is a mode-{img.mode} image; save it as an index PNG ('P': palette index = "
+                    f"class) or a grayscale PNG ('L': value = class)"
+                )
+            if image_hw is not None and (img.height, img.width) != tuple(image_hw):
+                raise ValueError(f"label map {path} is {img.width}x{img.height} (WxH) but its image {image} is "
+                                 f"{image_hw[1]}x{image_hw[0]}; a label map must have its image's size{frame_note}")
+            return np.array(img).astype(np.uint8)  # (H, W)
+    except (OSError, SyntaxError, EOFError) as e:  # truncated, not an image (UnidentifiedImageError is an OSError)
+        why = ("not an image in a format Pillow reads" if isinstance(e, UnidentifiedImageError)
+               else f"{type(e).__name__}: {e}")
+        raise ValueError(f"cannot read label map {path}: {why}; save it again as a PNG (mode P or L) of its "
+                         f"image's size") from None
 
 
-def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple[str, str]) -> SegSplit:
+def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple[str, str],
+                 max_image_pixels: int = 0, upright: bool = True) -> SegSplit:
     """Every image under images_root with its label map under labels_root (same relative path, .png).
 
-    All images of a split must share one size (they are batched at their own size, not resized).
+    All images of a split must share one size (they are batched at their own size, not resized). upright: images
+    are turned by their EXIF orientation and label maps are in that frame (False: both in the stored frame).
     """
     img_dir = check_dir(images_root, flags[0])
     if not labels_root:
@@ -118,23 +135,22 @@ def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple
     files = find_images(img_dir)
     if not files:
         raise ValueError(f"no images found under {img_dir}; pass `{flags[0]} DIR` pointing at your images")
-    images, masks = [], []
+    images, masks, turned = [], [], 0
     for f in files:
         lbl = lbl_dir / f.relative_to(img_dir).with_suffix(".png")
         if not lbl.is_file():
             raise FileNotFoundError(f"no label map for image {f}: expected {lbl} (same relative path and stem, "
                                     f".png); add it, or remove the image")
-        x = decode_image(f, channels)  # (C, H, W) float in [0, 1]
-        y = read_label_map(lbl)  # (H, W)
-        if y.shape != tuple(x.shape[1:]):
-            raise ValueError(f"label map {lbl} is {y.shape[1]}x{y.shape[0]} (WxH) but its image {f} is "
-                             f"{x.shape[2]}x{x.shape[1]}; a label map must have its image's size")
+        x, stored_hw, orientation = decode_annotated(f, channels, max_image_pixels, upright)  # (C, H, W) in [0, 1]
+        turned += upright and orientation != 1
+        y = read_label_map(lbl, tuple(x.shape[1:]), f, exif_frame_note(stored_hw, orientation, upright))  # (H, W)
         if images and x.shape != images[0].shape:
             raise ValueError(f"image {f} is {x.shape[2]}x{x.shape[1]} (WxH) but {files[0]} is {images[0].shape[2]}x"
                              f"{images[0].shape[1]}; segment batches images at their own size: resize or crop all "
                              f"images (and their label maps, nearest-neighbour) to one size")
         images.append(x)
         masks.append(torch.from_numpy(y))
+    warn_exif_turned(turned, len(files), img_dir, "label maps")
     imgs = torch.stack(images).mul_(255.0).round_().to(torch.uint8)  # (N, C, H, W)
     return SegSplit(imgs, torch.stack(masks), [str(f) for f in files])
 

@@ -32,33 +32,43 @@ INSTALL_HINT = (
     "`--data.path DIR` with the four .gz files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)"
 )
+MAX_IDX_BYTES = 16 * 2**30  # an IDX header declaring more is refused before anything is decompressed
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
-    """An IDX file (.gz or raw) as a numpy array; ValueError on a bad magic number or truncated data."""
+    """An IDX file (.gz or raw) as a numpy array; ValueError on a bad magic number or truncated data.
+
+    The header is read first and at most one byte past the size it declares is decompressed: a gzip bomb (or
+    trailing garbage) is refused after reading what a real file of that header holds, not all of it.
+    """
     path = Path(path)
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            data = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
+                raise ValueError(f"{path}: not an IDX file (bad magic number {head[:4].hex() or 'empty file'})")
+            (found,) = struct.unpack(">I", head)
+            if magic is not None and found != magic:
+                raise ValueError(f"{path}: IDX magic number {found}, expected {magic}; is it the right file?")
+            ndim = head[3]
+            shape = f.read(4 * ndim)
+            if len(shape) < 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header; download the file again")
+            dims = struct.unpack(f">{ndim}I", shape)
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            expected = math.prod(dims) * dtype.itemsize
+            if expected > MAX_IDX_BYTES:
+                raise ValueError(f"{path}: the IDX header declares {dims} ({expected / 2**30:.1f} GiB), more than "
+                                 f"{MAX_IDX_BYTES / 2**30:.0f} GiB; is it the right file?")
+            body = f.read(expected + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt, download it again") from e
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty file'})")
-    (found,) = struct.unpack(">I", data[:4])
-    if magic is not None and found != magic:
-        raise ValueError(f"{path}: IDX magic number {found}, expected {magic}; is it the right file?")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: truncated IDX header; download the file again")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = math.prod(dims) * dtype.itemsize
-    body = data[4 + 4 * ndim :]
     if len(body) != expected:
         raise ValueError(
-            f"{path}: IDX data is {len(body)} bytes, the header says {expected} "
-            f"({'truncated' if len(body) < expected else 'trailing bytes'}); download the file again"
+            f"{path}: IDX data is {'only ' + str(len(body)) if len(body) < expected else 'more than ' + str(expected)} "
+            f"bytes, the header says {expected} ({'truncated' if len(body) < expected else 'trailing bytes'}); "
+            f"download the file again"
         )
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 

@@ -47,8 +47,18 @@ class Schedule:
         return lr_at(step, self.total, self.warmup, self.peak, self.min_lr, self.milestones)
 
 
-def schedule(optim, steps_per_epoch: int, world_size: int = 1) -> Schedule:
-    """The Schedule of an OptimConfig for `steps_per_epoch` steps per epoch on `world_size` processes."""
+def schedule(optim, steps_per_epoch: int, world_size: int = 1, samples: int = 0) -> Schedule:
+    """The Schedule of an OptimConfig for `steps_per_epoch` steps per epoch on `world_size` processes.
+
+    samples: the training samples (all processes); a batch size larger than a process's share is refused, since
+    the lr would be scaled for batches that are never drawn.
+    """
+    per_rank = -(-samples // world_size)
+    if 0 < per_rank < optim.batch_size:
+        each = " per process" if world_size > 1 else ""
+        raise ValueError(f"--optim.batch_size {optim.batch_size} is more than the {per_rank} training samples{each}, "
+                         f"so no batch of that size is drawn while the lr is scaled for it; pass --optim.batch_size "
+                         f"{per_rank} or less, or more data")
     effective = optim.batch_size * optim.accum_iter * world_size
     return Schedule(peak=scaled_lr(optim.blr, effective, optim.lr), total=optim.epochs * steps_per_epoch,
                     warmup=int(round(optim.warmup_epochs * steps_per_epoch)), min_lr=optim.min_lr,

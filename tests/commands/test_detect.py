@@ -266,7 +266,7 @@ def test_detect_on_coco_files_of_any_size(tmp_path):
     out = tmp_path / "run"
     args = ["detect", "--init", "random", *TINY, "--data.source", "coco", "--data.path", str(d), "--det.annotations",
             str(ann), "--data.eval_path", str(ed), "--det.eval_annotations", str(eann), "--model.img_size", "32",
-            "32", "--run.output_dir", str(out), *FAST]
+            "32", "--run.output_dir", str(out), *FAST, "--optim.batch_size", "2"]  # 3 training images
     assert main(args) == 0
     dets = json.loads((out / "detections.json").read_text())
     assert {r["image_id"] for r in dets} <= {100, 107} and {r["category_id"] for r in dets} <= {7, 42}

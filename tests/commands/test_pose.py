@@ -254,7 +254,7 @@ def test_pose_on_coco_files_writes_image_pixels_and_ids(tmp_path, capsys):
     args = ["pose", "--init", "random", *TINY, "--data.source", "coco", "--data.path", str(d), "--pose.annotations",
             str(ann), "--data.eval_path", str(ed), "--pose.eval_annotations", str(eann), "--model.img_size", "16",
             "12", "--pose.head", "classic", "--pose.channels", "8", "--pose.sigmas", "0.1", "0.1", "0.2",
-            "--run.output_dir", str(out), *FAST]
+            "--run.output_dir", str(out), *FAST, "--optim.batch_size", "2"]  # few instances
     assert main(args) == 0
     assert "left out 3 instances (1 crowd, 1 box of zero size, 1 no labelled keypoint)" in capsys.readouterr().out
     kps = json.loads((out / "keypoints.json").read_text())
@@ -287,7 +287,7 @@ def test_hf_vitpose_folder_loads_fine_tunes_and_exports(tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["pose", "--init", str(tmp_path / "vp"), "--data.source", "coco", "--data.path", str(d),
             "--pose.annotations", str(ann), "--data.eval_path", str(d), "--pose.eval_annotations", str(ann),
-            "--model.img_size", "32", "24", "--finetune", "--run.output_dir", str(out), *FAST]
+            "--model.img_size", "32", "24", "--finetune", "--run.output_dir", str(out), *FAST, "--optim.batch_size", "2"]
     assert main(args) == 0
     assert f"simple head (from {tmp_path / 'vp'})" in capsys.readouterr().out
     assert main(["convert", "--init", str(out), "--output", str(tmp_path / "hf_out"), "--to", "hf"]) == 0

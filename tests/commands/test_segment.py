@@ -230,7 +230,7 @@ def test_segment_folder_end_to_end(tmp_path):
     root = tmp_path / "d"
     for i in range(4):
         write_pair(root, f"x{i}", labels(top=2 + i % 2), "P")
-    assert main(folder_args(root, tmp_path / "out")) == 0
+    assert main(folder_args(root, tmp_path / "out") + ["--optim.batch_size", "4"]) == 0  # 4 images
     res = check_result(tmp_path / "out", 4)
     assert set(res["per_class_iou"]) == {"0", "1", "2", "3"} and res["pixels"] == 4 * 31 * 32  # row 0 ignored
 

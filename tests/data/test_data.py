@@ -126,6 +126,29 @@ def test_read_idx_roundtrip_and_errors(tmp_path):
         read_idx(tmp_path / "cut.gz")
 
 
+def test_an_idx_gzip_bomb_is_refused_without_decompressing_it(tmp_path, monkeypatch):
+    """A small header followed by 256 MiB of zeros (a .gz of ~250 KB): refused after reading one byte past what
+    the header declares, and a header declaring more than MAX_IDX_BYTES is refused before any data is read."""
+    import struct
+
+    import fastmae.data.sources as sources
+
+    header = struct.pack(">IIII", 2051, 2, 28, 28)
+    with gzip.open(tmp_path / "bomb.gz", "wb", compresslevel=1) as f:
+        f.write(header)
+        for _ in range(16):
+            f.write(bytes(16 * 2**20))  # trailing zeros
+    read = []
+    real = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: read.append(n) or real(self, n))
+    with pytest.raises(ValueError, match=r"bomb.gz: IDX data is more than 1568 bytes, the header says 1568 \(trailing"):
+        read_idx(tmp_path / "bomb.gz")
+    assert -1 not in read and sum(read) < 4096
+    monkeypatch.setattr(sources, "MAX_IDX_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"declares \(2, 28, 28\) .* more than"):
+        read_idx(tmp_path / "bomb.gz")
+
+
 def is_fallback(box, height, width) -> bool:
     return tuple(box) == T._fallback_box(height, width, T.CROP_RATIO)
 

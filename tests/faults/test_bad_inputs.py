@@ -191,7 +191,7 @@ def test_pretrain_on_a_folder_of_unreadable_files_stops_with_the_file_name(tmp_p
     args = tiny_args(tmp_path, tmp_path / "run")
     args[args.index("--data.path") + 1] = str(root)
     assert main([*args, "--data.source", "unlabelled", "--knn_every", "-1", "--data.num_workers", "0",
-                 "--model.img_size", "8", "8"]) == 2
+                 "--model.img_size", "8", "8", "--optim.batch_size", "1"]) == 2
     err = capsys.readouterr().err
     assert "a.jpg" in err and "--data.skip_corrupt" in err
 
@@ -389,3 +389,26 @@ def test_fastmae_debug_zero_means_off(monkeypatch, capsys, tmp_path, value, show
     else:
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith("fastmae: error: ")
+
+
+def test_the_variant_help_names_every_variant():
+    """--model.name's help spells the variant tables out (they appeared only in an error before)."""
+    import inspect
+    import itertools
+
+    from fastmae.config import EncoderConfig, MAEModelConfig
+    from fastmae.models.mae import MAE_VARIANTS
+    from fastmae.models.vit import VARIANTS
+
+    def named(cls) -> set[str]:
+        text = " ".join(inspect.getsource(cls).split())
+        doc = text[text.index('name: str'):].split('"""')[1]
+        out = set()
+        for pattern in re.findall(r"[a-z_]*\{[^ ]*|(?:[a-z]+_)?vit_[a-z0-9_]+", doc):
+            parts = re.split(r"\{([^}]*)\}", pattern.rstrip(",.)"))
+            choices = [p.split(",") if i % 2 else [p] for i, p in enumerate(parts)]
+            out |= {"".join(c) for c in itertools.product(*choices)}
+        return out
+
+    assert set(MAE_VARIANTS) <= named(MAEModelConfig) and "mae_vit_tiny_d6_patch4" in named(MAEModelConfig)
+    assert set(VARIANTS) <= named(EncoderConfig) and "vit_tiny_d6_patch4" in named(EncoderConfig)

@@ -82,3 +82,12 @@ def test_a_folder_a_refused_start_left_is_free(tmp_path):
     (out / "pose.json").write_text("{}")
     with pytest.raises(ValueError, match="holds a `fastmae pose` run"):
         claim(out, "knn")
+
+
+def test_outputs_named_after_inputs_never_collide():
+    """visualize --per_image names each PNG after its input: a/x.png, b/x.png, x-1.png, X.png give four files,
+    also on a case-insensitive file system."""
+    from fastmae.commands.visualize import unique_names
+
+    names = unique_names(["x", "x", "x-1", "X"])
+    assert names == ["x", "x-1", "x-1-1", "X-2"] and len({n.casefold() for n in names}) == 4
