@@ -22,7 +22,7 @@ GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten
 
 
 class _RecordGemms(TorchDispatchMode):
-    """Counts (op, operand shapes, dtype) of every matmul dispatched while active."""
+    """Counts (op, operand shapes, dtype, operand strides) of every matmul dispatched while active."""
 
     def __init__(self):
         super().__init__()
@@ -30,9 +30,10 @@ class _RecordGemms(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in GEMMS:
-            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-            dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
-            self.calls[(func, shapes, dtype)] += 1
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            shapes = tuple(tuple(a.shape) for a in tensors)
+            strides = tuple(tuple(a.stride()) for a in tensors)  # a weight gradient's x.t() is a transposed view
+            self.calls[(func, shapes, tensors[0].dtype, strides)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -46,7 +47,7 @@ def record_gemms(step: Callable[[], object]) -> Counter:
 def gemm_flops(calls: Counter) -> float:
     """2 x multiply-adds of the recorded products (mm/addmm: m*k*n; bmm: b*m*k*n)."""
     total = 0.0
-    for (func, shapes, _), n in calls.items():
+    for (func, shapes, *_), n in calls.items():
         a, b = shapes[-2], shapes[-1]  # addmm's bias comes first
         batch = a[0] if func is torch.ops.aten.bmm.default else 1
         total += n * 2.0 * batch * a[-2] * a[-1] * b[-1]
@@ -54,12 +55,13 @@ def gemm_flops(calls: Counter) -> float:
 
 
 def replay_seconds(calls: Counter, device: torch.device, reps: int = 5) -> float:
-    """Median seconds to run every recorded product once (each as often as the step ran it), on contiguous random
-    operands: the step's matmul time with nothing else in between."""
+    """Median seconds to run every recorded product once (each as often as the step ran it), on random operands of
+    the step's shapes and memory layouts (a transposed view stays transposed: BLAS and oneDNN take other paths for
+    it): the step's matmul time with nothing else in between."""
     ops = []
     g = torch.Generator(device).manual_seed(0)
-    for (func, shapes, dtype), n in calls.items():
-        args = [torch.randn(s, generator=g, device=device).to(dtype) for s in shapes]
+    for (func, shapes, dtype, strides), n in calls.items():
+        args = [_random_strided(s, st, dtype, device, g) for s, st in zip(shapes, strides)]
         ops.append((func, args, n))
 
     def once() -> None:
@@ -69,6 +71,14 @@ def replay_seconds(calls: Counter, device: torch.device, reps: int = 5) -> float
 
     once()  # warm-up: kernels chosen, caches filled
     return median_seconds(once, device, reps)
+
+
+def _random_strided(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    g: torch.Generator) -> torch.Tensor:
+    """A random tensor of this shape laid out with these strides (a view of a large enough random buffer)."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+    base = torch.randn(size, generator=g, device=device).to(dtype)
+    return base.as_strided(shape, stride)
 
 
 def step_ceiling(step: Callable[[], object], device: torch.device, reps: int = 5) -> dict:
