@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose}`: one
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose, shard}`: one
 subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
@@ -23,6 +23,7 @@ from .commands.knn import KnnConfig
 from .commands.linprobe import LinprobeConfig
 from .commands.pretrain import PretrainConfig
 from .commands.segment import SegmentConfig
+from .commands.shard import ShardConfig
 from .commands.visualize import VisualizeConfig
 from .flags import check_command_line
 from .train.dist import cleanup
@@ -43,6 +44,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "segment": (SegmentConfig, "fastmae.commands.segment:run_segment"),
     "detect": (DetectConfig, "fastmae.commands.detect:run_detect"),
     "pose": (PoseConfig, "fastmae.commands.pose:run_pose"),
+    "shard": (ShardConfig, "fastmae.commands.shard:run_shard"),
 }
 
 
@@ -99,7 +101,7 @@ def parse(argv: Sequence[str] | None) -> object:
             {n: cls for n, (cls, _) in COMMANDS.items()},
             prog="fastmae",
             description="Masked autoencoders (MAE) for your own images: pretrain, evaluate, embed, segment, "
-                        "detect, pose, visualize, convert, bench.",
+                        "detect, pose, visualize, convert, bench, shard.",
             args=args,
             use_underscores=True,
             console_outputs=not quiet,

@@ -64,14 +64,16 @@ class SourceConfig:
                    "mean": each((finite, "finite")), "std": each(above(0)),
                    "max_image_pixels": at_least(0, " (0 = Pillow's limit)")}
 
-    source: Literal["fashion-mnist", "folder", "unlabelled", "list"] = "fashion-mnist"
+    source: Literal["fashion-mnist", "folder", "unlabelled", "list", "shards"] = "fashion-mnist"
     """fashion-mnist: IDX .gz files; folder: one subfolder per class (ImageNet layout);
     unlabelled: every image under `path`, recursively; list: a text file of image paths
-    (one per line, optionally followed by an integer label; relative paths are relative to the list file's folder)."""
+    (one per line, optionally followed by an integer label; relative paths are relative to the list file's folder);
+    shards: tar shards in webdataset layout (KEY.jpg|png|webp|tif..., optional KEY.cls label), streamed."""
     path: str = FASHION_MNIST_DIR
-    """Training data: the IDX folder, the image folder, or the list file."""
+    """Training data: the IDX folder, the image folder, the list file, or the shards: a brace pattern
+    ('DIR/train-{000000..000099}.tar'), a text file listing shard paths or URLs, or 'pipe:CMD' URLs."""
     eval_path: str = ""
-    """Evaluation split for folder/list sources (Fashion-MNIST uses its t10k files)."""
+    """Evaluation split for folder/list/shards sources (Fashion-MNIST uses its t10k files)."""
     channels: int = 0
     """Channels fed to the model; images are converted (0 = the source's own: 1 for Fashion-MNIST, else 3)."""
     mean: tuple[float, ...] = ()
@@ -102,7 +104,7 @@ class DataConfig(SourceConfig):
     """Where images come from and how they become tensors."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "num_workers": NON_NEGATIVE, "holdout": at_least(0, " (0 = the source's own evaluation split)"),
+        "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE, "holdout": at_least(0, " (0 = the source's own evaluation split)"),
         "crop_scale": ((lambda v: len(v) == 2 and all(map(finite, v)) and 0 < v[0] <= v[1] <= 1),
                        "(min, max) with 0 < min <= max <= 1"),
     }
@@ -112,7 +114,10 @@ class DataConfig(SourceConfig):
     num_workers: int = 2
     """DataLoader worker processes for file-based sources (in-memory sources need none)."""
     skip_corrupt: bool = False
-    """Skip unreadable/corrupt image files (counted and listed in the log) instead of stopping."""
+    """Skip unreadable/corrupt image files (counted and listed in the log) instead of stopping; in shards, an
+    unreadable sample is replaced by another image of its batch."""
+    shuffle_buffer: int = 1000
+    """Shards: samples each loader worker holds to shuffle its stream (training; replayed exactly on resume)."""
     holdout: int = 0
     """Hold out N training samples (a fixed random choice, the same in every run) as the evaluation split instead
     of the test / --data.eval_path one: tune on them, then report on the test split with 0 (the default)."""

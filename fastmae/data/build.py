@@ -10,6 +10,8 @@ from ..config import DataConfig, SourceConfig
 from .files import FileLoader
 from .loader import Loader
 from .memory import MemoryLoader
+from .shards import index_shards, shard_urls
+from .stream import ShardLoader
 from .sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -92,6 +94,8 @@ def build_loader(
         num_classes = max(len(FASHION_MNIST_CLASSES), int(labels.max()) + 1 if len(labels) else 0)
         return MemoryLoader(images, labels, channels=channels, mean=mean, std=std, num_classes=num_classes,
                             classes=FASHION_MNIST_CLASSES, **common)
+    if cfg.source == "shards":
+        return _shard_loader(cfg, split, **common)
     samples, classes, num_classes, missing = file_samples(cfg, "train" if cfg.holdout else split)
     if cfg.holdout:
         samples = [samples[i] for i in holdout_indices(len(samples), cfg.holdout, split).tolist()]
@@ -104,3 +108,21 @@ def build_loader(
                         num_classes=num_classes, classes=classes, **common)
     loader._note_skipped([(p, "file does not exist") for p in missing])
     return loader
+
+
+def _shard_loader(cfg: DataConfig, split: str, **common) -> ShardLoader:
+    """The split's tar shards (sample counts from sizes.json beside them, else read once)."""
+    if cfg.holdout:
+        raise ValueError("--data.holdout is not available for --data.source shards (samples are streamed, not "
+                         "indexed): write the held-out images to shards of their own and pass --data.eval_path")
+    if split == "eval" and not cfg.eval_path:
+        raise ValueError("no evaluation data for --data.source shards: pass --data.eval_path with the evaluation "
+                         "shards")
+    where, flag = (cfg.path, "--data.path") if split == "train" else (cfg.eval_path, "--data.eval_path")
+    index = index_shards(shard_urls(where, flag)).limited(cfg.limit)
+    channels = cfg.channels or 3
+    mean, std = source_norm_stats(cfg, channels)
+    common.pop("drop_last", None)  # training batches are always whole, evaluation keeps every sample
+    return ShardLoader(index, channels=channels, mean=mean, std=std, num_workers=cfg.num_workers,
+                       buffer=cfg.shuffle_buffer, skip_corrupt=cfg.skip_corrupt,
+                       max_image_pixels=cfg.max_image_pixels, **common)

@@ -59,12 +59,18 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Concatenate equally-shaped tensors from all ranks along dim 0 (identity in one process)."""
+    """Concatenate the ranks' tensors along dim 0, in rank order (identity in one process). Their first dims may
+    differ (streamed shards give ranks unequal evaluation splits): each is padded to the longest and cut back."""
     if not info.distributed:
         return x
-    out = [torch.empty_like(x) for _ in range(info.world_size)]
-    tdist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(info.world_size)]
+    tdist.all_gather(sizes, n)
+    longest = max(int(s) for s in sizes)
+    padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))]) if x.shape[0] < longest else x
+    out = [torch.empty_like(padded) for _ in range(info.world_size)]
+    tdist.all_gather(out, padded.contiguous())
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)], dim=0)
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device | None = None) -> bool:

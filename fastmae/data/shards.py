@@ -1,0 +1,303 @@
+"""Tar shards in webdataset layout (`KEY.jpg|png|webp|tif...` + optional `KEY.cls`): which shards a path means,
+how many samples each holds, and each epoch's plan: which rank and worker reads which shard, in which order.
+
+The plan is a pure function of (sample counts, seed, epoch, rank, world size, workers, batch size), so an epoch
+can be resumed at any batch exactly, the way `EpochSampler` does it for indexable samples:
+
+- Shards are shuffled from (seed, epoch) (training; evaluation keeps their order) and dealt round-robin to the
+  world_size x workers reading slots: with shards that divide evenly, every sample is read once per epoch.
+- Each worker reads its shards in order and emits their samples through a shuffle buffer of `buffer` samples
+  (webdataset's `shuffle`, made replayable: `window_order` is the permutation it produces, drawn from (seed, epoch,
+  rank, worker)); a resumed epoch re-opens the shard holding the oldest sample still in the buffer and skips,
+  without decoding, the samples already emitted.
+- Every rank trains on the same number of batches per epoch, `(samples // world_size) // batch_size`: a rank
+  whose shards hold more this epoch leaves its surplus for another epoch; a rank whose shards hold fewer (shards
+  of unequal sizes or a count that does not divide) reads its own samples a second time to make it up.
+
+Shapes: S shards, W workers per rank, B batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .sampler import ORDER_STREAM, mix_seed
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm")
+LABEL_SUFFIX = "cls"
+SIZES_FILE = "sizes.json"  # {shard file name: samples} beside the shards (OpenCLIP's name and layout)
+CLASSES_FILE = "classes.json"  # ["class name", ...] beside the shards: label i names classes[i]
+SHUFFLE_STREAM = 2  # random stream of the in-worker shuffle buffer (0 and 1: order and augmentation)
+DEFAULT_BUFFER = 1000
+
+
+def shard_urls(path: str, flag: str = "--data.path") -> list[str]:
+    """The shard URLs a --data.path means: a brace pattern (`train-{000000..000099}.tar`, '::' joins several), a
+    list file (one shard per line; relative paths are relative to the list's folder), or `pipe:CMD` URLs.
+
+    Local shards must exist: a missing one is one line naming it.
+    """
+    from webdataset.shardlists import expand_urls  # imported here: only the shard source needs webdataset
+
+    if not path:
+        raise ValueError(f"{flag} is empty: pass tar shards, e.g. '{flag} DIR/train-{{000000..000009}}.tar'")
+    p = Path(path).expanduser()
+    if not path.startswith("pipe:") and p.is_file() and not _is_tar_name(p.name):
+        base = p.parent
+        urls = []
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                urls.append(line if _has_scheme(line) or os.path.isabs(line) else str(base / line))
+        if not urls:
+            raise ValueError(f"{flag} {path}: the list file names no shards; put one shard path or URL a line")
+    else:
+        urls = list(expand_urls(path))
+    for u in urls:
+        if not _has_scheme(u) and not Path(u).expanduser().is_file():
+            what = "is a folder, not a tar shard" if Path(u).is_dir() else "does not exist"
+            raise FileNotFoundError(f"shard {u} {what} (from {flag} {path}); fix the pattern or the list of shards")
+    return [u if _has_scheme(u) else str(Path(u).expanduser()) for u in urls]
+
+
+def _is_tar_name(name: str) -> bool:
+    return name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _has_scheme(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def sample_key(fname: str) -> tuple[str, str]:
+    """(key, suffix) of a tar member as webdataset groups them: the suffix is everything after the first dot of
+    the file name (`a/b.seg.png` -> ('a/b', 'seg.png'))."""
+    folder, _, name = fname.rpartition("/")
+    stem, dot, suffix = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), suffix.lower() if dot else ""
+
+
+def image_member(sample: dict) -> str | None:
+    """The suffix of a grouped sample's image (the first of IMAGE_SUFFIXES it has), or None."""
+    return next((s for s in IMAGE_SUFFIXES if s in sample), None)
+
+
+def read_label(sample: dict, where: str) -> int:
+    """The integer in a sample's .cls member (-1 without one); ValueError naming the sample otherwise."""
+    raw = sample.get(LABEL_SUFFIX)
+    if raw is None:
+        return -1
+    try:
+        label = int(raw.decode("utf-8").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{where}.cls holds {raw[:20]!r}, not an integer class index; write 0, 1, 2, ...") from None
+    if label < 0:
+        raise ValueError(f"{where}.cls holds the negative label {label}; labels are 0, 1, 2, ...")
+    return label
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The shards of a split, their sample counts, and the class names (label i names classes[i]; may be empty
+    while num_classes > 0 when the shards carry .cls labels without names)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    classes: tuple[str, ...]
+    num_classes: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def limited(self, limit: int) -> ShardIndex:
+        """The first `limit` samples (whole shards, then part of one); 0 = all."""
+        if limit <= 0 or limit >= self.num_samples:
+            return self
+        counts, left = [], limit
+        for c in self.counts:
+            if left == 0:
+                break
+            counts.append(min(c, left))
+            left -= counts[-1]
+        return ShardIndex(self.urls[: len(counts)], tuple(counts), self.classes, self.num_classes)
+
+
+def index_shards(urls: list[str], open_stream=None) -> ShardIndex:
+    """Sample counts of the shards: from sizes.json (and classes.json) beside them when it lists every shard (as
+    `fastmae shard` and OpenCLIP's tools write it), else by reading each shard once (members, no decoding)."""
+    folders = {os.path.dirname(u) for u in urls if not _has_scheme(u)}
+    if len(folders) == 1:
+        folder = Path(folders.pop())
+        sizes = _read_json(folder / SIZES_FILE, dict)
+        classes = _read_json(folder / CLASSES_FILE, list)
+        if sizes is not None and all(os.path.basename(u) in sizes for u in urls):
+            counts = tuple(int(sizes[os.path.basename(u)]) for u in urls)
+            if classes is not None:
+                return ShardIndex(tuple(urls), counts, tuple(map(str, classes)), len(classes))
+    counts, top = [], -1
+    for url in urls:
+        n = 0
+        for sample in iterate_samples(url, open_stream):
+            if image_member(sample) is not None:
+                n += 1
+                top = max(top, read_label(sample, f"{url}#{sample['__key__']}"))
+        counts.append(n)
+    if not any(counts):
+        raise ValueError(f"the shards hold no images ({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''}): "
+                         f"members must be named KEY.{'|'.join(IMAGE_SUFFIXES[:5])} (webdataset layout)")
+    return ShardIndex(tuple(urls), tuple(counts), (), top + 1)
+
+
+def _read_json(path: Path, kind: type):
+    """The JSON object at path if it is of `kind`; None when there is no such file; ValueError naming a bad one."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}; delete it and the counts are read from the shards") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a {kind.__name__}; delete it and the counts "
+                         f"are read from the shards")
+    return value
+
+
+def iterate_samples(url: str, open_stream=None, handler=None):
+    """The grouped samples ({'__key__', suffix: bytes, ...}) of one shard, in stored order, read by webdataset."""
+    from webdataset.gopen import gopen
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    handler = handler or reraise_exception
+    stream = (open_stream or gopen)(url)
+    try:
+        files = tar_file_iterator(stream, handler=handler)
+        tagged = ({**f, "__url__": url} for f in files)
+        yield from group_by_keys(tagged, keys=sample_key, handler=handler)
+    finally:
+        stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch plan
+
+
+def deal_shards(num_shards: int, *, shuffle: bool, seed: int, epoch: int, slots: int) -> list[list[int]]:
+    """Shard indices for each of `slots` readers (rank-major: slot = worker * world_size + rank), in reading order:
+    the epoch's shard order (shuffled from (seed, epoch) when `shuffle`) dealt round-robin."""
+    order = np.arange(num_shards)
+    if shuffle:
+        order = np.random.default_rng(mix_seed(seed, epoch, ORDER_STREAM)).permutation(num_shards)
+    return [order[s::slots].tolist() for s in range(slots)]
+
+
+def window_order(n: int, buffer: int, seed: int) -> np.ndarray:
+    """The order in which a shuffle buffer of `buffer` samples emits a stream of n samples (ordinals 0..n-1):
+    fill to `buffer`, emit a random one, refill. Sample j never comes out before ordinal j - buffer + 1 was read,
+    so a reader needs to hold at most `buffer` samples. buffer <= 1: the stream's own order."""
+    if buffer <= 1 or n <= 1:
+        return np.arange(n)
+    u = np.random.default_rng(seed).random(n)
+    out = np.empty(n, dtype=np.int64)
+    buf: list[int] = []
+    nxt = 0
+    for j in range(n):
+        while nxt < n and len(buf) < buffer:
+            buf.append(nxt)
+            nxt += 1
+        k = int(u[j] * len(buf))
+        out[j] = buf[k]
+        buf[k] = buf[-1]
+        buf.pop()
+    return out
+
+
+def worker_quotas(caps: list[int], total: int) -> list[int]:
+    """Batches for each worker summing to `total`: as even as their capacities (whole batches they hold) allow,
+    the rest spread over all workers when the capacities fall short."""
+    quotas = [0] * len(caps)
+    for _ in range(total):
+        room = [c - q for c, q in zip(caps, quotas)]
+        w = max(range(len(caps)), key=lambda i: (room[i], -quotas[i], -i))  # most room left; ties: fewest, first
+        quotas[w] += 1
+    return quotas
+
+
+def interleave(quotas: list[int]) -> list[tuple[int, int]]:
+    """The rank's batch sequence as (worker, the worker's batch number): round robin over the workers that still
+    have batches (what a DataLoader over iterable workers yields)."""
+    out, done = [], [0] * len(quotas)
+    while len(out) < sum(quotas):
+        for w, q in enumerate(quotas):
+            if done[w] < q:
+                out.append((w, done[w]))
+                done[w] += 1
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one reader of one rank does in one epoch: its shards, in order, with their counts; `order` (virtual
+    ordinals: ordinal v is sample v % n of the concatenated shards, so ordinals >= n are a second reading) for each
+    of its batches' places; `positions[k]` the rank's batch number of its k-th batch; `sizes[k]` that batch's size."""
+
+    shards: tuple[int, ...]
+    counts: tuple[int, ...]
+    order: np.ndarray
+    positions: tuple[int, ...]
+    sizes: tuple[int, ...]
+    seed: int
+
+    def batch_slice(self, k: int) -> slice:
+        start = sum(self.sizes[:k])
+        return slice(start, start + self.sizes[k])
+
+
+def rank_batches(num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """Training batches every rank takes per epoch (whatever the shard sizes): floor(samples / world / B)."""
+    per_rank = num_samples // world_size
+    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+
+def plan_epoch(counts: tuple[int, ...], *, epoch: int, seed: int, train: bool, rank: int, world_size: int,
+               workers: int, batch_size: int, buffer: int) -> list[WorkerPlan]:
+    """Each reader's plan for this rank and epoch (see the module docstring).
+
+    train: shuffled shards and buffer, every rank the same `rank_batches` of full batches (the epoch is a fixed
+    length whatever the shards dealt). Evaluation: shards in order, no buffer, each reader's samples once, its last
+    batch partial; ranks may then differ in length.
+    """
+    slots = world_size * workers
+    dealt = deal_shards(len(counts), shuffle=train, seed=seed, epoch=epoch, slots=slots)
+    mine = [dealt[w * world_size + rank] for w in range(workers)]
+    held = [sum(counts[s] for s in shards) for shards in mine]
+    if not any(held):
+        raise ValueError(f"rank {rank} got no shard: there are {len(counts)} shards for {world_size} processes; "
+                         f"write more, smaller shards (fastmae shard --shard.max_count N)")
+    if train:
+        total = rank_batches(sum(counts), world_size, batch_size, drop_last=True)
+        readers = [w for w in range(workers) if held[w]]  # a reader without shards this epoch takes no batch
+        quotas = [0] * workers
+        for w, q in zip(readers, worker_quotas([held[w] // batch_size for w in readers], total)):
+            quotas[w] = q
+        sizes = [[batch_size] * q for q in quotas]
+    else:
+        sizes = [[min(batch_size, h - k * batch_size) for k in range(math.ceil(h / batch_size))] for h in held]
+        quotas = [len(s) for s in sizes]
+    positions: list[list[int]] = [[] for _ in range(workers)]
+    for b, (w, _) in enumerate(interleave(quotas)):
+        positions[w].append(b)
+    plans = []
+    for w in range(workers):
+        wseed = mix_seed(seed, epoch, SHUFFLE_STREAM, rank, w)
+        need = sum(sizes[w])
+        order = window_order(max(need, held[w]), buffer if train else 1, wseed)[:need]
+        plans.append(WorkerPlan(tuple(mine[w]), tuple(counts[s] for s in mine[w]), order, tuple(positions[w]),
+                                tuple(sizes[w]), wseed))
+    return plans

@@ -1,0 +1,214 @@
+"""`ShardLoader`: tar shards streamed by DataLoader workers, each reading its own shards (data/shards.py's plan).
+
+Nothing is indexed per sample: a worker opens its shards one after another (a file, or a `pipe:` command's
+output), keeps the samples its shuffle buffer would hold, decodes and augments those its batches take, and
+tags each batch with its place in the rank's epoch; the main process yields them in that order. An epoch
+resumed at batch b yields exactly the batches b, b+1, ... of an uninterrupted run: each worker re-opens the
+shard holding the oldest sample it still needs and skips (without decoding) those already emitted.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import SKIP_HINT, UnreadableImageError, load_image
+from .files import ignore_stop_signals
+from .loader import Loader
+from .sampler import AUGMENT_STREAM, mix_seed
+from .shards import DEFAULT_BUFFER, ShardIndex, WorkerPlan, image_member, iterate_samples, plan_epoch, read_label
+
+_Batch = tuple[int, torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]], Exception | None]
+
+
+class _ShardReader:
+    """Samples of one worker's shards by virtual ordinal (v -> sample v % n of the shards read in order), read
+    forward once, keeping only the samples still to be emitted; a backwards request re-opens the shard holding it."""
+
+    def __init__(self, index: ShardIndex, plan: WorkerPlan, needed: np.ndarray, open_stream=None):
+        self.urls = [index.urls[s] for s in plan.shards]
+        self.counts = list(plan.counts)
+        self.n = sum(self.counts)
+        self.starts = np.cumsum([0] + self.counts)  # (shards + 1,) first ordinal of each shard
+        top = int(needed.max()) + 1 if len(needed) else 0
+        self.wanted = np.zeros(top, dtype=bool)
+        self.wanted[needed] = True
+        self.cache: dict[int, dict | None] = {}
+        self.samples: Iterator[dict] | None = None
+        self.next_v = 0  # the virtual ordinal the open stream gives next
+        self.shard_end = 0  # virtual ordinal where the open shard ends
+        self.open_stream = open_stream
+        self.problems: list[tuple[str, str]] = []  # (shard, why) of shards that ended early
+
+    def get(self, v: int) -> dict | None:
+        """The sample (webdataset's dict, '__url__' and '__key__' set) at virtual ordinal v; None if its shard
+        ended before it (a damaged or shorter shard: the reason is in `problems`)."""
+        if v in self.cache:
+            self.wanted[v] = False
+            return self.cache.pop(v)
+        if self.samples is None or v < self.next_v:
+            self._open(v)
+        while True:
+            if self.next_v >= self.shard_end:
+                self._open(self.next_v)
+            r, sample = self.next_v, self._next_sample()
+            self.next_v += 1
+            if r == v:
+                self.wanted[v] = False
+                return sample
+            if r < len(self.wanted) and self.wanted[r]:
+                self.cache[r] = sample
+
+    def _open(self, v: int) -> None:
+        """Open the shard holding virtual ordinal v, positioned at its first sample."""
+        rnd, o = divmod(v, self.n)
+        s = int(np.searchsorted(self.starts, o, side="right")) - 1
+        self.next_v = rnd * self.n + int(self.starts[s])
+        self.shard_end = self.next_v + self.counts[s]
+        self.url = self.urls[s]
+        self.samples = self._images(self.url)
+
+    def _images(self, url: str) -> Iterator[dict]:
+        """The shard's samples that have an image, then None for each one its count promised but it lacked."""
+        got = 0
+        try:
+            for sample in iterate_samples(url, self.open_stream):
+                if image_member(sample) is not None:
+                    got += 1
+                    yield sample
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            self.problems.append((url, f"the tar stream broke after {got} samples: {e}"))
+        else:
+            self.problems.append((url, f"it holds {got} images, its count says more"))
+        while True:
+            yield None
+
+    def _next_sample(self) -> dict | None:
+        return next(self.samples)
+
+
+class ShardStream(IterableDataset):
+    """The batches of this process's readers: (rank's batch number, images (B, C, H, W), labels (B,), skipped,
+    error). In a worker, the reader of the worker's id; without workers, the one reader."""
+
+    def __init__(self, index: ShardIndex, transform: dict[str, Any], *, batch_size: int, train: bool, seed: int,
+                 rank: int, world_size: int, readers: int, buffer: int, skip_corrupt: bool, open_stream=None):
+        self.index, self.transform = index, dict(transform)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.readers, self.buffer = rank, world_size, readers, buffer
+        self.skip_corrupt, self.open_stream = skip_corrupt, open_stream
+        self.epoch, self.start_batch = 0, 0
+
+    def plans(self, epoch: int) -> list[WorkerPlan]:
+        return plan_epoch(self.index.counts, epoch=epoch, seed=self.seed, train=self.train, rank=self.rank,
+                          world_size=self.world_size, workers=self.readers, batch_size=self.batch_size,
+                          buffer=self.buffer)
+
+    def __iter__(self) -> Iterator[_Batch]:
+        info = get_worker_info()
+        plan = self.plans(self.epoch)[info.id if info is not None else 0]
+        first = next((k for k, b in enumerate(plan.positions) if b >= self.start_batch), len(plan.positions))
+        if first == len(plan.positions):
+            return
+        reader = _ShardReader(self.index, plan, plan.order[plan.batch_slice(first).start:], self.open_stream)
+        for k in range(first, len(plan.positions)):
+            yield self._batch(plan, k, reader)
+
+    def _batch(self, plan: WorkerPlan, k: int, reader: _ShardReader) -> _Batch:
+        """Read, decode and augment the k-th batch of a reader; unreadable samples are replaced by another image
+        of the same batch with skip_corrupt, else the first one is the error."""
+        b = plan.positions[k]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM, self.rank, b))
+        seeds = torch.randint(0, 2**62, (plan.sizes[k],), generator=g).tolist()
+        images: list[torch.Tensor | None] = []
+        labels: list[int] = []
+        skipped: list[tuple[str, str]] = []
+        for v, seed in zip(plan.order[plan.batch_slice(k)].tolist(), seeds):
+            sample = reader.get(v)
+            x, y, problem = self._decode(sample, seed, reader)
+            if problem is not None:
+                if not self.skip_corrupt:
+                    return b, None, None, skipped, problem
+                skipped.append((getattr(problem, "where", "?"), getattr(problem, "reason", str(problem))))
+            images.append(x)
+            labels.append(y)
+        good = [i for i, x in enumerate(images) if x is not None]
+        if not good:
+            return b, None, None, skipped, ValueError(
+                f"no image of batch {b} could be read (e.g. {skipped[0][0]}: {skipped[0][1]}); fix or rewrite "
+                f"the shards")
+        for i, x in enumerate(images):  # stand-ins keep the batch's size and every later batch where it was
+            if x is None:
+                j = good[i % len(good)]
+                images[i], labels[i] = images[j], labels[j]
+        return b, torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped, None  # (B, C, H, W), (B,)
+
+    def _decode(self, sample: dict | None, seed: int, reader: _ShardReader) -> tuple[Any, int, Exception | None]:
+        if sample is None:
+            url, why = reader.problems[-1] if reader.problems else (reader.url, "missing")
+            e = ValueError(f"shard {url}: {why}; rewrite the shard (fastmae shard) or delete the sizes.json beside "
+                           f"it so it is counted again{SKIP_HINT}")
+            e.where, e.reason = url, why
+            return None, -1, e
+        where = f"{sample['__url__']}#{sample['__key__']}"
+        suffix = image_member(sample)
+        try:
+            label = read_label(sample, where)
+            x = load_image(f"{where}.{suffix}", data=sample[suffix],
+                           generator=torch.Generator().manual_seed(seed), **self.transform)
+        except ValueError as e:
+            if not isinstance(e, UnreadableImageError):
+                return None, -1, e  # a label or band count the run cannot take: never skipped
+            e.where = where
+            return None, -1, e
+        return x, label, None
+
+
+class ShardLoader(Loader):
+    """Tar shards (webdataset layout) for one rank, read by max(1, num_workers) readers (see data/shards.py)."""
+
+    def __init__(self, index: ShardIndex, *, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 buffer: int = DEFAULT_BUFFER, skip_corrupt: bool = False, max_image_pixels: int = 0,
+                 open_stream=None, **kw):
+        """kw: the Loader's (img_size, batch_size, train, channels, mean, std, crop_scale, hflip, seed)."""
+        super().__init__(num_samples=index.num_samples, num_classes=index.num_classes, classes=index.classes, **kw)
+        transform = dict(img_size=self.img_size, channels=self.channels, mean=self.mean, std=self.std,
+                         train=self.train, crop_scale=self.crop_scale, hflip=self.hflip,
+                         max_image_pixels=max_image_pixels)
+        self.index, self.num_workers = index, num_workers
+        self.stream = ShardStream(index, transform, batch_size=self.batch_size, train=self.train, seed=self.seed,
+                                  rank=rank, world_size=world_size, readers=max(1, num_workers), buffer=buffer,
+                                  skip_corrupt=skip_corrupt, open_stream=open_stream)
+        plans = self.stream.plans(0)  # checks now that every rank gets a shard; the length is every epoch's
+        self._len = sum(len(p.positions) for p in plans)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
+        self.stream.epoch, self.stream.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed),  # not the global RNG (see FileLoader)
+        )
+        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        nxt = self.start_batch
+        for b, images, labels, skipped, error in batches:  # in worker round-robin order; yielded in the plan's
+            self._note_skipped(skipped)
+            if error is not None:
+                raise error
+            pending[b] = (images, labels)
+            while nxt in pending:
+                yield pending.pop(nxt)
+                nxt += 1
+        if pending or nxt != len(self):
+            raise RuntimeError(f"shard readers ended at batch {nxt} of {len(self)} (held {sorted(pending)[:5]})")
