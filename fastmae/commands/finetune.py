@@ -33,6 +33,7 @@ from ..figures.curves import FINETUNE_METRIC, epoch_entries, plot_learning_curve
 from ..train.dist import print0
 from ..train.engine import Task, evaluate
 from ..train.optim import build_adamw, param_groups_lrd, schedule
+from ..train.parallel import full_state_dict
 from ..train.runtime import Progress, duration
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import build_classifier, data_for, encoder_init, encoder_kwargs
@@ -114,8 +115,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         best = prog.extra.get("best_top1", -1.0)
         if metrics["top1"] > best:
             prog.extra.update(best_top1=metrics["top1"], best_epoch=epoch + 1)
+            weights = full_state_dict(m)  # every rank takes part when FSDP shards the model
             if d.is_main:
-                atomic_save(m.state_dict(), best_path)
+                atomic_save(weights, best_path)
                 atomic_write_text(json.dumps({**meta, "epoch": epoch + 1, **out}, indent=2), best_path.with_suffix(".json"))
         out["best_top1"] = prog.extra["best_top1"]
         history.append(out)
@@ -125,7 +127,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     meta = model_meta("vit", _vit_kwargs(model), cfg, mean=list(train.mean), std=list(train.std), init=cfg.init)
     t0 = time.perf_counter()
     task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
-                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
+                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end, shardable=True)
     prog, last = fit(rt, task, train, cfg.optim.epochs)
     result = {"init": cfg.init, "epochs_done": prog.epoch, "best_top1": prog.extra.get("best_top1"),
               "best_epoch": prog.extra.get("best_epoch"), "holdout": cfg.data.holdout, "seconds": time.perf_counter() - t0,

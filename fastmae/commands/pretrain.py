@@ -144,7 +144,9 @@ class Monitor:
         self.cfg, self.rt, self.train = cfg, rt, train
         self.figure_path = rt.out_dir / "reconstruction.png"
         self.images: torch.Tensor | None = None  # (8, C, H, W) fixed images for the figure
-        if rt.dist.is_main and cfg.figure_every > 0:
+        # the figure runs the model: on rank 0, or on every rank when FSDP shards it (each forward is collective)
+        self.collective = cfg.run.parallel == "fsdp" and rt.dist.distributed
+        if (rt.dist.is_main or self.collective) and cfg.figure_every > 0:
             split = "eval" if has_eval_split(cfg.data) else "train"
             loader = build_loader(cfg.data, split, tuple(cfg.model.img_size), 8, train=False, seed=cfg.run.seed)
             loader.set_epoch(0)
@@ -172,8 +174,9 @@ class Monitor:
         with torch.autocast(self.rt.device.type, enabled=False):
             panels = reconstruct(model, self.images, self.cfg.model.mask_ratio, seed=self.cfg.run.seed,
                                  mean=self.train.mean, std=self.train.std)
-        save_figure(panels, self.figure_path)
-        save_figure(panels, self.rt.out_dir / "figures" / f"reconstruction-{epoch + 1:04d}.png")
+        if self.rt.dist.is_main:
+            save_figure(panels, self.figure_path)
+            save_figure(panels, self.rt.out_dir / "figures" / f"reconstruction-{epoch + 1:04d}.png")
 
     def knn(self, model: MaskedAutoencoderViT) -> dict:
         """knn_top1 / knn_top5 (k=20, T=0.07) of the features `fastmae knn` uses by default (`feature_pool('auto')`:
@@ -228,7 +231,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
     monitor = Monitor(cfg, rt, train)
     task = Task(model, optimizer, loss=functools.partial(mae_loss, mask_ratio=cfg.model.mask_ratio), lr=lr,
                 meta=model_meta("mae", kwargs, cfg, mean=list(train.mean), std=list(train.std)),
-                accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=monitor)
+                accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, on_epoch_end=monitor, shardable=True)
     t0 = time.perf_counter()
     prog, path = fit(rt, task, train, cfg.optim.epochs)
     if train.skipped:

@@ -53,6 +53,7 @@ class Task:
     accum_iter: int = 1  # batches per optimizer step
     clip_grad: float = 0.0  # gradient-norm clip (0 = off)
     on_epoch_end: Callable[..., dict] | None = None  # (epoch, model, progress) -> extra log entries
+    shardable: bool = False  # the command runs the model on every rank wherever it does (--run.parallel fsdp works)
 
 
 @dataclass
@@ -102,7 +103,9 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
         imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
         targets = to_device(targets, device)  # labels (B,), label maps (B, H, W), or a dict of tensors
         update = (b + 1) % task.accum_iter == 0 or i + 1 == num_batches
-        no_sync = getattr(model, "no_sync", None)
+        no_sync = getattr(model, "no_sync", None)  # DDP: skip the all-reduce inside an accumulation group
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: the same, as a switch
+            model.set_requires_gradient_sync(update)
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             with autocast(device, rt.precision):
                 loss = task.loss(model, imgs, targets)

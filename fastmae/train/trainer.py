@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,19 +20,22 @@ from ..config import RunConfig, to_dict
 from ..weights.checkpoint import (
     atomic_write_text,
     check_state_dict,
+    checkpoint_number,
     find_latest,
     list_checkpoints,
     load_checkpoint,
     rng_state,
+    safe_join,
     save_checkpoint,
     set_rng_state,
 )
+from ..weights.sharded import load_sharded, save_sharded
 from .device import make_scaler, resolve_device, resolve_precision
 from .dist import any_rank, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
 from .signals import StopFlag, Stopped
 from .log import RunLogger, epoch_line, run_time_left
-from .parallel import unwrap_model, wrap_for_training
+from .parallel import is_sharded, parallelize, unwrap_model, wrap_for_training
 from .owner import COMMAND_OF_KIND, claim, command_of
 from .runlock import acquire as acquire_lock
 from .runtime import Progress, Runtime, position
@@ -154,7 +158,7 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not path:
         return Progress(steps_per_epoch=steps_per_epoch)
     try:
-        state, saved_meta = load_checkpoint(path)
+        state, saved_meta = load_checkpoint(path, with_model=False)
     except ValueError as e:  # damaged (a copy cut short, a full disk when it was written elsewhere)
         if rt.run.resume:
             raise
@@ -163,7 +167,7 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
                          f".json out of the folder (mv {path} {path}.damaged)" if older else
                          f"{e}. It is the run's only checkpoint: move it out of the folder to start the run afresh, "
                          f"or pass another --run.output_dir") from None
-    if "optimizer" not in state:
+    if "optimizer" not in state and not state.get("sharded"):
         raise ValueError(f"{path} is a weights-only file, not a training checkpoint; pass it as the "
                          f"initialisation (e.g. --init PATH) instead of --run.resume")
     kinds = (saved_meta.get("kind"), (meta or {}).get("kind"))
@@ -171,12 +175,19 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise ValueError(f"{path} is a checkpoint of another command ({COMMAND_OF_KIND.get(kinds[0], kinds[0])}), "
                          f"not of this {COMMAND_OF_KIND.get(kinds[1], kinds[1])} run; pass another --run.output_dir "
                          f"(to start from its weights: --init {Path(path).parent})")
-    check_state_dict(state["model"], {k: tuple(v.shape) for k, v in model.state_dict().items()},
-                     f"this run's model (checkpoint {path})",
-                     advice="Use the same model flags as the run that wrote it, or a fresh output directory.")
+    if "model" in state:  # a sharded checkpoint's shapes are checked by DCP as it loads
+        check_state_dict(state["model"], {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                         f"this run's model (checkpoint {path})",
+                         advice="Use the same model flags as the run that wrote it, or a fresh output directory.")
     check_resume_config(path, saved_meta.get("config", {}), (meta or {}).get("config", {}))
-    model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded"):  # --run.parallel fsdp wrote it: DCP re-shards onto this job's processes
+        load_sharded(model, optimizer, safe_join(Path(path).parent, state["sharded"], what="sharded checkpoint"))
+    elif is_sharded(model):
+        raise ValueError(f"{path} was written by a run without --run.parallel fsdp; resume it with the parallelism it "
+                         f"was started with (--run.parallel ddp), or pass another --run.output_dir")
+    else:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     prog = Progress(epoch=int(state["epoch"]), batch=int(state["batch"]), resumed_from=str(path),
@@ -223,10 +234,20 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
     path = None
     mine = {"rng": rng_state(), "loss_sum": progress.loss_sum, "loss_count": progress.loss_count}
     ranks = gather_objects(mine, rt.dist)
+    sharded_tmp = None
+    if is_sharded(model):  # every rank writes its shards (DCP), into a temporary folder rank 0 then moves in place
+        number = gather_objects(checkpoint_number(rt.out_dir, {"epoch": progress.epoch, "batch": progress.batch,
+                                                               "step": step}) if rt.dist.is_main else 0, rt.dist)[0]
+        sharded_tmp = rt.out_dir / f".dcp-{number:08d}.tmp"
+        if rt.dist.is_main:
+            shutil.rmtree(sharded_tmp, ignore_errors=True)  # left by a killed save
+        barrier(rt.dist)
+        save_sharded(model, optimizer, sharded_tmp)
     if rt.dist.is_main:
+        weights = {} if sharded_tmp else {"model": unwrap_model(model).state_dict(),
+                                          "optimizer": optimizer.state_dict()}
         state = {
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            **weights,
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": progress.epoch,
             "batch": progress.batch,
@@ -236,7 +257,8 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
             "rank_states": ranks,
             "extra": progress.extra,
         }
-        path = save_checkpoint(rt.out_dir, state, {**meta, "fastmae_version": __version__}, rt.run.keep_last)
+        path = save_checkpoint(rt.out_dir, state, {**meta, "fastmae_version": __version__}, rt.run.keep_last,
+                               sharded_tmp=sharded_tmp)
     barrier(rt.dist)
     return path
 
@@ -251,6 +273,7 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
     stop = StopFlag()
     last_path: Path | None = None
     try:
+        task.optimizer = parallelize(rt, task.model, task.optimizer, task.shardable)  # FSDP2 shards in place, before any state loads
         prog = resume(rt, task.model, task.optimizer, scaler, task.meta, steps_per_epoch=len(loader))
         if prog.resumed_from:
             print0(rt.dist, f"resumed from {prog.resumed_from} {position(prog.epoch, prog.batch)}")

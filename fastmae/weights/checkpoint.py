@@ -163,25 +163,40 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: int = 0) -> Path:
-    """Write checkpoint-{step}.pt and its .json atomically; then prune older ones beyond keep_last.
-
-    The name is the global step, unless an older checkpoint of the run already has that number (then the next
-    free number above all: the state's own 'step' is unchanged); "older" is by training progress.
-
-    Temp files a killed writer left behind are removed first (only rank 0 writes into a run folder).
-    """
+def checkpoint_number(output_dir: str | Path, state: dict) -> int:
+    """The number in the name of the checkpoint `state` is saved as: its global step, unless an older checkpoint of
+    the run already has that number (then the next free number above all; the state's own 'step' is unchanged);
+    the same training point saved again keeps its number."""
     existing = _keyed_checkpoints(output_dir)
     progress = (int(state["epoch"]), int(state.get("batch", 0)))
     number = int(state["step"])
     same = [key[2] for key, _ in existing if key[:2] == progress]
     if same:
-        number = same[-1]  # this training point saved again (e.g. a stop right after an epoch's checkpoint)
-    elif number in {key[2] for key, _ in existing}:  # an older checkpoint has this number (batches per epoch changed)
-        number = max(key[2] for key, _ in existing) + 1
+        return same[-1]  # this training point saved again (e.g. a stop right after an epoch's checkpoint)
+    if number in {key[2] for key, _ in existing}:  # an older checkpoint has this number (batches per epoch changed)
+        return max(key[2] for key, _ in existing) + 1
+    return number
+
+
+def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: int = 0,
+                    sharded_tmp: Path | None = None) -> Path:
+    """Write checkpoint-{number}.pt and its .json atomically; then prune older ones beyond keep_last.
+
+    sharded_tmp: a finished DCP folder of the model and optimizer (weights/sharded.py), moved to checkpoint-N.dcp
+    first; the .pt then holds the rest and names it. Temp files a killed writer left behind are removed first (only
+    rank 0 writes into a run folder).
+    """
+    existing = _keyed_checkpoints(output_dir)
+    progress = (int(state["epoch"]), int(state.get("batch", 0)))
+    number = checkpoint_number(output_dir, state)
     path = checkpoint_path(output_dir, number)
     for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
         stale.unlink(missing_ok=True)
+    if sharded_tmp is not None:
+        from .sharded import dcp_folder, replace_folder
+
+        replace_folder(sharded_tmp, dcp_folder(path))
+        state = {**state, "sharded": dcp_folder(path).name}
     atomic_save(state, path)
     meta = {**meta, "step": int(state["step"]), "epoch": int(state["epoch"]), "batch": int(state.get("batch", 0)),
             "saved_at": time.time()}
@@ -191,6 +206,7 @@ def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: 
         for _, old in after[:-keep_last]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+            shutil.rmtree(old.with_suffix(".dcp"), ignore_errors=True)
     return path
 
 
@@ -247,10 +263,24 @@ def torch_load(path: str | Path) -> Any:
                          f"it again from its source, or pass another file") from None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(state, meta) of a training checkpoint file or run folder; meta is {} when the .json is absent."""
+def read_training_file(path: Path, with_model: bool = True) -> Any:
+    """torch_load, with the whole model of a sharded checkpoint under 'model' (its DCP folder read in this
+    process)."""
+    state = torch_load(path)
+    if with_model and isinstance(state, dict) and isinstance(state.get("sharded"), str) and "model" not in state:
+        from .sharded import read_full_model
+
+        state["model"] = read_full_model(safe_join(Path(path).parent, state["sharded"], what="sharded checkpoint"))
+    return state
+
+
+def load_checkpoint(path: str | Path, with_model: bool = True) -> tuple[dict, dict]:
+    """(state, meta) of a training checkpoint file or run folder; meta is {} when the .json is absent.
+
+    A sharded checkpoint (--run.parallel fsdp) gets its whole model under 'model' unless with_model is False (the
+    resume loads it sharded instead)."""
     p = resolve(path)
-    state = torch_load(p)
+    state = read_training_file(p, with_model)
     meta_path = p.with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

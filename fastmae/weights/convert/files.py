@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write, safe_join, torch_load
+from ..checkpoint import atomic_write, read_training_file, safe_join
 from .detect import StateDict, unwrap_state_dict
 from .hf import cfg_dict
 
@@ -26,7 +26,7 @@ def _load_weights(path: Path) -> StateDict:
             raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
                              f"truncated or not a safetensors file at all: download or convert it again") from None
         return unwrap_state_dict(sd)
-    return unwrap_state_dict(torch_load(path))
+    return unwrap_state_dict(read_training_file(path))  # a sharded run's checkpoint: its whole model
 
 
 def _read_json(path: Path, what: str) -> dict:
