@@ -160,7 +160,7 @@ class FileLoader(SampledLoader):
             # Holds the DataLoader (and its queues) alive until this loader is collected or the program exits,
             # so the workers are always asked to stop: they ignore SIGTERM, and a DataLoader collected
             # in a reference cycle may lose its queues before it can tell them.
-            self._finalizer = weakref.finalize(self, _shutdown_workers, self._loader)
+            self._finalizer = weakref.finalize(self, shutdown_workers, self._loader)
         for images, labels, skipped, error in self._loader:
             self._note_skipped(skipped)
             if error is not None:
@@ -174,7 +174,7 @@ class FileLoader(SampledLoader):
         self._loader = self._finalizer = None
 
 
-def _shutdown_workers(loader: DataLoader) -> None:
+def shutdown_workers(loader: DataLoader) -> None:
     """Ask a DataLoader's persistent workers to exit and wait for them."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):

@@ -10,6 +10,7 @@ shard holding the oldest sample it still needs and skips (without decoding) thos
 from __future__ import annotations
 
 import tarfile
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import SKIP_HINT, UnreadableImageError, load_image
-from .files import ignore_stop_signals
+from .files import ignore_stop_signals, shutdown_workers
 from .loader import Loader
 from .sampler import AUGMENT_STREAM, mix_seed
 from .shards import DEFAULT_BUFFER, ShardIndex, WorkerPlan, image_member, iterate_samples, plan_epoch, read_label
@@ -102,7 +103,16 @@ class ShardStream(IterableDataset):
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.readers, self.buffer = rank, world_size, readers, buffer
         self.skip_corrupt, self.open_stream = skip_corrupt, open_stream
-        self.epoch, self.start_batch = 0, 0
+        # (epoch, start_batch) in shared memory: persistent workers keep their copy of this object across epochs
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.position[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self.position[1])
 
     def plans(self, epoch: int) -> list[WorkerPlan]:
         return plan_epoch(self.index.counts, epoch=epoch, seed=self.seed, train=self.train, rank=self.rank,
@@ -186,23 +196,34 @@ class ShardLoader(Loader):
                                   skip_corrupt=skip_corrupt, open_stream=open_stream)
         plans = self.stream.plans(0)  # checks now that every rank gets a shard; the length is every epoch's
         self._len = sum(len(p.positions) for p in plans)
+        self._loader: DataLoader | None = None  # made on first use; its workers persist across epochs
+        self._finalizer: weakref.finalize | None = None
+
+    def close(self) -> None:
+        """Shut the worker processes down now (also done when the loader is collected, and at exit)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._loader = self._finalizer = None
 
     def __len__(self) -> int:
         return self._len
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         super().set_epoch(epoch, start_batch)
-        self.stream.epoch, self.stream.start_batch = epoch, start_batch
+        self.stream.position[0], self.stream.position[1] = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(self.seed),  # not the global RNG (see FileLoader)
-        )
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.num_workers > 0,
+                worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
+                generator=torch.Generator().manual_seed(self.seed),  # not the global RNG (see FileLoader)
+            )
+            self._finalizer = weakref.finalize(self, shutdown_workers, self._loader)  # as FileLoader's
         pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         nxt = self.start_batch
-        for b, images, labels, skipped, error in batches:  # in worker round-robin order; yielded in the plan's
+        for b, images, labels, skipped, error in self._loader:  # in worker round-robin order; yielded in the plan's
             self._note_skipped(skipped)
             if error is not None:
                 raise error
