@@ -132,12 +132,12 @@ def make_case(cfg: BenchConfig, task: str) -> Case:
     )
 
 
-def bench_loader(cfg: BenchConfig, img_size: tuple[int, int]):
+def bench_loader(cfg: BenchConfig, img_size: tuple[int, int], uint8: bool = True):
     """The training loader of --data.* that `time_loader` times, built (and checked) before any timing: a missing
     path or data smaller than two batches fails in a second, not after the model's rounds."""
     from ..data import build_loader
 
-    loader = build_loader(cfg.data, "train", img_size, cfg.bench.batch_size, train=True)
+    loader = build_loader(cfg.data, "train", img_size, cfg.bench.batch_size, train=True, uint8=uint8)
     if len(loader) < 2:
         raise ValueError(f"--data.* gives {len(loader)} training batch{'es' if len(loader) != 1 else ''} of "
                          f"{cfg.bench.batch_size}: the loader is timed over batches after the first, so it needs two; "
@@ -145,8 +145,11 @@ def bench_loader(cfg: BenchConfig, img_size: tuple[int, int]):
     return loader
 
 
-def time_loader(loader, batches: int, num_workers: int) -> dict:
-    """Training-loader img/s of --data.* alone (decode, crop, resize, normalise; no model)."""
+def time_loader(loader, batches: int, num_workers: int, device: torch.device | None = None) -> dict:
+    """Training-loader img/s of --data.* alone (decode, crop, resize, normalise; no model), batches delivered on
+    `device`; with the bytes of a batch as the loader's workers send it."""
+    if device is not None:
+        loader.set_device(device)
     loader.set_epoch(0)
     it = iter(loader)
     next(it)  # workers start and the first batch is ready: not counted
@@ -154,10 +157,28 @@ def time_loader(loader, batches: int, num_workers: int) -> dict:
     for _ in range(min(batches, len(loader) - 1)):
         imgs, _ = next(it)
         n += imgs.shape[0]
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     if hasattr(loader, "close"):
         loader.close()
-    return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9), "num_workers": num_workers}
+    sent = 1 if getattr(loader, "sends_uint8", False) else 4
+    return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9), "num_workers": num_workers,
+            "batch_bytes": imgs.numel() * sent}
+
+
+def time_transports(cfg: BenchConfig, img_size: tuple[int, int], device: torch.device, workers: int) -> dict:
+    """The file loader timed twice each, alternately: workers sending uint8 pixels normalised on `device` (the
+    default), and normalising in the workers (float32, 4x the bytes); their img/s, bytes per batch, and the share of
+    the workers' time the uint8 transport saves."""
+    rates: dict[bool, list[dict]] = {True: [], False: []}
+    for _ in range(2):
+        for uint8 in (True, False):
+            rates[uint8].append(time_loader(bench_loader(cfg, img_size, uint8=uint8), cfg.bench.data_batches,
+                                            workers, device))
+    best = {k: max(v, key=lambda r: r["img_per_s"]) for k, v in rates.items()}
+    return {**best[True], "float32_img_per_s": best[False]["img_per_s"], "float32_batch_bytes": best[True][
+        "batch_bytes"] * 4, "worker_time_saved": 1 - best[False]["img_per_s"] / best[True]["img_per_s"]}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -204,11 +225,20 @@ def run_bench(cfg: BenchConfig) -> dict:
               f"{result['peak_rss_mib']:.0f} MiB")
     if "data" in cfg.bench.tasks:
         workers = cfg.data.num_workers if cfg.data.source != "fashion-mnist" else 0
-        result["loader"] = loader = time_loader(loader, cfg.bench.data_batches, workers)
+        if getattr(loader, "sends_uint8", False):  # file workers: their uint8 transport against float32
+            loader.close()
+            result["loader"] = loader = time_transports(cfg, loader.img_size, device, workers)
+        else:
+            result["loader"] = loader = time_loader(loader, cfg.bench.data_batches, workers, device)
         model_ips = next((r["img_per_s"] for r in rows if r["case"] == "pretrain" and r["impl"] == "fastmae"), None)
         n = loader["num_workers"]
         who = "in the main process" if n == 0 else f"{n} worker{'s' if n > 1 else ''}"
         line = f"# loader ({cfg.data.source}, {who}): {loader['img_per_s']:.0f} img/s"
+        if "float32_img_per_s" in loader:
+            line += (f" sending uint8 batches of {loader['batch_bytes'] / 2**20:.1f} MiB, normalised on {device} "
+                     f"({loader['float32_img_per_s']:.0f} img/s normalising in the workers, "
+                     f"{loader['float32_batch_bytes'] / 2**20:.1f} MiB a batch: "
+                     f"{100 * loader['worker_time_saved']:.0f}% of the workers' time saved)")
         if model_ips:
             limit = "the loader" if loader["img_per_s"] < model_ips else "the model"
             line += f" vs pretraining step {model_ips:.0f} img/s: {limit} is the limit"

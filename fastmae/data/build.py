@@ -69,10 +69,12 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool | None = None,
+    uint8: bool = True,
 ) -> Loader:
     """The loader for a split: train=True augments (random resized crop, flip), False resizes and centre-crops.
 
-    drop_last defaults to `train`. With --data.holdout both splits come from the training data, disjoint. With
+    drop_last defaults to `train`. uint8 (file and shard sources): workers send 8-bit pixels, normalised where the
+    batches are delivered (`Loader.set_device`); False normalises in the workers. With --data.holdout both splits come from the training data, disjoint. With
     world_size > 1 each rank gets a disjoint shard of the epoch. Images of any size and aspect ratio work; smaller
     ones are upscaled by the resize.
     """
@@ -95,7 +97,7 @@ def build_loader(
         return MemoryLoader(images, labels, channels=channels, mean=mean, std=std, num_classes=num_classes,
                             classes=FASHION_MNIST_CLASSES, **common)
     if cfg.source == "shards":
-        return _shard_loader(cfg, split, **common)
+        return _shard_loader(cfg, split, uint8=uint8, **common)
     samples, classes, num_classes, missing = file_samples(cfg, "train" if cfg.holdout else split)
     if cfg.holdout:
         samples = [samples[i] for i in holdout_indices(len(samples), cfg.holdout, split).tolist()]
@@ -105,12 +107,12 @@ def build_loader(
     mean, std = source_norm_stats(cfg, channels)
     loader = FileLoader(samples, channels=channels, mean=mean, std=std, num_workers=cfg.num_workers,
                         skip_corrupt=cfg.skip_corrupt, max_image_pixels=cfg.max_image_pixels,
-                        num_classes=num_classes, classes=classes, **common)
+                        num_classes=num_classes, classes=classes, uint8=uint8, **common)
     loader._note_skipped([(p, "file does not exist") for p in missing])
     return loader
 
 
-def _shard_loader(cfg: DataConfig, split: str, **common) -> ShardLoader:
+def _shard_loader(cfg: DataConfig, split: str, uint8: bool = True, **common) -> ShardLoader:
     """The split's tar shards (sample counts from sizes.json beside them, else read once)."""
     if cfg.holdout:
         raise ValueError("--data.holdout is not available for --data.source shards (samples are streamed, not "
@@ -125,4 +127,4 @@ def _shard_loader(cfg: DataConfig, split: str, **common) -> ShardLoader:
     common.pop("drop_last", None)  # training batches are always whole, evaluation keeps every sample
     return ShardLoader(index, channels=channels, mean=mean, std=std, num_workers=cfg.num_workers,
                        buffer=cfg.shuffle_buffer, skip_corrupt=cfg.skip_corrupt,
-                       max_image_pixels=cfg.max_image_pixels, **common)
+                       max_image_pixels=cfg.max_image_pixels, uint8=uint8, **common)

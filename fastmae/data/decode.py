@@ -259,6 +259,13 @@ def _normalized_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return torch.addcmul(bias, x.float(), scale)
 
 
+def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(..., C, H, W) uint8 pixels, on any device -> float32 (x / 255 - mean) / std, bit for bit what load_image
+    gives without uint8=True (the same multiply-add)."""
+    scale, bias = _uint8_affine(tuple(mean), tuple(std), x.shape[-3])
+    return torch.addcmul(bias.to(x.device), x.float(), scale.to(x.device))
+
+
 @functools.lru_cache(maxsize=16)
 def _uint8_affine(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, bias), each (C, 1, 1), with pixel x scale + bias = (pixel / 255 - mean) / std; made once per stats
@@ -382,8 +389,12 @@ def load_image(
     fast_jpeg: bool | None = None,
     torch_resize: bool | None = None,
     data: bytes | None = None,
+    uint8: bool = False,
 ) -> torch.Tensor:
     """Decode one file and apply the train or eval transform: (C, H, W) float32, normalised.
+
+    uint8: an 8-bit grey or RGB image comes back as its (C, H, W) uint8 pixels instead, a quarter of the bytes, to be
+    normalised where the batch lands (`normalize_uint8`, the same multiply-add); other images are normalised here.
 
     Any size works: an image smaller than the crop is upscaled by the resize. Files over max_image_pixels
     pixels (0 = Pillow's limit) raise UnreadableImageError. fast_jpeg (None: FAST_JPEG) decodes a JPEG
@@ -415,8 +426,11 @@ def load_image(
     if (top, left, h, w, H, W) != (0, 0, h0, w0, h0, w0):  # identity otherwise
         if (TORCH_RESIZE if torch_resize is None else torch_resize) and _is_8bit(planes) and _whole_pixels(box):
             x = _resized_crop_uint8(planes[0], box, img_size)  # (C, H, W) uint8
-            return _normalized_uint8(x.flip(-1) if flip else x, mean, std)
+            x = x.flip(-1) if flip else x
+            return x if uint8 else _normalized_uint8(x, mean, std)
         planes = [p.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)) for p in planes]
     if flip:
         planes = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in planes]
+    if uint8 and _is_8bit(planes):
+        return _uint8_chw(planes[0])  # (C, H, W) uint8
     return _normalized(planes, mean, std)  # (C, H, W)

@@ -6,6 +6,7 @@ epoch do not depend on the number of workers, and a resumed epoch replays exactl
 
 from __future__ import annotations
 
+import functools
 import signal
 import weakref
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .decode import UnreadableImageError, load_image
-from .loader import SampledLoader
+from .loader import SampledLoader, stack_images
 from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
 
 _Item = tuple[torch.Tensor | None, int, tuple[tuple[str, str], ...], ValueError | None]  # image, label, skipped, error
@@ -65,13 +66,14 @@ class ImageFiles(Dataset):
         return None, -1, tuple(skipped), error
 
 
-def _collate(items: list[_Item]) -> _Batch:
-    """Stack images (B, C, H, W) and labels (B,); gather the skipped files and the first error (then no batch)."""
+def _collate(items: list[_Item], mean: Sequence[float], std: Sequence[float]) -> _Batch:
+    """Stack images (B, C, H, W: uint8 pixels when all are 8-bit, see stack_images) and labels (B,); gather the
+    skipped files and the first error (then no batch)."""
     skipped = [s for _, _, sk, _ in items for s in sk]
     error = next((e for _, _, _, e in items if e is not None), None)
     if error is not None:
         return None, None, skipped, error
-    images = torch.stack([x for x, _, _, _ in items])  # (B, C, H, W)
+    images = stack_images([x for x, _, _, _ in items], mean, std)  # (B, C, H, W)
     labels = torch.tensor([y for _, y, _, _ in items], dtype=torch.int64)  # (B,)
     return images, labels, skipped, None
 
@@ -126,13 +128,15 @@ class FileLoader(SampledLoader):
     """Image files decoded by Pillow in `num_workers` DataLoader workers (persistent, pinned on CUDA)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], *, num_workers: int = 0, skip_corrupt: bool = False,
-                 max_image_pixels: int = 0, **kw):
-        """samples: (path, label) pairs; kw: the Loader's (img_size, batch_size, train, channels, mean, std, ...)."""
+                 max_image_pixels: int = 0, uint8: bool = True, **kw):
+        """samples: (path, label) pairs; uint8: workers send 8-bit pixels, normalised on delivery (False: in the
+        workers); kw: the Loader's (img_size, batch_size, train, channels, mean, std, ...)."""
         super().__init__(len(samples), **kw)
         transform = dict(img_size=self.img_size, channels=self.channels, mean=self.mean, std=self.std,
                          train=self.train, crop_scale=self.crop_scale, hflip=self.hflip,
-                         max_image_pixels=max_image_pixels)
+                         max_image_pixels=max_image_pixels, uint8=uint8)
         self.dataset = ImageFiles(samples, transform, skip_corrupt)
+        self.sends_uint8 = uint8  # 8-bit pixels cross from the workers as uint8
         self.num_workers = num_workers
         self._batches = _EpochBatches(self.sampler, self.seed)
         self._loader: DataLoader | None = None  # made on first use, so workers start only when needed
@@ -148,7 +152,7 @@ class FileLoader(SampledLoader):
                 self.dataset,
                 batch_sampler=self._batches,
                 num_workers=self.num_workers,
-                collate_fn=_collate,
+                collate_fn=functools.partial(_collate, mean=self.mean, std=self.std),
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.num_workers > 0,
                 worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
@@ -165,7 +169,7 @@ class FileLoader(SampledLoader):
             self._note_skipped(skipped)
             if error is not None:
                 raise error
-            yield images, labels
+            yield self.deliver(images), labels
 
     def close(self) -> None:
         """Shut the worker processes down now (also done when the loader is collected, and at exit)."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .decode import normalize_uint8
 from .sampler import EpochSampler
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,16 @@ def check_norm(channels: int, mean: Sequence[float], std: Sequence[float]) -> No
         raise ValueError(f"--data.std must be positive, got {tuple(std)}")
 
 
+def stack_images(images: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, C, H, W) of one batch's images: uint8 when all are 8-bit pixels (normalised where the batch lands), else
+    float32 normalised (the 8-bit ones normalised here, as the others were when decoded)."""
+    if all(x.dtype == torch.uint8 for x in images):
+        return torch.stack(list(images))
+    return torch.stack([normalize_uint8(x, mean, std) if x.dtype == torch.uint8 else x for x in images])
+
+
 class Loader:
-    """Iterable of (images (B, C, H, W) float32 normalised, targets) for one rank: labels (B,) int64 (-1 =
+    """Iterable of (images (B, C, H, W) float32 normalised, on `device`, targets) for one rank: labels (B,) int64 (-1 =
     unlabelled), or what a task's head takes (label maps; a dict of tensors).
 
     The contract every source implements, in memory, from files or streamed: `len(loader)` is the batches per epoch
@@ -61,6 +70,18 @@ class Loader:
         self.num_samples = num_samples  # in the whole split (all ranks)
         self.skipped: list[str] = []
         self.epoch, self.start_batch = 0, 0
+        self.device = torch.device("cpu")  # where batches are delivered (set_device)
+
+    def set_device(self, device: torch.device | str) -> None:
+        """Deliver batches on `device`: loaders whose workers send uint8 pixels move them there (pinned memory,
+        non_blocking) and normalise them there, a quarter of the bytes through the host."""
+        self.device = torch.device(device)
+
+    def deliver(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as the workers sent it -> float32 normalised, on self.device for uint8 pixels (B, C, H, W)."""
+        if images.dtype == torch.uint8:
+            return normalize_uint8(images.to(self.device, non_blocking=True), self.mean, self.std)
+        return images
 
     def require_classes(self, what: str) -> None:
         """ValueError unless the samples carry labels of two or more classes (`what` needs them, e.g. 'kNN')."""

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import SKIP_HINT, UnreadableImageError, load_image
 from .files import ignore_stop_signals, shutdown_workers
-from .loader import Loader
+from .loader import Loader, stack_images
 from .sampler import AUGMENT_STREAM, mix_seed
 from .shards import DEFAULT_BUFFER, ShardIndex, WorkerPlan, image_member, iterate_samples, plan_epoch, read_label
 
@@ -156,7 +156,8 @@ class ShardStream(IterableDataset):
             if x is None:
                 j = good[i % len(good)]
                 images[i], labels[i] = images[j], labels[j]
-        return b, torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped, None  # (B, C, H, W), (B,)
+        mean, std = self.transform["mean"], self.transform["std"]
+        return b, stack_images(images, mean, std), torch.tensor(labels, dtype=torch.int64), skipped, None  # (B,C,H,W)
 
     def _decode(self, sample: dict | None, seed: int, reader: _ShardReader) -> tuple[Any, int, Exception | None]:
         if sample is None:
@@ -184,13 +185,15 @@ class ShardLoader(Loader):
 
     def __init__(self, index: ShardIndex, *, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  buffer: int = DEFAULT_BUFFER, skip_corrupt: bool = False, max_image_pixels: int = 0,
-                 open_stream=None, **kw):
-        """kw: the Loader's (img_size, batch_size, train, channels, mean, std, crop_scale, hflip, seed)."""
+                 uint8: bool = True, open_stream=None, **kw):
+        """uint8: workers send 8-bit pixels, normalised on delivery (False: in the workers); kw: the Loader's
+        (img_size, batch_size, train, channels, mean, std, crop_scale, hflip, seed)."""
         super().__init__(num_samples=index.num_samples, num_classes=index.num_classes, classes=index.classes, **kw)
         transform = dict(img_size=self.img_size, channels=self.channels, mean=self.mean, std=self.std,
                          train=self.train, crop_scale=self.crop_scale, hflip=self.hflip,
-                         max_image_pixels=max_image_pixels)
+                         max_image_pixels=max_image_pixels, uint8=uint8)
         self.index, self.num_workers = index, num_workers
+        self.sends_uint8 = uint8  # 8-bit pixels cross from the workers as uint8
         self.stream = ShardStream(index, transform, batch_size=self.batch_size, train=self.train, seed=self.seed,
                                   rank=rank, world_size=world_size, readers=max(1, num_workers), buffer=buffer,
                                   skip_corrupt=skip_corrupt, open_stream=open_stream)
@@ -227,7 +230,7 @@ class ShardLoader(Loader):
             self._note_skipped(skipped)
             if error is not None:
                 raise error
-            pending[b] = (images, labels)
+            pending[b] = (self.deliver(images), labels)
             while nxt in pending:
                 yield pending.pop(nxt)
                 nxt += 1

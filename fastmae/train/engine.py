@@ -81,6 +81,8 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
     prog.loss_sum / loss_count continue the running loss of an epoch resumed mid-way.
     """
     steps_per_epoch = len(loader)
+    if hasattr(loader, "set_device"):  # uint8 batches from file workers are normalised on the training device
+        loader.set_device(rt.device)
     first_step, num_batches = prog.epoch * steps_per_epoch + prog.batch, steps_per_epoch - prog.batch
     device, dist = rt.device, rt.dist
     check = 1 if device.type == "cpu" else 20
@@ -171,6 +173,8 @@ def extract_features(
     dist: DistInfo,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 and labels (N,) of every batch, gathered from all ranks."""
+    if hasattr(batches, "set_device"):
+        batches.set_device(device)
     feats, labels = [], []
     for imgs, y in batches:
         with autocast(device, precision):
@@ -191,6 +195,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy of a classifier over an evaluation loader."""
     model.eval()
+    if hasattr(batches, "set_device"):
+        batches.set_device(device)
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
     for imgs, y in batches:
         imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
