@@ -99,7 +99,10 @@ def check_outputs(cfg: EmbedConfig) -> None:
 
 
 def row_names(loader) -> list[str] | None:
-    """The image file of each row (the loader's sample order), or None for in-memory sources."""
+    """The image file of each row (the loader's sample order; tar shards: SHARD#N, the shard's N-th image from 0),
+    or None for in-memory sources."""
+    if hasattr(loader, "sample_names"):
+        return loader.sample_names()
     dataset = getattr(loader, "dataset", None)
     return [str(path) for path, _ in dataset.samples] if dataset is not None else None
 
@@ -157,7 +160,9 @@ def run_embed(cfg: EmbedConfig) -> list[Path]:
         files = row_names(loader)
         meta = {"init": cfg.init, "pool": cfg.embed.pool, "split": split, "source": cfg.data.source,
                 "path": cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path),
-                "rows": "files in " + f"{split}.txt" if files is not None else f"{cfg.data.source} {split} indices 0..N-1",
+                "rows": (f"samples in {split}.txt (SHARD#N: the shard's N-th image, from 0)" if data.source == "shards"
+                         else f"files in {split}.txt") if files is not None else
+                        f"{cfg.data.source} {split} indices 0..N-1",
                 "shape": list(feats.shape), "classes": list(loader.classes)}
         computed.append((split, feats, labels if loader.num_classes > 0 else None, files, meta))
     written: list[Path] = []

@@ -202,6 +202,21 @@ class ShardLoader(Loader):
         self._loader: DataLoader | None = None  # made on first use; its workers persist across epochs
         self._finalizer: weakref.finalize | None = None
 
+    def sample_names(self) -> list[str]:
+        """'SHARD#N' (the N-th image of that shard, from 0) of every sample this rank delivers in the selected
+        epoch, in delivery order: what each row of a split's features is (fastmae embed)."""
+        rows: dict[int, list[str]] = {}
+        for plan in self.stream.plans(self.epoch):
+            starts = np.cumsum((0,) + plan.counts)  # (shards + 1,)
+            n = int(starts[-1])
+            for k, b in enumerate(plan.positions):
+                names = []
+                for v in plan.order[plan.batch_slice(k)].tolist():
+                    s = int(np.searchsorted(starts, v % n, side="right")) - 1
+                    names.append(f"{self.index.urls[plan.shards[s]]}#{v % n - int(starts[s])}")
+                rows[b] = names
+        return [name for b in sorted(rows) if b >= self.start_batch for name in rows[b]]
+
     def close(self) -> None:
         """Shut the worker processes down now (also done when the loader is collected, and at exit)."""
         if self._finalizer is not None:

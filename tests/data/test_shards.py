@@ -261,3 +261,20 @@ def test_pretrain_on_shards_stopped_mid_epoch_resumes_bit_exactly(tmp_path, monk
     monkeypatch.undo()
     run_pretrain(cfg_of(args(tmp_path / "part")))
     assert_same_weights(tmp_path / "full", tmp_path / "part")
+
+
+def test_embed_rows_name_each_shard_sample_in_order(tmp_path):
+    """fastmae embed of shards lists SHARD#N per row, matching the labels it wrote (the labels are the ids)."""
+    from safetensors.torch import load_file
+
+    write_shards(tmp_path / "sh", [5, 6, 3], hw=(16, 16))
+    pattern = str(tmp_path / "sh" / "part-{000..002}.tar")
+    assert main(["embed", "--init", "random", "--model.name", "vit_tiny_patch4", "--model.img_size", "16", "16",
+                 "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--data.source", "shards",
+                 "--data.path", pattern, "--data.channels", "1", "--data.num_workers", "2", "--embed.split", "train",
+                 "--embed.batch_size", "4", "--run.output_dir", str(tmp_path / "e")]) == 0
+    rows = (tmp_path / "e" / "train.txt").read_text().splitlines()
+    labels = load_file(str(tmp_path / "e" / "train.safetensors"))["labels"].tolist()
+    starts = {"part-000.tar": 0, "part-001.tar": 5, "part-002.tar": 11}
+    assert len(rows) == len(labels) == 14
+    assert [starts[Path(r.split("#")[0]).name] + int(r.split("#")[1]) for r in rows] == labels
