@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,10 +144,15 @@ def index_shards(urls: list[str], open_stream=None) -> ShardIndex:
     counts, top = [], -1
     for url in urls:
         n = 0
-        for sample in iterate_samples(url, open_stream):
-            if image_member(sample) is not None:
-                n += 1
-                top = max(top, read_label(sample, f"{url}#{sample['__key__']}"))
+        try:
+            for sample in iterate_samples(url, open_stream):
+                if image_member(sample) is not None:
+                    n += 1
+                    top = max(top, read_label(sample, f"{url}#{sample['__key__']}"))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            why = f"its command failed ({e})" if url.startswith("pipe:") else f"not a readable tar file ({e})"
+            raise ValueError(f"cannot count the samples of shard {url}: {why} after {n} samples; fix or rewrite the "
+                             f"shard, or leave it out of --data.path") from None
         counts.append(n)
     if not any(counts):
         raise ValueError(f"the shards hold no images ({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''}): "

@@ -278,3 +278,24 @@ def test_embed_rows_name_each_shard_sample_in_order(tmp_path):
     starts = {"part-000.tar": 0, "part-001.tar": 5, "part-002.tar": 11}
     assert len(rows) == len(labels) == 14
     assert [starts[Path(r.split("#")[0]).name] + int(r.split("#")[1]) for r in rows] == labels
+
+
+@pytest.mark.parametrize("kind", ["pipe", "garbage", "label"])
+def test_unreadable_shards_are_one_line_naming_them(tmp_path, capsys, kind):
+    import webdataset as wds
+
+    if kind == "pipe":
+        path = f"pipe:cat {tmp_path / 'nothere.tar'}"
+    elif kind == "garbage":
+        (tmp_path / "bad.tar").write_text("not a tar file")
+        path = str(tmp_path / "bad.tar")
+    else:
+        path = str(tmp_path / "lab.tar")
+        with wds.TarWriter(path, encoder=False) as w:
+            w.write({"__key__": "x", "png": b"\x89PNG", "cls": b"cat"})
+    code = main(["knn", "--init", "random", "--data.source", "shards", "--data.path", path, "--data.eval_path", path,
+                 "--run.output_dir", str(tmp_path / "k")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert {"pipe": "its command failed", "garbage": "not a readable tar file",
+            "label": "x.cls holds b'cat', not an integer class index"}[kind] in err[0]
