@@ -84,13 +84,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None],
     return path
 
 
+# what torch.save's C++ writer says when a write comes up short: 'file write failed', or (zip records written past a
+# failed write) '[enforce fail at inline_container.cc] . unexpected pos 4096 vs 4020'
+_SHORT_WRITE = ("No space left on device", "write failed", "unexpected pos")
+
+
 def _is_disk_full(e: BaseException | None, folder: Path) -> bool:
-    """ENOSPC/EDQUOT, raised directly or wrapped by torch.save: its C++ writer says only 'file write failed',
-    so a failed write into a folder whose filesystem has (almost) no space left counts as a full disk too."""
+    """ENOSPC/EDQUOT, raised directly or wrapped by torch.save: its C++ writer does not say why a write came up
+    short, so such a failure in a folder whose filesystem has (almost) no space left counts as a full disk too."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if isinstance(e, RuntimeError) and ("No space left on device" in str(e) or "write failed" in str(e)):
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in _SHORT_WRITE):
             try:
                 return shutil.disk_usage(folder).free < 64 * 2**20
             except OSError:

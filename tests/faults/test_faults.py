@@ -306,3 +306,40 @@ def test_a_log_path_of_the_wrong_kind_is_refused_before_training(tmp_path, capsy
     line = _one_error_line(capsys)
     assert f"{out / what} is a {'folder' if what == 'log.jsonl' else 'file'} where the run writes" in line
     assert not C.list_checkpoints(out) and not (out / "config.json").exists()
+
+
+def test_torch_saves_short_write_on_a_full_disk_is_the_disk_full_line(tmp_path, monkeypatch):
+    """Issue #29: on a really full disk torch.save's zip writer fails with 'unexpected pos N vs M' (a RuntimeError),
+    not ENOSPC: with almost no free space that is the full-disk line too, and the earlier checkpoint survives."""
+    first = C.save_checkpoint(tmp_path, {"model": {"w": torch.ones(2)}, "epoch": 1, "batch": 0, "step": 1,
+                                         "rng": {}}, {})
+
+    def short(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4020")
+
+    monkeypatch.setattr(C.torch, "save", short)
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    with pytest.raises(C.DiskFullError, match="no space left on device while writing .*checkpoint-00000002.pt"):
+        C.save_checkpoint(tmp_path, {"model": {}, "epoch": 2, "batch": 0, "step": 2, "rng": {}}, {})
+    assert C.list_checkpoints(tmp_path) == [first] and not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**40})())
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not a full disk: a bug shows
+        C.save_checkpoint(tmp_path, {"model": {}, "epoch": 2, "batch": 0, "step": 2, "rng": {}}, {})
+
+
+def test_a_really_full_disk_while_saving_is_the_disk_full_line(tmp_path):
+    """The same on a real 600 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises(C.DiskFullError, match="no space left on device while writing"):
+            C.save_checkpoint(mnt / "run", {"model": {"w": torch.ones(300_000)}, "epoch": 1, "batch": 0, "step": 1,
+                                            "rng": {}}, {})
+        assert not list((mnt / "run").iterdir())  # the temporary file is gone too
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
