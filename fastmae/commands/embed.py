@@ -2,7 +2,7 @@
 
 Shapes: N samples, D width, h, w patch grid. Per split, one file: `features` (N, D) for avg/token pooling or
 (N, D, h, w) for dense, `labels` (N,) when the source is labelled, and the row order: image sources list their
-files in SPLIT.txt (line i = row i); Fashion-MNIST rows are the split's indices 0..N-1 (metadata says so).
+files in SPLIT.txt (line i = row i; `name_line` says how names are written; tar shards: SHARD#N); Fashion-MNIST rows are the split's indices 0..N-1 (metadata says so).
 The encoder and features are computed as in `fastmae knn` / `linprobe` (`probe_encoder`, `features_of`); the default
 pool is the cls token here, while knn's `auto` takes every patch token on small grids, else their mean.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,13 @@ def row_names(loader) -> list[str] | None:
     return [str(path) for path, _ in dataset.samples] if dataset is not None else None
 
 
+def name_line(name: str) -> bytes:
+    """One line of SPLIT.txt: the file's name as the file system stores it (any bytes, whatever the locale), with a
+    backslash, newline or carriage return in it written as \\, \\n, \\r so that every row stays one line."""
+    raw = os.fsencode(name).replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    return raw + b"\n"
+
+
 def write_split(out_dir: Path, split: str, fmt: str, feats: torch.Tensor, labels: torch.Tensor | None,
                 files: list[str] | None, meta: dict) -> list[Path]:
     """Write one split's features (+ labels, + file list) atomically; returns the paths written."""
@@ -132,7 +140,8 @@ def write_split(out_dir: Path, split: str, fmt: str, feats: torch.Tensor, labels
             written.append(atomic_write(out_dir / f"{split}.labels.npy", save_npy(labels.long().cpu().numpy())))
         written.append(atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), out_dir / f"{split}.json"))
     if files is not None:
-        written.append(atomic_write_text("".join(f + "\n" for f in files), out_dir / f"{split}.txt"))
+        lines = b"".join(name_line(f) for f in files)
+        written.append(atomic_write(out_dir / f"{split}.txt", lambda tmp: tmp.write_bytes(lines)))
     return written
 
 
