@@ -3,7 +3,8 @@
 Each sample is `KEY.EXT` holding the file's own encoded bytes (no re-encoding; Fashion-MNIST, which has no files,
 is written as lossless PNG) and, for labelled sources, `KEY.cls` (the class index as text). Samples are written in
 a fixed random order (`--shard.shuffle`, seed 0) so that each shard mixes the classes. Every shard is written
-to a temporary name and renamed when complete; `sizes.json` (samples per shard, OpenCLIP's layout) and
+to a temporary name and renamed when complete, and a command that does not finish (a stop signal, a full disk, an
+unreadable file) removes the shards it had written, so running it again starts afresh; `sizes.json` (samples per shard, OpenCLIP's layout) and
 `classes.json` beside them let readers skip counting.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ import numpy as np
 from ..config import FASHION_MNIST_DIR, POSITIVE_INT, DataConfig, Rule, at_least, validate
 from ..data.shards import CLASSES_FILE, SIZES_FILE
 from ..data.sources import FASHION_MNIST_CLASSES, file_samples, load_fashion_mnist
-from ..weights.checkpoint import atomic_write, atomic_write_text
+from ..weights.checkpoint import DiskFullError, atomic_write, atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------
 # The flags (`fastmae shard --help`).
@@ -86,6 +88,23 @@ def check_pattern(output: str) -> None:
     if len(fields) != 1 or not fields[0].endswith(("d", "i")):
         raise ValueError(f"--output {output!r} needs one integer field for the shard number, e.g. "
                          f"'shards/train-%06d.tar'")
+    if "%" in os.path.dirname(output):
+        raise ValueError(f"--output {output!r}: the shard number goes in the file name, not the folder (all shards "
+                         f"of a set, their sizes.json and classes.json share one folder)")
+
+
+def _json_beside(path: Path, kind: type):
+    """sizes.json / classes.json of earlier shards in the folder (None when absent); one line naming a bad one."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path} ({e}); fix or remove it, or write the shards to another folder") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; fix or remove it, or "
+                         f"write the shards to another folder")
+    return value
 
 
 def source_samples(cfg: ShardSourceConfig) -> tuple[list, list[str], int]:
@@ -129,14 +148,14 @@ def write_shards(cfg: ShardConfig, progress: bool = True) -> dict:
         samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
     folder = Path(cfg.output % 0).parent
     sizes_path, classes_path = folder / SIZES_FILE, folder / CLASSES_FILE
-    sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
-    old_classes = json.loads(classes_path.read_text()) if classes_path.is_file() else None
+    sizes = _json_beside(sizes_path, dict) or {}
+    old_classes = _json_beside(classes_path, list)
     labelled = any(s[3] >= 0 for s in samples)
     names = classes if classes else ([str(i) for i in range(max(s[3] for s in samples) + 1)] if labelled else [])
     if old_classes is not None and old_classes != names:
         raise ValueError(f"{classes_path} names other classes ({old_classes[:3]}...) than this source "
                          f"({names[:3]}...): write these shards to another folder")
-    # how many shards: cut by count and size without reading the bytes twice (sizes from the files' stat)
+    # the shards this command writes at least (by count): an existing one stops it before any is written
     taken = [Path(cfg.output % i) for i in range(max(1, -(-len(samples) // cfg.shard.max_count)))
              if Path(cfg.output % i).exists()]
     if taken:
@@ -145,36 +164,49 @@ def write_shards(cfg: ShardConfig, progress: bool = True) -> dict:
     start, t0, total_bytes, shard, written = 0, time.perf_counter(), 0, 0, {}
     bar = tqdm(total=len(samples), unit="img", disable=not progress or None, desc="shards")
     width = len(str(len(samples)))
-    while start < len(samples):
-        path = Path(cfg.output % shard)
-        if path.exists():
-            raise ValueError(f"{path} exists: shards are never replaced; pass another --output")
-        count = [0, 0]  # samples, bytes
+    try:
+        while start < len(samples):
+            path = Path(cfg.output % shard)
+            if path.exists():
+                raise ValueError(f"{path} exists: shards are never replaced; pass another --output")
+            count = [0, 0]  # samples, bytes
 
-        def write(tmp: Path, start: int = start, count: list = count) -> None:
-            with TarWriter(str(tmp), encoder=False, mtime=0) as tar:
-                for _, suffix, item, label in samples[start:]:
-                    data = _payload(item)
-                    if count[0] >= cfg.shard.max_count or (count[0] and count[1] + len(data) > cfg.shard.max_size):
-                        break
-                    sample = {"__key__": f"{start + count[0]:0{width}d}", suffix: data}
-                    if label >= 0:
-                        sample["cls"] = str(label).encode()
-                    tar.write(sample)
-                    count[0] += 1
-                    count[1] += len(data)
-                    bar.update(1)
+            def write(tmp: Path, start: int = start, count: list = count) -> None:
+                with TarWriter(str(tmp), encoder=False, mtime=0) as tar:
+                    for _, suffix, item, label in samples[start:]:
+                        data = _payload(item)
+                        if count[0] >= cfg.shard.max_count or (count[0] and count[1] + len(data) >
+                                                               cfg.shard.max_size):
+                            break
+                        sample = {"__key__": f"{start + count[0]:0{width}d}", suffix: data}
+                        if label >= 0:
+                            sample["cls"] = str(label).encode()
+                        tar.write(sample)
+                        count[0] += 1
+                        count[1] += len(data)
+                        bar.update(1)
 
-        atomic_write(path, write, disk_full_fix="free space or pass another --output")
-        written[path.name] = count[0]
-        total_bytes += count[1]
-        start += count[0]
-        shard += 1
-    bar.close()
-    sizes.update(written)
-    atomic_write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n", sizes_path)
-    if old_classes is None:
-        atomic_write_text(json.dumps(names) + "\n", classes_path)
+            try:
+                atomic_write(path, write, disk_full_fix="free space or pass another --output")
+            except OSError as e:
+                if isinstance(e, DiskFullError):
+                    raise
+                raise ValueError(f"cannot write {path} ({e.strerror or e}); pass an --output in a folder you can "
+                                 f"write") from None
+            written[path.name] = count[0]
+            total_bytes += count[1]
+            start += count[0]
+            shard += 1
+        sizes.update(written)
+        atomic_write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n", sizes_path)
+        if old_classes is None:
+            atomic_write_text(json.dumps(names) + "\n", classes_path)
+    except BaseException:  # a stop, a full disk, an unreadable file: the set is incomplete, so none of it stays
+        for name in written:
+            (folder / name).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
     return {"shards": shard, "samples": len(samples), "bytes": total_bytes, "missing": missing,
             "seconds": time.perf_counter() - t0, "folder": str(folder), "first": str(Path(cfg.output % 0)),
             "last": str(Path(cfg.output % (shard - 1)))}

@@ -264,6 +264,7 @@ def torch_load(path: str | Path) -> Any:
         ) from None
     except (RuntimeError, EOFError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first.split(". This is an internal")[0]  # torch's paragraph on what corrupts a file: ours follows
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first}); it may be truncated: copy or write "
                          f"it again from its source, or pass another file") from None
 

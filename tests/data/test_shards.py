@@ -299,3 +299,28 @@ def test_unreadable_shards_are_one_line_naming_them(tmp_path, capsys, kind):
     assert code == 2 and len(err) == 1, err
     assert {"pipe": "its command failed", "garbage": "not a readable tar file",
             "label": "x.cls holds b'cat', not an integer class index"}[kind] in err[0]
+
+
+def test_a_shard_command_that_does_not_finish_leaves_no_shard(tmp_path, monkeypatch, capsys):
+    """Stopped (or failing) after some shards were written, `fastmae shard` removes them: the rerun starts afresh
+    instead of being refused by the shards it left."""
+    from fastmae.commands import shard as cmd
+
+    _class_folder(tmp_path / "train")
+    real, calls = cmd._payload, {"n": 0}
+
+    def fail_late(item):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError(5, "Input/output error")
+        return real(item)
+
+    monkeypatch.setattr(cmd, "_payload", fail_late)
+    args = ["shard", "--data.source", "folder", "--data.path", str(tmp_path / "train"), "--output",
+            str(tmp_path / "sh" / "t-%03d.tar"), "--shard.max_count", "4"]
+    assert main(args) != 0  # the I/O error ends the command
+    assert not list((tmp_path / "sh").iterdir())  # shards 0 and 1 were complete, and are gone with the rest
+    monkeypatch.undo()
+    assert main(args) == 0 and len(list((tmp_path / "sh").glob("*.tar"))) == 5
+    assert main(["shard", "--output", str(tmp_path / "x-%d" / "t.tar")]) == 2
+    assert "goes in the file name" in capsys.readouterr().err

@@ -342,4 +342,4 @@ def test_a_really_full_disk_while_saving_is_the_disk_full_line(tmp_path):
                                             "rng": {}}, {})
         assert not list((mnt / "run").iterdir())  # the temporary file is gone too
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
