@@ -209,9 +209,9 @@ class RunConfig:
     compile: bool = False
     """torch.compile the model (faster steps after a one-off compile)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    """Under torchrun: ddp replicates the model on every process; fsdp shards parameters, gradients and optimizer
-    state over them (PyTorch FSDP2, each transformer block and the root; checkpoints sharded with
-    torch.distributed.checkpoint)."""
+    """Under torchrun: ddp replicates the model on every process; fsdp (pretrain and finetune) shards parameters,
+    gradients and optimizer state over them (PyTorch FSDP2, each transformer block and the root; checkpoints sharded
+    with torch.distributed.checkpoint)."""
     activation_checkpointing: bool = False
     """Keep only each transformer block's input and recompute the block in the backward pass: less activation
     memory for about a third more compute."""
