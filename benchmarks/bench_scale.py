@@ -119,7 +119,8 @@ def fsdp_worker(mode: str, batch: int, steps: int) -> None:
     state_bytes = sum(local_bytes(p) * 2 for p in model.parameters() if p.requires_grad)  # weights + gradients
     state_bytes += sum(local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     status = Path("/proc/self/status").read_text()
-    kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines()) if k in ("VmHWM", "VmRSS")}
+    fields = (line.split(":", 1) for line in status.splitlines())
+    kib = {k: int(v.split()[0]) for k, v in fields if k in ("VmHWM", "VmRSS")}
     rows = gather_objects({"rank": info.rank, "step_s": statistics.median(times), "peak_rss": kib["VmHWM"] * 1024,
                            "rss": kib["VmRSS"] * 1024, "state_bytes": state_bytes}, info)
     if info.is_main:
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in ("", "shards"):
         s = result["shards"] = shard_rows(args.files, args.rounds)
         print(f"(S) {s['files']} JPEGs 500x375 -> 224, batch 64, one worker: folder {s['folder_img_s']:.0f} img/s, "
-              f"shards ({s['shards']} tars) {s['shards_img_s']:.0f} img/s ({s['shards_img_s'] / s['folder_img_s']:.2f}x)"
+              f"shards ({s['shards']} tars) {s['shards_img_s']:.0f} img/s "
+              f"({s['shards_img_s'] / s['folder_img_s']:.2f}x)"
               f"; a batch is {s['batch_bytes_float32'] / 2**20:.1f} MiB as float32, "
               f"{s['batch_bytes_uint8'] / 2**20:.1f} MiB as uint8")
     if args.only in ("", "fsdp"):

@@ -2,7 +2,8 @@
 
 Shapes: N samples, D width, h, w patch grid. Per split, one file: `features` (N, D) for avg/token pooling or
 (N, D, h, w) for dense, `labels` (N,) when the source is labelled, and the row order: image sources list their
-files in SPLIT.txt (line i = row i; `name_line` says how names are written; tar shards: SHARD#N); Fashion-MNIST rows are the split's indices 0..N-1 (metadata says so).
+files in SPLIT.txt (line i = row i; `name_line` says how names are written; tar shards: SHARD#N); Fashion-MNIST
+rows are the split's indices 0..N-1 (metadata says so).
 The encoder and features are computed as in `fastmae knn` / `linprobe` (`probe_encoder`, `features_of`); the default
 pool is the cls token here, while knn's `auto` takes every patch token on small grids, else their mean.
 """

@@ -4,8 +4,8 @@ Each sample is `KEY.EXT` holding the file's own encoded bytes (no re-encoding; F
 is written as lossless PNG) and, for labelled sources, `KEY.cls` (the class index as text). Samples are written in
 a fixed random order (`--shard.shuffle`, seed 0) so that each shard mixes the classes. Every shard is written
 to a temporary name and renamed when complete, and a command that does not finish (a stop signal, a full disk, an
-unreadable file) removes the shards it had written, so running it again starts afresh; `sizes.json` (samples per shard, OpenCLIP's layout) and
-`classes.json` beside them let readers skip counting.
+unreadable file) removes the shards it had written, so running it again starts afresh; `sizes.json` (samples per
+shard, OpenCLIP's layout) and `classes.json` beside them let readers skip counting.
 """
 
 from __future__ import annotations

@@ -62,10 +62,9 @@ def parallelize(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not shardable:
         raise ValueError("--run.parallel fsdp is for fastmae pretrain and finetune (the models too large for one "
                          "process); this command trains a head on a frozen or small model: use --run.parallel ddp")
+    import torch.distributed as tdist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    import torch.distributed as tdist
 
     with torch.no_grad():  # rank 0's weights everywhere, as DDP does at wrapping (ranks are seeded apart)
         for t in [*model.parameters(), *model.buffers()]:

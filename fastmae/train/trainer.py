@@ -273,7 +273,8 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
     stop = StopFlag()
     last_path: Path | None = None
     try:
-        task.optimizer = parallelize(rt, task.model, task.optimizer, task.shardable)  # FSDP2 shards in place, before any state loads
+        # activation checkpointing and FSDP2 sharding, in place, before any state is loaded into model and optimizer
+        task.optimizer = parallelize(rt, task.model, task.optimizer, task.shardable)
         prog = resume(rt, task.model, task.optimizer, scaler, task.meta, steps_per_epoch=len(loader))
         if prog.resumed_from:
             print0(rt.dist, f"resumed from {prog.resumed_from} {position(prog.epoch, prog.batch)}")
