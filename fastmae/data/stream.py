@@ -37,6 +37,7 @@ class _ShardReader:
         self.n = sum(self.counts)
         self.starts = np.cumsum([0] + self.counts)  # (shards + 1,) first ordinal of each shard
         top = int(needed.max()) + 1 if len(needed) else 0
+        self.first = int(needed.min()) if len(needed) else 0  # a resumed epoch's oldest sample still in the buffer
         self.wanted = np.zeros(top, dtype=bool)
         self.wanted[needed] = True
         self.cache: dict[int, dict | None] = {}
@@ -44,7 +45,7 @@ class _ShardReader:
         self.next_v = 0  # the virtual ordinal the open stream gives next
         self.shard_end = 0  # virtual ordinal where the open shard ends
         self.open_stream = open_stream
-        self.problems: list[tuple[str, str]] = []  # (shard, why) of shards that ended early
+        self.problems: dict[str, str] = {}  # shard -> why it ended before its count
 
     def get(self, v: int) -> dict | None:
         """The sample (webdataset's dict, '__url__' and '__key__' set) at virtual ordinal v; None if its shard
@@ -52,7 +53,9 @@ class _ShardReader:
         if v in self.cache:
             self.wanted[v] = False
             return self.cache.pop(v)
-        if self.samples is None or v < self.next_v:
+        if self.samples is None:
+            self._open(min(v, self.first))
+        elif v < self.next_v:
             self._open(v)
         while True:
             if self.next_v >= self.shard_end:
@@ -83,9 +86,9 @@ class _ShardReader:
                     got += 1
                     yield sample
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-            self.problems.append((url, f"the tar stream broke after {got} samples: {e}"))
+            self.problems[url] = f"the tar stream broke after {got} samples: {e}"
         else:
-            self.problems.append((url, f"it holds {got} images, its count says more"))
+            self.problems[url] = f"it holds {got} images, its count says more"
         while True:
             yield None
 
@@ -161,7 +164,8 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict | None, seed: int, reader: _ShardReader) -> tuple[Any, int, Exception | None]:
         if sample is None:
-            url, why = reader.problems[-1] if reader.problems else (reader.url, "missing")
+            url = reader.url  # the shard being read holds the sample it lacked
+            why = reader.problems.get(url, "the sample is missing")
             e = ValueError(f"shard {url}: {why}; rewrite the shard (fastmae shard) or delete the sizes.json beside "
                            f"it so it is counted again{SKIP_HINT}")
             e.where, e.reason = url, why
