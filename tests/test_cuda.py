@@ -241,3 +241,29 @@ def test_pretrain_cli_end_to_end(fmnist, tmp_path, capsys):
     state, meta = load_checkpoint(out)
     assert state["epoch"] == 2 and meta["kind"] == "mae"
     assert len(list_checkpoints(out)) >= 1
+
+
+def test_uint8_batches_are_normalised_on_the_gpu(tmp_path):
+    """File workers send uint8 pixels; delivered on CUDA they arrive as float32 on the GPU, equal (to float
+    rounding of one multiply-add) to the batches delivered on the CPU."""
+    import numpy as np
+    from PIL import Image
+
+    from fastmae.config import DataConfig
+    from fastmae.data import build_loader
+
+    (tmp_path / "img").mkdir()
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"{i}.png")
+    cfg = DataConfig(source="unlabelled", path=str(tmp_path / "img"), num_workers=1)
+    out = {}
+    for device in ("cpu", DEVICE):
+        loader = build_loader(cfg, "train", (16, 16), 4, train=True, seed=1)
+        loader.set_device(device)
+        loader.set_epoch(0)
+        out[device] = [x for x, _ in loader]
+        loader.close()
+    assert all(x.device.type == "cuda" and x.dtype == torch.float32 for x in out[DEVICE])
+    for a, b in zip(out["cpu"], out[DEVICE]):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-6)
