@@ -159,14 +159,21 @@ class Monitor:
         cfg, out = self.cfg, {}
         last = epoch + 1 == cfg.optim.epochs
         model.eval()
-        if self.images is not None and ((epoch + 1) % cfg.figure_every == 0 or last):
-            self.figure(model, epoch)
-        if self.labelled and ((cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or last):
-            t0 = time.perf_counter()
-            out.update(self.knn(model))
-            out["knn_seconds"] = time.perf_counter() - t0
-            self.last_knn = dict(out)
-        model.train()
+        sharded = hasattr(model, "unshard")  # FSDP2: kNN calls encoder methods, not the root's forward hooks
+        if sharded:
+            model.unshard()  # the root's own weights (patch embedding, norms), whole on every rank
+        try:
+            if self.images is not None and ((epoch + 1) % cfg.figure_every == 0 or last):
+                self.figure(model, epoch)
+            if self.labelled and ((cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or last):
+                t0 = time.perf_counter()
+                out.update(self.knn(model))
+                out["knn_seconds"] = time.perf_counter() - t0
+                self.last_knn = dict(out)
+        finally:
+            if sharded:
+                model.reshard()
+            model.train()
         return out
 
     def figure(self, model: MaskedAutoencoderViT, epoch: int) -> None:

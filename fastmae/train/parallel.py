@@ -8,6 +8,7 @@ optimizer rebound to the sharded parameters); `wrap_for_training` gives the modu
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.nn as nn
@@ -74,6 +75,8 @@ def parallelize(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     # bf16 compute with fp32 master weights and fp32 gradient reduction, as torchtitan; fp32 runs stay fp32
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.precision == "bf16"
           else MixedPrecisionPolicy())
+    # the MAE returns its prediction as a view (cls token sliced off); nothing here changes an output in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for blk in blocks:  # one all-gather per block, freed after its forward; the root holds the rest
         fully_shard(blk, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -26,10 +26,10 @@ def _losses(out) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-def _run(data, out, *extra, stop_after: int = 0, nproc: int = 2, epochs: int = 2):
+def _run(data, out, *extra, stop_after: int = 0, nproc: int = 2, epochs: int = 2, knn_every: int = -1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPER.parents[2]), "STOP_AFTER": str(stop_after)}
-    args = tiny_args(data, out, epochs=epochs) + ["--run.num_threads", "1", "--knn_every", "-1", "--optim.batch_size",
-                                                  "16", "--run.dist_timeout", "60", *extra]
+    args = tiny_args(data, out, epochs=epochs) + ["--run.num_threads", "1", "--knn_every", str(knn_every),
+                                                  "--optim.batch_size", "16", "--run.dist_timeout", "60", *extra]
     target = [str(HELPER)] if stop_after else ["-m", "fastmae"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -40,12 +40,15 @@ def _run(data, out, *extra, stop_after: int = 0, nproc: int = 2, epochs: int = 2
 @pytest.mark.slow
 def test_fsdp_matches_ddp_resumes_exactly_and_loads_whole(tmp_path):
     data = make_fmnist(tmp_path, 96, 16)  # 96 images / (2 ranks x 16) = 3 steps per epoch
-    _run(data, tmp_path / "ddp")
-    _run(data, tmp_path / "fsdp", "--run.parallel", "fsdp")
+    _run(data, tmp_path / "ddp", knn_every=1)
+    _run(data, tmp_path / "fsdp", "--run.parallel", "fsdp", knn_every=1)  # epoch-end figure and kNN on all ranks
     ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert len(ddp) == len(fsdp) == 2
     for a, b in zip(ddp, fsdp):
         assert abs(a - b) <= 1e-4 * abs(a), (ddp, fsdp)
+    knn = [[e["knn_top1"] for e in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
+            if "knn_top1" in e] for d in ("ddp", "fsdp")]
+    assert len(knn[0]) == 2 and knn[0] == knn[1]
     assert sorted(p.name for p in (tmp_path / "fsdp").glob("checkpoint-*.dcp")) == ["checkpoint-00000003.dcp",
                                                                                     "checkpoint-00000006.dcp"]
     whole = load_checkpoint(tmp_path / "fsdp")[0]["model"]  # the DCP shards read back as one model
