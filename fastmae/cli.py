@@ -128,6 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def stop_in_chain(e: BaseException) -> Stopped | None:
+    """The Stopped among an exception's causes: a signal during `import matplotlib` surfaces as 'ImportError:
+    initialization failed' caused by it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Stopped):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     cfg = parse(argv)  # --help exits here (0), a malformed command line too (one error line, exit code 2)
     target = next(t for cls, t in COMMANDS.values() if type(cfg) is cls)
@@ -135,8 +147,14 @@ def _main(argv: Sequence[str] | None) -> int:
     run = getattr(importlib.import_module(module), fn)
     ok = False
     try:
-        with raising():  # a stop signal outside the training loop ends the command at once (see train.signals)
-            run(cfg)
+        try:
+            with raising():  # a stop signal outside the training loop ends the command at once (see train.signals)
+                run(cfg)
+        except Exception as e:  # a stop raised inside an import or a C extension arrives wrapped (ImportError ...)
+            stop = stop_in_chain(e)
+            if stop is None:
+                raise
+            raise stop from None
         ok = True
     except Stopped as e:
         print(f"fastmae: stopped by signal {e.signum} before the command finished; the checkpoints and files it had "

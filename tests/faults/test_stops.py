@@ -174,3 +174,21 @@ def test_a_garbage_checkpoint_sidecar_names_its_file(tmp_path):
     with pytest.raises(ValueError, match=rf"{ckpt.with_suffix('.json')}, the metadata of checkpoint .* is not valid "
                                          r"JSON \(Expecting property name"):
         load_checkpoint(ckpt)
+
+
+def test_a_stop_inside_an_import_is_the_stop_line(monkeypatch, capsys):
+    """A signal while a C extension initialises (seen: SIGTERM during `import matplotlib` after training) reaches
+    the command as 'ImportError: initialization failed' caused by Stopped: still the one stop line and 128 + N."""
+    from fastmae import cli
+
+    def run(cfg):
+        try:
+            raise Stopped(15)
+        except Stopped as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(cli, "parse", lambda argv: cli.COMMANDS["knn"][0](init="random"))
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: type("M", (), {"run_knn": staticmethod(run)}))
+    assert cli.main(["knn"]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: stopped by signal 15") and err.count("\n") == 1
