@@ -169,7 +169,7 @@ class Monitor:
                 t0 = time.perf_counter()
                 out.update(self.knn(model))
                 out["knn_seconds"] = time.perf_counter() - t0
-                self.last_knn = dict(out)
+                self.last_knn = dict(out, epoch=epoch + 1)
         finally:
             if sharded:
                 model.reshard()
@@ -253,7 +253,10 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
         if monitor.images is not None:
             msg += f", figure {monitor.figure_path}"
         if monitor.last_knn:
-            msg += f", kNN top-1 {monitor.last_knn['knn_top1']:.2f}% ({monitor.last_knn['knn_pool']} features)"
+            msg += f", kNN top-1 {monitor.last_knn['knn_top1']:.2f}% ({monitor.last_knn['knn_pool']} features"
+            if monitor.last_knn["epoch"] != cfg.optim.epochs:  # the last epoch's kNN was cut short by a stop signal
+                msg += f", after epoch {monitor.last_knn['epoch']}: the last epoch's was interrupted"
+            msg += ")"
         print0(d, msg)
     return path
 

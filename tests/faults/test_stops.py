@@ -192,3 +192,24 @@ def test_a_stop_inside_an_import_is_the_stop_line(monkeypatch, capsys):
     assert cli.main(["knn"]) == 143
     err = capsys.readouterr().err
     assert err.startswith("fastmae: stopped by signal 15") and err.count("\n") == 1
+
+
+def test_a_stop_during_the_last_epochs_knn_names_the_epoch_of_the_knn_it_reports(tmp_path, monkeypatch, capsys):
+    """The last epoch's kNN cut short by SIGTERM: the run is done, and its closing line says its kNN top-1 is from
+    an earlier epoch (it printed that number as if it were the final one)."""
+    import fastmae.commands.pretrain as pretrain
+
+    data = make_fmnist(tmp_path)
+    real, calls = pretrain.Monitor.knn, []
+
+    def knn_then_stop(self, model):
+        calls.append(1)
+        if len(calls) == 2:  # in the second (last) epoch's kNN
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return real(self, model)
+
+    monkeypatch.setattr(pretrain.Monitor, "knn", knn_then_stop)
+    assert main(tiny_args(data, tmp_path / "run", epochs=2) + ["--figure_every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "after epoch 1: the last epoch's was interrupted" in out
