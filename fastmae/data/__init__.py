@@ -1,9 +1,9 @@
-"""Images -> normalised batches: Fashion-MNIST (IDX), class folders, unlabelled folders, list files.
+"""Images -> normalised batches: Fashion-MNIST (IDX), class folders, unlabelled folders, list files, tar shards.
 
 One file per concept: `transforms` (crop geometry, Pillow-equal bicubic resampling, normalisation),
 `sources` (where samples come from), `decode` (Pillow, modes, bands, pixel limit), `sampler` (order and
-sharding per (seed, epoch)), `loader` (the interface), `memory` / `files` (the two loaders), `build`
-(DataConfig -> loader).
+sharding per (seed, epoch)), `loader` (the interface), `memory` / `files` (the indexable loaders), `shards` /
+`stream` (tar shards: each epoch's plan, and the streaming loader), `build` (DataConfig -> loader).
 
 Two paths, one sampler and one crop geometry (RandomResizedCrop for training, resize + centre crop at
 0.875 for evaluation, both bicubic with Pillow's kernel and antialiasing when shrinking): in memory
@@ -11,7 +11,9 @@ Two paths, one sampler and one crop geometry (RandomResizedCrop for training, re
 matrix products; files are decoded by Pillow in DataLoader workers and cropped and resized in one
 `Image.resize(box=...)`. The order of an epoch comes from (seed, epoch) and each sample's augmentation
 from (seed, epoch, its position), both computed in the main process, so `set_epoch(epoch, start_batch)`
-replays exactly the batches of an uninterrupted run, whatever the number of workers.
+replays exactly the batches of an uninterrupted run, whatever the number of workers. Tar shards are streamed
+by workers that each read their own shards; their epoch, too, is a pure function of (seed, epoch), for a given
+number of processes and workers. File and shard workers send 8-bit pixels as uint8, normalised on delivery.
 """
 
 from .build import build_loader, eval_split_name, has_eval_split, holdout_indices
