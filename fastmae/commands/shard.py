@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from ..config import FASHION_MNIST_DIR, POSITIVE_INT, DataConfig, Rule, at_least, validate
-from ..data.shards import CLASSES_FILE, SIZES_FILE
+from ..data.shards import CLASSES_FILE, SIZES_FILE, read_json_beside
 from ..data.sources import FASHION_MNIST_CLASSES, file_samples, load_fashion_mnist
 from ..weights.checkpoint import DiskFullError, atomic_write, atomic_write_text
 
@@ -93,20 +93,6 @@ def check_pattern(output: str) -> None:
                          f"of a set, their sizes.json and classes.json share one folder)")
 
 
-def _json_beside(path: Path, kind: type):
-    """sizes.json / classes.json of earlier shards in the folder (None when absent); one line naming a bad one."""
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path} ({e}); fix or remove it, or write the shards to another folder") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; fix or remove it, or "
-                         f"write the shards to another folder")
-    return value
-
-
 def source_samples(cfg: ShardSourceConfig) -> tuple[list, list[str], int]:
     """(samples, class names, missing): a sample is (name, suffix, bytes-or-path, label)."""
     if cfg.source == "fashion-mnist":
@@ -148,8 +134,9 @@ def write_shards(cfg: ShardConfig, progress: bool = True) -> dict:
         samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
     folder = Path(cfg.output % 0).parent
     sizes_path, classes_path = folder / SIZES_FILE, folder / CLASSES_FILE
-    sizes = _json_beside(sizes_path, dict) or {}
-    old_classes = _json_beside(classes_path, list)
+    fix = "fix or remove it, or write the shards to another folder"
+    sizes = read_json_beside(sizes_path, dict, fix) or {}
+    old_classes = read_json_beside(classes_path, list, fix)
     labelled = any(s[3] >= 0 for s in samples)
     names = classes if classes else ([str(i) for i in range(max(s[3] for s in samples) + 1)] if labelled else [])
     if old_classes is not None and old_classes != names:

@@ -135,8 +135,8 @@ def index_shards(urls: list[str], open_stream=None) -> ShardIndex:
     folders = {os.path.dirname(u) for u in urls if not _has_scheme(u)}
     if len(folders) == 1:
         folder = Path(folders.pop())
-        sizes = _read_json(folder / SIZES_FILE, dict)
-        classes = _read_json(folder / CLASSES_FILE, list)
+        sizes = read_json_beside(folder / SIZES_FILE, dict)
+        classes = read_json_beside(folder / CLASSES_FILE, list)
         if sizes is not None and all(os.path.basename(u) in sizes for u in urls):
             counts = tuple(int(sizes[os.path.basename(u)]) for u in urls)
             if classes is not None:
@@ -160,17 +160,17 @@ def index_shards(urls: list[str], open_stream=None) -> ShardIndex:
     return ShardIndex(tuple(urls), tuple(counts), (), top + 1)
 
 
-def _read_json(path: Path, kind: type):
-    """The JSON object at path if it is of `kind`; None when there is no such file; ValueError naming a bad one."""
+def read_json_beside(path: Path, kind: type, fix: str = "delete it and the counts are read from the shards"):
+    """sizes.json / classes.json beside shards: the JSON value if it is of `kind`; None when there is no such file;
+    a ValueError naming a bad one and `fix`."""
     if not path.is_file():
         return None
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}; delete it and the counts are read from the shards") from None
+        raise ValueError(f"cannot read {path} ({e}); {fix}") from None
     if not isinstance(value, kind):
-        raise ValueError(f"{path} holds a {type(value).__name__}, not a {kind.__name__}; delete it and the counts "
-                         f"are read from the shards")
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; {fix}")
     return value
 
 
