@@ -104,7 +104,8 @@ class DataConfig(SourceConfig):
     """Where images come from and how they become tensors."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE, "holdout": at_least(0, " (0 = the source's own evaluation split)"),
+        "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE,
+        "holdout": at_least(0, " (0 = the source's own evaluation split)"),
         "crop_scale": ((lambda v: len(v) == 2 and all(map(finite, v)) and 0 < v[0] <= v[1] <= 1),
                        "(min, max) with 0 < min <= max <= 1"),
     }

@@ -167,15 +167,15 @@ def time_loader(loader, batches: int, num_workers: int, device: torch.device | N
             "batch_bytes": imgs.numel() * sent}
 
 
-def time_transports(cfg: BenchConfig, img_size: tuple[int, int], device: torch.device, workers: int) -> dict:
-    """The file loader timed twice each, alternately: workers sending uint8 pixels normalised on `device` (the
-    default), and normalising in the workers (float32, 4x the bytes); their img/s, bytes per batch, and the share of
-    the workers' time the uint8 transport saves."""
+def time_transports(cfg: BenchConfig, loader, device: torch.device, workers: int) -> dict:
+    """A file loader timed twice each, alternately, against one of the same data normalising in its workers
+    (float32, 4x the bytes): the default, workers sending uint8 pixels normalised on `device`; their img/s, bytes
+    per batch, and the share of the workers' time the uint8 transport saves."""
+    loaders = {True: loader, False: bench_loader(cfg, loader.img_size, uint8=False)}
     rates: dict[bool, list[dict]] = {True: [], False: []}
     for _ in range(2):
-        for uint8 in (True, False):
-            rates[uint8].append(time_loader(bench_loader(cfg, img_size, uint8=uint8), cfg.bench.data_batches,
-                                            workers, device))
+        for uint8 in (True, False):  # time_loader closes the loader's workers; the next round starts new ones
+            rates[uint8].append(time_loader(loaders[uint8], cfg.bench.data_batches, workers, device))
     best = {k: max(v, key=lambda r: r["img_per_s"]) for k, v in rates.items()}
     return {**best[True], "float32_img_per_s": best[False]["img_per_s"], "float32_batch_bytes": best[True][
         "batch_bytes"] * 4, "worker_time_saved": 1 - best[False]["img_per_s"] / best[True]["img_per_s"]}
@@ -226,8 +226,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if "data" in cfg.bench.tasks:
         workers = cfg.data.num_workers if cfg.data.source != "fashion-mnist" else 0
         if getattr(loader, "sends_uint8", False):  # file workers: their uint8 transport against float32
-            loader.close()
-            result["loader"] = loader = time_transports(cfg, loader.img_size, device, workers)
+            result["loader"] = loader = time_transports(cfg, loader, device, workers)
         else:
             result["loader"] = loader = time_loader(loader, cfg.bench.data_batches, workers, device)
         model_ips = next((r["img_per_s"] for r in rows if r["case"] == "pretrain" and r["impl"] == "fastmae"), None)

@@ -31,6 +31,7 @@ from ..models.vit import to_2tuple, variant_kwargs
 from ..train.dist import print0
 from ..train.engine import Task, extract_features
 from ..train.optim import build_adamw, param_groups_weight_decay, schedule
+from ..train.parallel import is_sharded, uses_fsdp
 from ..train.runtime import Progress, Runtime, duration
 from ..train.trainer import fit, model_meta, setup
 from ..weights.backbone import load_into, mae_kwargs
@@ -145,8 +146,7 @@ class Monitor:
         self.figure_path = rt.out_dir / "reconstruction.png"
         self.images: torch.Tensor | None = None  # (8, C, H, W) fixed images for the figure
         # the figure runs the model: on rank 0, or on every rank when FSDP shards it (each forward is collective)
-        self.collective = cfg.run.parallel == "fsdp" and rt.dist.distributed
-        if (rt.dist.is_main or self.collective) and cfg.figure_every > 0:
+        if (rt.dist.is_main or uses_fsdp(rt)) and cfg.figure_every > 0:
             split = "eval" if has_eval_split(cfg.data) else "train"
             loader = build_loader(cfg.data, split, tuple(cfg.model.img_size), 8, train=False, seed=cfg.run.seed)
             loader.set_epoch(0)
@@ -159,7 +159,7 @@ class Monitor:
         cfg, out = self.cfg, {}
         last = epoch + 1 == cfg.optim.epochs
         model.eval()
-        sharded = hasattr(model, "unshard")  # FSDP2: kNN calls encoder methods, not the root's forward hooks
+        sharded = is_sharded(model)  # FSDP2: kNN calls encoder methods, not the root's forward hooks
         if sharded:
             model.unshard()  # the root's own weights (patch embedding, norms), whole on every rank
         try:

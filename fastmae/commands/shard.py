@@ -81,11 +81,13 @@ class ShardConfig:
 # ---------------------------------------------------------------------------------------------------
 # Writing.
 
+FIELD = re.compile(r"%[-0 #+]*(\d*)([a-zA-Z%])")  # a printf field of --output: (width, conversion)
+
+
 def check_pattern(output: str) -> None:
     """ValueError unless --output has exactly one integer printf field."""
-    fields = re.findall(r"%[-0 #+]*\d*[a-zA-Z%]", output)
-    fields = [f for f in fields if f != "%%"]
-    if len(fields) != 1 or not fields[0].endswith(("d", "i")):
+    fields = [m for m in FIELD.finditer(output) if m.group(0) != "%%"]
+    if len(fields) != 1 or fields[0].group(2) not in ("d", "i"):
         raise ValueError(f"--output {output!r} needs one integer field for the shard number, e.g. "
                          f"'shards/train-%06d.tar'")
     if "%" in os.path.dirname(output):
@@ -195,14 +197,13 @@ def write_shards(cfg: ShardConfig, progress: bool = True) -> dict:
     finally:
         bar.close()
     return {"shards": shard, "samples": len(samples), "bytes": total_bytes, "missing": missing,
-            "seconds": time.perf_counter() - t0, "folder": str(folder), "first": str(Path(cfg.output % 0)),
-            "last": str(Path(cfg.output % (shard - 1)))}
+            "seconds": time.perf_counter() - t0, "folder": str(folder)}
 
 
 def run_shard(cfg: ShardConfig) -> dict:
     validate(cfg)
     summary = write_shards(cfg)
-    pattern = re.sub(r"%[-0 #+]*(\d*)[di]", lambda m: "{" + "..".join(
+    pattern = FIELD.sub(lambda m: "%" if m.group(0) == "%%" else "{" + "..".join(
         f"{i:0{int(m.group(1) or 0)}d}" for i in (0, summary["shards"] - 1)) + "}", cfg.output)
     gone = f", {summary['missing']} listed files missing (skipped)" if summary["missing"] else ""
     print(f"wrote {summary['samples']:,} samples in {summary['shards']} shards ({summary['bytes'] / 1e6:.1f} MB of "

@@ -75,8 +75,8 @@ def build_loader(
 
     drop_last defaults to `train`. uint8 (file and shard sources): workers send 8-bit pixels, normalised where the
     batches are delivered (`Loader.set_device`); False normalises in the workers. With --data.holdout both splits
-    come from the training data, disjoint. With world_size > 1 each rank gets a disjoint shard of the epoch. Images of any size and aspect ratio work; smaller
-    ones are upscaled by the resize.
+    come from the training data, disjoint. With world_size > 1 each rank gets a disjoint shard of the epoch. Images
+    of any size and aspect ratio work; smaller ones are upscaled by the resize.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")

@@ -171,12 +171,6 @@ class FileLoader(SampledLoader):
                 raise error
             yield self.deliver(images), labels
 
-    def close(self) -> None:
-        """Shut the worker processes down now (also done when the loader is collected, and at exit)."""
-        if self._finalizer is not None:
-            self._finalizer()
-        self._loader = self._finalizer = None
-
 
 def shutdown_workers(loader: DataLoader) -> None:
     """Ask a DataLoader's persistent workers to exit and wait for them."""

@@ -72,6 +72,16 @@ class Loader:
         self.epoch, self.start_batch = 0, 0
         self.device = torch.device("cpu")  # where batches are delivered (set_device)
 
+    _loader = None  # the DataLoader of loaders with worker processes, made on first use
+    _finalizer = None  # shuts those workers down when the loader is collected (weakref.finalize)
+
+    def close(self) -> None:
+        """Shut the loader's worker processes down now (also done when it is collected, and at exit); the next
+        iteration starts new ones. Loaders without workers have none."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._loader = self._finalizer = None
+
     def set_device(self, device: torch.device | str) -> None:
         """Deliver batches on `device`: loaders whose workers send uint8 pixels move them there (pinned memory,
         non_blocking) and normalise them there, a quarter of the bytes through the host."""

@@ -19,6 +19,7 @@ Shapes: S shards, W workers per rank, B batch size.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,7 +36,6 @@ LABEL_SUFFIX = "cls"
 SIZES_FILE = "sizes.json"  # {shard file name: samples} beside the shards (OpenCLIP's name and layout)
 CLASSES_FILE = "classes.json"  # ["class name", ...] beside the shards: label i names classes[i]
 SHUFFLE_STREAM = 2  # random stream of the in-worker shuffle buffer (0 and 1: order and augmentation)
-DEFAULT_BUFFER = 1000
 
 
 def shard_urls(path: str, flag: str = "--data.path") -> list[str]:
@@ -73,14 +73,6 @@ def _is_tar_name(name: str) -> bool:
 
 def _has_scheme(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
-
-
-def sample_key(fname: str) -> tuple[str, str]:
-    """(key, suffix) of a tar member as webdataset groups them: the suffix is everything after the first dot of
-    the file name (`a/b.seg.png` -> ('a/b', 'seg.png'))."""
-    folder, _, name = fname.rpartition("/")
-    stem, dot, suffix = name.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), suffix.lower() if dot else ""
 
 
 def image_member(sample: dict) -> str | None:
@@ -185,7 +177,7 @@ def iterate_samples(url: str, open_stream=None, handler=None):
     try:
         files = tar_file_iterator(stream, handler=handler)
         tagged = ({**f, "__url__": url} for f in files)
-        yield from group_by_keys(tagged, keys=sample_key, handler=handler)
+        yield from group_by_keys(tagged, handler=handler)  # KEY.SUFFIX: webdataset's own keys, suffix lower-cased
     finally:
         stream.close()
 
@@ -238,8 +230,8 @@ def worker_quotas(caps: list[int], total: int) -> list[int]:
 def interleave(quotas: list[int]) -> list[tuple[int, int]]:
     """The rank's batch sequence as (worker, the worker's batch number): round robin over the workers that still
     have batches (what a DataLoader over iterable workers yields)."""
-    out, done = [], [0] * len(quotas)
-    while len(out) < sum(quotas):
+    out, done, total = [], [0] * len(quotas), sum(quotas)
+    while len(out) < total:
         for w, q in enumerate(quotas):
             if done[w] < q:
                 out.append((w, done[w]))
@@ -249,20 +241,39 @@ def interleave(quotas: list[int]) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one reader of one rank does in one epoch: its shards, in order, with their counts; `order` (virtual
-    ordinals: ordinal v is sample v % n of the concatenated shards, so ordinals >= n are a second reading) for each
-    of its batches' places; `positions[k]` the rank's batch number of its k-th batch; `sizes[k]` that batch's size."""
+    """What one reader of one rank does in one epoch: its shards, in order, with their counts; `positions[k]` the
+    rank's batch number of its k-th batch, `sizes[k]` that batch's size (all `sizes[0]` but an evaluation's last);
+    `order` the virtual ordinal of each of its batches' places (ordinal v is sample v % n of the concatenated shards,
+    so ordinals >= n are a second reading), drawn when first asked for: from `seed` through a shuffle buffer of
+    `buffer` over a stream of `stream` samples."""
 
     shards: tuple[int, ...]
     counts: tuple[int, ...]
-    order: np.ndarray
     positions: tuple[int, ...]
     sizes: tuple[int, ...]
+    stream: int
+    buffer: int
     seed: int
 
+    @functools.cached_property
+    def order(self) -> np.ndarray:
+        return window_order(self.stream, self.buffer, self.seed)[: sum(self.sizes)]
+
+    @functools.cached_property
+    def starts(self) -> np.ndarray:
+        """(shards + 1,) the first ordinal of each shard, then n."""
+        return np.cumsum((0,) + self.counts)
+
     def batch_slice(self, k: int) -> slice:
-        start = sum(self.sizes[:k])
+        """Where the k-th batch's places are in `order`."""
+        start = k * self.sizes[0]
         return slice(start, start + self.sizes[k])
+
+    def locate(self, v: int) -> tuple[int, int]:
+        """(position of the shard in `shards`, sample number in that shard) of virtual ordinal v."""
+        o = v % int(self.starts[-1])
+        s = int(np.searchsorted(self.starts, o, side="right")) - 1
+        return s, o - int(self.starts[s])
 
 
 def rank_batches(num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
@@ -299,11 +310,6 @@ def plan_epoch(counts: tuple[int, ...], *, epoch: int, seed: int, train: bool, r
     positions: list[list[int]] = [[] for _ in range(workers)]
     for b, (w, _) in enumerate(interleave(quotas)):
         positions[w].append(b)
-    plans = []
-    for w in range(workers):
-        wseed = mix_seed(seed, epoch, SHUFFLE_STREAM, rank, w)
-        need = sum(sizes[w])
-        order = window_order(max(need, held[w]), buffer if train else 1, wseed)[:need]
-        plans.append(WorkerPlan(tuple(mine[w]), tuple(counts[s] for s in mine[w]), order, tuple(positions[w]),
-                                tuple(sizes[w]), wseed))
-    return plans
+    return [WorkerPlan(tuple(mine[w]), tuple(counts[s] for s in mine[w]), tuple(positions[w]), tuple(sizes[w]),
+                       stream=max(sum(sizes[w]), held[w]), buffer=buffer if train else 1,
+                       seed=mix_seed(seed, epoch, SHUFFLE_STREAM, rank, w)) for w in range(workers)]

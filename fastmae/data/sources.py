@@ -164,7 +164,8 @@ def read_list(path: str | Path) -> list[tuple[str, int]]:
     """(path, label) per line of a list file: 'image [label]'; label -1 when no line has one.
 
     Relative paths are relative to the list file's folder; blank lines and lines starting with
-    '#' are ignored. Names are UTF-8; other bytes are kept as the file system's names keep them (surrogateescape). A path may contain spaces; a trailing integer is read as the label.
+    '#' are ignored. Names are UTF-8; other bytes are kept as the file system's names keep them (surrogateescape).
+    A path may contain spaces; a trailing integer is read as the label.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -172,7 +173,8 @@ def read_list(path: str | Path) -> list[tuple[str, int]]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; --data.source list expects a text file with one image path per line")
     entries: list[tuple[int, str, int | None, str]] = []  # (line number, file, label, last token)
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines(), 1):  # -sig: drop a BOM
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # -sig: drop a BOM
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -22,7 +22,7 @@ from .decode import SKIP_HINT, UnreadableImageError, load_image
 from .files import ignore_stop_signals, shutdown_workers
 from .loader import Loader, stack_images
 from .sampler import AUGMENT_STREAM, mix_seed
-from .shards import DEFAULT_BUFFER, ShardIndex, WorkerPlan, image_member, iterate_samples, plan_epoch, read_label
+from .shards import ShardIndex, WorkerPlan, image_member, iterate_samples, plan_epoch, read_label
 
 _Batch = tuple[int, torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]], Exception | None]
 
@@ -33,9 +33,7 @@ class _ShardReader:
 
     def __init__(self, index: ShardIndex, plan: WorkerPlan, needed: np.ndarray, open_stream=None):
         self.urls = [index.urls[s] for s in plan.shards]
-        self.counts = list(plan.counts)
-        self.n = sum(self.counts)
-        self.starts = np.cumsum([0] + self.counts)  # (shards + 1,) first ordinal of each shard
+        self.plan = plan
         top = int(needed.max()) + 1 if len(needed) else 0
         self.first = int(needed.min()) if len(needed) else 0  # a resumed epoch's oldest sample still in the buffer
         self.wanted = np.zeros(top, dtype=bool)
@@ -60,7 +58,7 @@ class _ShardReader:
         while True:
             if self.next_v >= self.shard_end:
                 self._open(self.next_v)
-            r, sample = self.next_v, self._next_sample()
+            r, sample = self.next_v, next(self.samples)
             self.next_v += 1
             if r == v:
                 self.wanted[v] = False
@@ -70,10 +68,9 @@ class _ShardReader:
 
     def _open(self, v: int) -> None:
         """Open the shard holding virtual ordinal v, positioned at its first sample."""
-        rnd, o = divmod(v, self.n)
-        s = int(np.searchsorted(self.starts, o, side="right")) - 1
-        self.next_v = rnd * self.n + int(self.starts[s])
-        self.shard_end = self.next_v + self.counts[s]
+        s, i = self.plan.locate(v)
+        self.next_v = v - i  # the shard's first sample, in the same reading as v
+        self.shard_end = self.next_v + self.plan.counts[s]
         self.url = self.urls[s]
         self.samples = self._images(self.url)
 
@@ -91,9 +88,6 @@ class _ShardReader:
             self.problems[url] = f"it holds {got} images, its count says more"
         while True:
             yield None
-
-    def _next_sample(self) -> dict | None:
-        return next(self.samples)
 
 
 class ShardStream(IterableDataset):
@@ -188,10 +182,11 @@ class ShardLoader(Loader):
     """Tar shards (webdataset layout) for one rank, read by max(1, num_workers) readers (see data/shards.py)."""
 
     def __init__(self, index: ShardIndex, *, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 buffer: int = DEFAULT_BUFFER, skip_corrupt: bool = False, max_image_pixels: int = 0,
+                 buffer: int, skip_corrupt: bool = False, max_image_pixels: int = 0,
                  uint8: bool = True, open_stream=None, **kw):
-        """uint8: workers send 8-bit pixels, normalised on delivery (False: in the workers); kw: the Loader's
-        (img_size, batch_size, train, channels, mean, std, crop_scale, hflip, seed)."""
+        """buffer: a worker's shuffle buffer (--data.shuffle_buffer); uint8: workers send 8-bit pixels, normalised on
+        delivery (False: in the workers); kw: the Loader's (img_size, batch_size, train, channels, mean, std,
+        crop_scale, hflip, seed)."""
         super().__init__(num_samples=index.num_samples, num_classes=index.num_classes, classes=index.classes, **kw)
         transform = dict(img_size=self.img_size, channels=self.channels, mean=self.mean, std=self.std,
                          train=self.train, crop_scale=self.crop_scale, hflip=self.hflip,
@@ -211,21 +206,10 @@ class ShardLoader(Loader):
         epoch, in delivery order: what each row of a split's features is (fastmae embed)."""
         rows: dict[int, list[str]] = {}
         for plan in self.stream.plans(self.epoch):
-            starts = np.cumsum((0,) + plan.counts)  # (shards + 1,)
-            n = int(starts[-1])
             for k, b in enumerate(plan.positions):
-                names = []
-                for v in plan.order[plan.batch_slice(k)].tolist():
-                    s = int(np.searchsorted(starts, v % n, side="right")) - 1
-                    names.append(f"{self.index.urls[plan.shards[s]]}#{v % n - int(starts[s])}")
-                rows[b] = names
+                rows[b] = [f"{self.index.urls[plan.shards[s]]}#{i}"
+                           for s, i in map(plan.locate, plan.order[plan.batch_slice(k)].tolist())]
         return [name for b in sorted(rows) if b >= self.start_batch for name in rows[b]]
-
-    def close(self) -> None:
-        """Shut the worker processes down now (also done when the loader is collected, and at exit)."""
-        if self._finalizer is not None:
-            self._finalizer()
-        self._loader = self._finalizer = None
 
     def __len__(self) -> int:
         return self._len

@@ -67,6 +67,13 @@ class EpochResult:
     stopped: bool  # a stop signal ended the epoch early
 
 
+def deliver_on(batches, device: torch.device) -> None:
+    """A Loader delivers its batches on `device` (file workers' uint8 pixels are normalised there); other
+    iterables of batches are left as they are."""
+    if hasattr(batches, "set_device"):
+        batches.set_device(device)
+
+
 def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Progress,
                     scaler: torch.amp.GradScaler | None, stop: Callable[[], bool], epochs: int) -> EpochResult:
     """Train `model` (task.model, maybe wrapped) over the rest of epoch prog.epoch, from batch prog.batch.
@@ -81,8 +88,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
     prog.loss_sum / loss_count continue the running loss of an epoch resumed mid-way.
     """
     steps_per_epoch = len(loader)
-    if hasattr(loader, "set_device"):  # uint8 batches from file workers are normalised on the training device
-        loader.set_device(rt.device)
+    deliver_on(loader, rt.device)
     first_step, num_batches = prog.epoch * steps_per_epoch + prog.batch, steps_per_epoch - prog.batch
     device, dist = rt.device, rt.dist
     check = 1 if device.type == "cpu" else 20
@@ -173,8 +179,7 @@ def extract_features(
     dist: DistInfo,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 and labels (N,) of every batch, gathered from all ranks."""
-    if hasattr(batches, "set_device"):
-        batches.set_device(device)
+    deliver_on(batches, device)
     feats, labels = [], []
     for imgs, y in batches:
         with autocast(device, precision):
@@ -195,8 +200,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy of a classifier over an evaluation loader."""
     model.eval()
-    if hasattr(batches, "set_device"):
-        batches.set_device(device)
+    deliver_on(batches, device)
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
     for imgs, y in batches:
         imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -25,9 +25,9 @@ from ..weights.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     rng_state,
-    safe_join,
     save_checkpoint,
     set_rng_state,
+    sharded_folder,
 )
 from ..weights.sharded import load_sharded, save_sharded
 from .device import make_scaler, resolve_device, resolve_precision
@@ -180,8 +180,9 @@ def resume(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
                          f"this run's model (checkpoint {path})",
                          advice="Use the same model flags as the run that wrote it, or a fresh output directory.")
     check_resume_config(path, saved_meta.get("config", {}), (meta or {}).get("config", {}))
-    if state.get("sharded"):  # --run.parallel fsdp wrote it: DCP re-shards onto this job's processes
-        load_sharded(model, optimizer, safe_join(Path(path).parent, state["sharded"], what="sharded checkpoint"))
+    folder = sharded_folder(path, state)
+    if folder is not None:  # --run.parallel fsdp wrote it: DCP re-shards onto this job's processes
+        load_sharded(model, optimizer, folder)
     elif is_sharded(model):
         raise ValueError(f"{path} was written by a run without --run.parallel fsdp; resume it with the parallelism it "
                          f"was started with (--run.parallel ddp), or pass another --run.output_dir")

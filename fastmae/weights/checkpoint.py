@@ -168,11 +168,11 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def checkpoint_number(output_dir: str | Path, state: dict) -> int:
+def checkpoint_number(output_dir: str | Path, state: dict, existing: list | None = None) -> int:
     """The number in the name of the checkpoint `state` is saved as: its global step, unless an older checkpoint of
     the run already has that number (then the next free number above all; the state's own 'step' is unchanged);
-    the same training point saved again keeps its number."""
-    existing = _keyed_checkpoints(output_dir)
+    the same training point saved again keeps its number. existing: the folder's `_keyed_checkpoints`, if read."""
+    existing = _keyed_checkpoints(output_dir) if existing is None else existing
     progress = (int(state["epoch"]), int(state.get("batch", 0)))
     number = int(state["step"])
     same = [key[2] for key, _ in existing if key[:2] == progress]
@@ -193,7 +193,7 @@ def save_checkpoint(output_dir: str | Path, state: dict, meta: dict, keep_last: 
     """
     existing = _keyed_checkpoints(output_dir)
     progress = (int(state["epoch"]), int(state.get("batch", 0)))
-    number = checkpoint_number(output_dir, state)
+    number = checkpoint_number(output_dir, state, existing)
     path = checkpoint_path(output_dir, number)
     for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
         stale.unlink(missing_ok=True)
@@ -269,14 +269,22 @@ def torch_load(path: str | Path) -> Any:
                          f"it again from its source, or pass another file") from None
 
 
+def sharded_folder(path: str | Path, state: Any) -> Path | None:
+    """The DCP folder a training checkpoint file's state names ('sharded', beside the file), or None."""
+    if not (isinstance(state, dict) and isinstance(state.get("sharded"), str)):
+        return None
+    return safe_join(Path(path).parent, state["sharded"], what="sharded checkpoint")
+
+
 def read_training_file(path: Path, with_model: bool = True) -> Any:
     """torch_load, with the whole model of a sharded checkpoint under 'model' (its DCP folder read in this
     process)."""
     state = torch_load(path)
-    if with_model and isinstance(state, dict) and isinstance(state.get("sharded"), str) and "model" not in state:
+    folder = sharded_folder(path, state)
+    if with_model and folder is not None and "model" not in state:
         from .sharded import read_full_model
 
-        state["model"] = read_full_model(safe_join(Path(path).parent, state["sharded"], what="sharded checkpoint"))
+        state["model"] = read_full_model(folder)
     return state
 
 

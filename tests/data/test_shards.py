@@ -48,6 +48,13 @@ def loader(index, *, rank=0, world=1, workers=0, batch=4, train=True, **kw) -> S
                        num_workers=workers, seed=3, buffer=kw.pop("buffer", 6), **NORM, **kw)
 
 
+def epoch_of(index, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of epoch 0 of a loader over `index` (kw: the `loader` helper's)."""
+    ld = loader(index, **kw)
+    ld.set_epoch(0)
+    return list(ld)
+
+
 def ids(batches) -> list[int]:
     return [int(v) for _, y in batches for v in y]
 
@@ -125,9 +132,7 @@ def test_resume_mid_epoch_yields_the_same_batches_without_repeats(tmp_path):
 def test_evaluation_reads_every_sample_once_in_shard_order(tmp_path):
     write_shards(tmp_path, [5, 6])
     index = index_shards(shard_urls(str(tmp_path / "part-{000..001}.tar")))
-    ld = loader(index, train=False, batch=4)
-    ld.set_epoch(0)
-    assert ids(list(ld)) == list(range(11))
+    assert ids(epoch_of(index, train=False, batch=4)) == list(range(11))
 
 
 def test_pipe_urls_and_list_files(tmp_path):
@@ -138,9 +143,7 @@ def test_pipe_urls_and_list_files(tmp_path):
     urls = [f"pipe:cat {p}" for p in paths]
     index = index_shards(urls)
     assert index.counts == (4, 4)
-    ld = loader(index, train=False)
-    ld.set_epoch(0)
-    assert ids(list(ld)) == list(range(8))
+    assert ids(epoch_of(index, train=False)) == list(range(8))
     assert len(shard_urls("::".join(urls))) == 2
 
 
@@ -155,10 +158,8 @@ def test_damaged_shard_stops_naming_it_or_is_filled_in_with_skip_corrupt(tmp_pat
     index = index_shards([str(p) for p in paths])  # counted whole
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) // 2])  # the tar stream breaks half way
-    ld = loader(index, train=False)
-    ld.set_epoch(0)
     with pytest.raises(ValueError, match=r"part-001.tar.*--data.skip_corrupt"):
-        list(ld)
+        epoch_of(index, train=False)
     ld = loader(index, train=False, skip_corrupt=True)
     ld.set_epoch(0)
     got = ids(list(ld))
@@ -175,10 +176,8 @@ def test_corrupt_image_member_names_the_sample(tmp_path):
         w.write({"__key__": "ok", "png": good.getvalue(), "cls": b"0"})
         w.write({"__key__": "broken", "png": b"not a png", "cls": b"1"})
     index = index_shards([str(path)])
-    ld = loader(index, train=False)
-    ld.set_epoch(0)
     with pytest.raises(ValueError, match=r"bad-000.tar#broken"):
-        list(ld)
+        epoch_of(index, train=False)
     ld = loader(index, train=False, skip_corrupt=True)
     ld.set_epoch(0)
     assert ids(list(ld)) == [0, 0] and any("broken" in s for s in ld.skipped)
@@ -252,7 +251,7 @@ def test_pretrain_on_shards_stopped_mid_epoch_resumes_bit_exactly(tmp_path, monk
             "10", "--model.img_size", "16", "16", "--optim.batch_size", "8"]
 
     run_pretrain(cfg_of(args(tmp_path / "full")))
-    stop_at_call(monkeypatch, 9)  # one poll a batch, 6 batches an epoch: epoch 2, batch 4 (polled once before its first)
+    stop_at_call(monkeypatch, 9)  # one poll a batch (and one before the first), 6 batches an epoch: epoch 2, batch 4
     run_pretrain(cfg_of(args(tmp_path / "part")))
     from fastmae.weights.checkpoint import load_checkpoint
 
