@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fastmae.cli import main as fastmae_main
-from fastmae.commands.detect import DETECT_METRIC
+from fastmae.commands.detect import TASK
 from fastmae.figures.curves import epoch_entries, plot_runs
 
 ROWS = {"mae": ("mae", False), "random": ("random", False), "mae-ft": ("mae", True), "random-ft": ("random", True)}
@@ -68,7 +68,7 @@ def main() -> None:
         print(f"| {LABELS[row]} | {r['map']:.2f} | {r['map50']:.2f} | {r['map75']:.2f} | {r['epoch_seconds']:.0f} |")
     logs = {LABELS[row]: out / row / "log.jsonl" for row in results if (out / row / "log.jsonl").exists()}
     fig = plot_runs(logs, a.figure or out / "detect_curves.png", title="fastmae detect on Fashion-MNIST scenes",
-                    metric=DETECT_METRIC)
+                    metric=TASK.metric)
     print(f"figure: {fig}")
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fastmae.cli import main as fastmae_main
-from fastmae.commands.pose import POSE_METRIC
+from fastmae.commands.pose import TASK
 from fastmae.figures.curves import epoch_entries, plot_runs
 
 ROWS = {"mae": ("mae", False), "random": ("random", False), "cls": ("cls", False), "mae-ft": ("mae", True),
@@ -79,7 +79,7 @@ def main() -> None:
               f"{r['pck@0.05']:.2f} | {r['pck@0.1']:.2f} | {r['epoch_seconds']:.0f} |")
     logs = {LABELS[row]: out / row / "log.jsonl" for row in results if (out / row / "log.jsonl").exists()}
     fig = plot_runs(logs, a.figure or out / "pose_curves.png", title="fastmae pose on Fashion-MNIST garments",
-                    metric=POSE_METRIC)
+                    metric=TASK.metric)
     print(f"figure: {fig}")
 
 

@@ -19,16 +19,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
 from fastmae.cli import main as fastmae_main
-from fastmae.commands.segment import SegmentConfig, confusion_matrix, seg_splits
+from fastmae.commands.segment import SegEvaluator, SegmentConfig, seg_splits
 from fastmae.data.build import source_norm_stats
 from fastmae.data.segmentation import SegLoader
-from fastmae.metrics.segmentation import seg_metrics
+from fastmae.train.dense import inference
 from fastmae.train.engine import Task
 from fastmae.train.optim import build_adamw, param_groups_weight_decay, schedule
 from fastmae.train.trainer import fit, model_meta, setup
@@ -66,8 +67,8 @@ def pixel_baseline(args: list[str], out: Path) -> dict:
     task = Task(model, opt, loss=lambda m, x, y: F.cross_entropy(m(x).float(), y, ignore_index=cfg.seg.ignore_index),
                 lr=lr, meta=model_meta("pixelnet", {}, cfg))
     fit(rt, task, loader, cfg.optim.epochs)
-    conf = confusion_matrix(model, lambda x: model(x).argmax(1), val_loader, K, cfg.seg.ignore_index, rt)
-    return seg_metrics(conf, classes)
+    scorer = SimpleNamespace(predict=lambda logits: logits.argmax(1), ignore_index=cfg.seg.ignore_index)
+    return inference(model, model, val_loader, SegEvaluator(scorer, classes, rt), rt)[1]
 
 
 def cli(args: list[str]) -> dict:

@@ -91,8 +91,14 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class AnnotatedSourceConfig(SourceConfig):
-    """Images with annotations in their pixels (label maps, boxes, keypoints): the frame those are in."""
+    """Images with annotations in their pixels (label maps, boxes, keypoints): the frame those are in, and the
+    workers that read them."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"num_workers": NON_NEGATIVE}
+
+    num_workers: int = 2
+    """DataLoader worker processes that decode, place (letterbox, crop) and augment the images (0: in the main
+    process); images are read when a batch needs them, never all held in memory."""
     apply_exif_orientation: bool = True
     """Turn each image by its EXIF orientation (as viewers, labelme, CVAT and detectron2 show it) and take its
     annotations in that upright frame; --data.no_apply_exif_orientation: the stored pixels, for annotations

@@ -12,28 +12,23 @@ pycocotools' COCOeval), detections.json (COCO results of the evaluation split) a
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import torch
-import torch.nn as nn
 from PIL import ImageDraw
 
 from ..config import (
     NON_NEGATIVE,
     POSITIVE_INT,
+    AnnotatedSourceConfig,
     DenseModelConfig,
     OptimConfig,
     Rule,
     RunConfig,
-    AnnotatedSourceConfig,
     at_least,
     finite,
-    validate,
 )
-from ..data.build import source_norm_stats
 from ..data.detection import (
     DetLoader,
     DetSplit,
@@ -43,21 +38,15 @@ from ..data.detection import (
     warn_empty_classes,
     xywh,
 )
-from ..figures.curves import plot_learning_curve
 from ..figures.grid import enlargement, save_grid, to_pil
 from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
 from ..models.detection import CenterNetHead
-from ..train.device import autocast
-from ..train.dist import gather_objects, print0
-from ..train.engine import Task
-from ..train.optim import build_adamw, param_groups_dense, schedule
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, run_dense
+from ..train.dist import gather_objects
 from ..train.runtime import Runtime
-from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import data_for, dense_encoder, encoder_init, encoder_kwargs
+from ..weights.backbone import dense_encoder, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
-
-DETECT_METRIC = ("map", "box mAP (%)")  # the key log.jsonl holds and its axis label
 
 # ---------------------------------------------------------------------------------------------------
 # The flags (`fastmae detect --help`).
@@ -176,7 +165,7 @@ def _limit(split: DetSplit, n: int) -> DetSplit:
     keep = set(split.image_ids[:n])
     coco = {**split.coco, "images": [im for im in split.coco["images"] if int(im["id"]) in keep],
             "annotations": [a for a in split.coco["annotations"] if int(a["image_id"]) in keep]}
-    return DetSplit(split.images[:n], split.boxes[:n], split.labels[:n], split.image_ids[:n], split.names[:n],
+    return DetSplit(split.images.subset(range(min(n, len(split.images)))), split.boxes[:n], split.labels[:n], split.image_ids[:n], split.names[:n],
                     split.classes, split.category_ids, coco)
 
 
@@ -184,25 +173,31 @@ def _limit(split: DetSplit, n: int) -> DetSplit:
 # Predictions, scores and the figure.
 
 
-@torch.no_grad()
-def predict_split(model: DenseModel, loader: DetLoader, rt: Runtime) -> list[dict]:
-    """COCO results of every evaluation image (all ranks): boxes in the image's own pixels, original ids. Each
-    image's detections once, though DDP pads the ranks' shards with repeated images."""
-    model.eval()
-    loader.set_epoch(0)
-    split, per_image = loader.split, {}
-    for imgs, t in loader:
-        with autocast(rt.device, rt.precision):
-            out = model(imgs.to(rt.device))
-        for (boxes, scores, labels), s, i in zip(model.head.predict(out), t["scale"], t["index"]):
-            h, w = split.images[i].shape[-2:]
+class DetEvaluator(DatasetEvaluator):
+    """COCO results of every evaluation image (boxes in the image's own pixels, original ids), gathered from all
+    ranks, scored by pycocotools' COCOeval. Each image's detections once, though DDP pads the ranks' shards with
+    repeated images."""
+
+    def __init__(self, head: CenterNetHead, split: DetSplit, rt: Runtime):
+        self.head, self.split, self.rt = head, split, rt
+
+    def reset(self) -> None:
+        self.per_image: dict[int, list[dict]] = {}
+
+    def process(self, targets: dict, outputs: dict) -> None:
+        split = self.split
+        for (boxes, scores, labels), s, i in zip(self.head.predict(outputs), targets["scale"], targets["index"]):
+            h, w = split.images.hw(i)
             b = xywh(unmap_boxes(boxes.cpu(), s, h, w))
             keep = (b[:, 2] > 0) & (b[:, 3] > 0)
-            per_image[i] = [{"image_id": split.image_ids[i], "category_id": split.category_ids[c], "bbox": bb,
-                             "score": sc} for bb, sc, c in zip(b[keep].tolist(), scores.cpu()[keep].tolist(),
-                                                              labels.cpu()[keep].tolist())]
-    merged = {i: dets for part in gather_objects(per_image, rt.dist) for i, dets in part.items()}
-    return [r for i in sorted(merged) for r in merged[i]]
+            self.per_image[i] = [{"image_id": split.image_ids[i], "category_id": split.category_ids[c], "bbox": bb,
+                                  "score": sc} for bb, sc, c in zip(b[keep].tolist(), scores.cpu()[keep].tolist(),
+                                                                   labels.cpu()[keep].tolist())]
+
+    def evaluate(self) -> tuple[list[dict], dict]:
+        merged = {i: dets for part in gather_objects(self.per_image, self.rt.dist) for i, dets in part.items()}
+        results = [r for i in sorted(merged) for r in merged[i]]
+        return results, {**coco_box_metrics(self.split.coco, results), "detections": len(results)}
 
 
 def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int, min_score: float) -> Path:
@@ -213,7 +208,7 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
     names = dict(zip(split.category_ids, split.classes))
     cells = []
     for i in range(min(rows, len(split.images))):
-        img = split.images[i].float() / 255
+        img = split.images.load(i).float() / 255
         h, w = img.shape[-2:]
         scale = enlargement(h, w, 168)
         panels = []
@@ -238,91 +233,68 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The command.
+# The task.
+
+
+class DetectTask(DenseTask):
+    """Object detection: a CenterNet head on one pyramid level, images letterboxed onto the canvas."""
+
+    command, kind, result, section = "detect", "detector", "detect.json", "det"
+    metric, loss_label = ("map", "box mAP (%)"), "loss (focal + size + offset)"
+
+    def build(self, cfg: DetectConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,
+              std: tuple) -> DenseParts:
+        d = rt.dist
+        train, val = det_splits(data_cfg, cfg.det, channels, cfg.run.seed)
+        size = tuple(cfg.model.img_size) if cfg.model.img_size[0] else (cfg.det.scene_size, cfg.det.scene_size)
+        patch = bb.model_kwargs["patch_size"]
+        check_multiple(size, patch, "canvas")
+        K = len(train.classes)
+        common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
+                      world_size=d.world_size, num_classes=K, classes=train.classes, batch_size=cfg.optim.batch_size,
+                      scale_range=tuple(cfg.det.scale_range), num_workers=data_cfg.num_workers)
+        encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
+        head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
+        mode = "fine-tuned" if cfg.finetune else "frozen"
+        describe = (f"CenterNet head (stride {cfg.det.stride}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
+                    f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | "
+                    f"{len(train.images)} train / {len(val.images)} eval images on a {size[0]}x{size[1]} canvas, "
+                    f"{K} classes")
+        return DenseParts(
+            DetLoader(train, size, train=True, **common), DetLoader(val, size, train=False, drop_last=False, **common),
+            DenseModel(encoder, head, cfg.finetune),
+            {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "num_classes": K,
+             "stride": cfg.det.stride, "channels": cfg.det.channels},
+            size, (len(train.images), len(val.images)), describe,
+            meta={"classes": train.classes, "category_ids": train.category_ids},
+            result={"num_classes": K, "classes": train.classes}, state={"val": val})
+
+    def evaluator(self, cfg: DetectConfig, parts: DenseParts, rt: Runtime) -> DetEvaluator:
+        return DetEvaluator(parts.model.head, parts.state["val"], rt)
+
+    def epoch_metrics(self, metrics: dict) -> dict:
+        return {"map": metrics["map"], "map50": metrics["map50"]}
+
+    def write(self, cfg: DetectConfig, parts: DenseParts, results: list[dict], out_dir: Path) -> list[Path]:
+        atomic_write_text(json.dumps(results), out_dir / "detections.json")
+        if not cfg.det.figure_rows:
+            return []
+        return [save_det_figure(parts.state["val"], results, out_dir / "detections.png", cfg.det.figure_rows,
+                                cfg.det.figure_score)]
+
+    def summary(self, cfg: DetectConfig, result: dict) -> str:
+        mode = "fine-tuned" if cfg.finetune else "frozen"
+        return (f"detection ({mode} {cfg.init}, {cfg.optim.epochs} epochs): box mAP {result['map']:.2f}%  AP50 "
+                f"{result['map50']:.2f}%  AP75 {result['map75']:.2f}%")
+
+
+TASK = DetectTask()
 
 
 def run_detect(cfg: DetectConfig) -> dict:
     """Train a detection head (and, with --finetune, the encoder); write detect.json, detections.json and
     detections.png."""
-    validate(cfg)
-    rt = setup(cfg.run, cfg)
-    d = rt.dist
-    t0 = time.perf_counter()
-    bb = encoder_init(cfg.init, cfg.model)
-    data_cfg = data_for(bb, cfg.data)
-    channels = data_cfg.channels or (1 if data_cfg.source == "fashion-mnist" else 3)
-    train, val = det_splits(data_cfg, cfg.det, channels, cfg.run.seed)
-    size = tuple(cfg.model.img_size) if cfg.model.img_size[0] else (cfg.det.scene_size, cfg.det.scene_size)
-    patch = bb.model_kwargs["patch_size"]
-    if size[0] % patch or size[1] % patch:
-        raise ValueError(f"the canvas {size[0]}x{size[1]} (HxW) is not a multiple of the encoder's patch size "
-                         f"{patch}: pass --model.img_size with multiples of {patch}")
-    mean, std = source_norm_stats(data_cfg, channels)
-    K = len(train.classes)
-    common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
-                  world_size=d.world_size, num_classes=K, classes=train.classes, batch_size=cfg.optim.batch_size,
-                  scale_range=tuple(cfg.det.scale_range))
-    train_loader = DetLoader(train, size, train=True, **common)
-    val_loader = DetLoader(val, size, train=False, drop_last=False, **common)
-    encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
-    head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
-    model = DenseModel(encoder, head, cfg.finetune).to(rt.device)
-    lr = schedule(cfg.optim, len(train_loader), d.world_size, train_loader.num_samples)
-    groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
-    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
-    mode = "fine-tuned" if cfg.finetune else "frozen"
-    print0(d, f"detect: CenterNet head (stride {cfg.det.stride}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
-              f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.images)} "
-              f"train / {len(val.images)} eval images on a {size[0]}x{size[1]} canvas, {K} classes | lr {lr.peak:.3g} | "
-              f"{rt.precision_label} on {rt.device} x{d.world_size}")
-
-    def loss_fn(m: nn.Module, imgs: torch.Tensor, targets: dict) -> torch.Tensor:
-        return head.loss(m(imgs), targets)
-
-    meta = model_meta("detector", {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "num_classes": K,
-                                   "stride": cfg.det.stride, "channels": cfg.det.channels},
-                      cfg, mean=list(mean), std=list(std), init=cfg.init, classes=train.classes,
-                      category_ids=train.category_ids)
-    scored: dict[int, tuple[list[dict], dict]] = {}  # epoch -> (detections, metrics)
-
-    def score(epoch: int) -> tuple[list[dict], dict]:
-        if epoch not in scored:
-            results = predict_split(model, val_loader, rt)
-            scored.clear()
-            scored[epoch] = (results, coco_box_metrics(val.coco, results))
-        return scored[epoch]
-
-    def on_epoch_end(epoch: int, m: nn.Module, progress) -> dict:
-        every = cfg.det.eval_every
-        if not every or ((epoch + 1) % every and epoch + 1 != cfg.optim.epochs):
-            return {}
-        metrics = score(epoch)[1]
-        return {"map": metrics["map"], "map50": metrics["map50"]}
-
-    task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
-                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
-    prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
-    if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
-        return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
-    results, metrics = score(cfg.optim.epochs - 1)
-    result = {**metrics, "init": cfg.init, "finetune": cfg.finetune, "epochs": cfg.optim.epochs, "num_classes": K,
-              "classes": train.classes, "train": len(train.images), "eval": len(val.images), "image_size": list(size),
-              "detections": len(results), "lr": lr.peak, "seconds": time.perf_counter() - t0,
-              "last_checkpoint": str(last) if last else None}
-    if d.is_main:
-        atomic_write_text(json.dumps(results), rt.out_dir / "detections.json")
-        out = rt.out_dir / "detect.json"
-        atomic_write_text(json.dumps(result, indent=2, sort_keys=True), out)
-        if cfg.det.eval_every:
-            plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png", title="fastmae detect",
-                                loss_label="loss (focal + size + offset)", metric=DETECT_METRIC)
-        fig = None
-        if cfg.det.figure_rows:
-            fig = save_det_figure(val, results, rt.out_dir / "detections.png", cfg.det.figure_rows,
-                                  cfg.det.figure_score)
-        print0(d, f"detection ({mode} {cfg.init}, {cfg.optim.epochs} epochs): box mAP {result['map']:.2f}%  "
-                  f"AP50 {result['map50']:.2f}%  AP75 {result['map75']:.2f}%  ({out}{', ' + str(fig) if fig else ''})")
-    return result
+    return run_dense(cfg, TASK)
 
 
-__all__ = ["DetectConfig", "run_detect"]
+__all__ = ["DetectConfig", "DetectTask", "TASK", "run_detect"]

@@ -13,29 +13,25 @@ COCOeval with the OKS sigmas used, pck, sigmas), keypoints.json (COCO results of
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn as nn
 from PIL import ImageDraw
 
 from ..config import (
     NON_NEGATIVE,
     POSITIVE_INT,
+    AnnotatedSourceConfig,
     DenseModelConfig,
     OptimConfig,
     Rule,
     RunConfig,
-    AnnotatedSourceConfig,
     above,
     at_least,
     finite,
-    validate,
 )
-from ..data.build import source_norm_stats
 from ..data.pose import (
     PoseLoader,
     PoseSplit,
@@ -47,22 +43,17 @@ from ..data.pose import (
     sigmas_for,
     unmap_keypoints,
 )
-from ..figures.curves import plot_learning_curve
 from ..figures.grid import enlargement, save_grid, to_pil
 from ..metrics.pose import coco_keypoint_metrics, pck
 from ..models.pose import PoseModel, build_head, flip_index, set_norm_eps, vitpose_padding
 from ..models.vit import LN_EPS
-from ..train.device import autocast
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, run_dense
 from ..train.dist import gather_objects, print0
-from ..train.engine import Task
-from ..train.optim import build_adamw, param_groups_dense, schedule
 from ..train.runtime import Runtime
-from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import data_for, dense_encoder, encoder_init, encoder_kwargs
+from ..weights.backbone import dense_encoder, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
 from ..weights.read import read_pose
 
-POSE_METRIC = ("ap", "OKS AP (%)")  # the key log.jsonl holds and its axis label
 KEYPOINT_SCORE = 0.2  # mmpose: an instance's score is the mean of its keypoint scores above this
 FASHION_CROP = (32, 32)  # the crop of the built-in task when --model.img_size is unset
 COCO_CROP = (256, 192)  # ViTPose's crop for COCO files
@@ -213,24 +204,32 @@ def flip_of(names: list[str], pairs: tuple[int, ...]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Predictions and the figure.
+# Predictions, scores and the figure.
 
 
-@torch.no_grad()
-def predict_split(model: PoseModel, loader: PoseLoader, rt: Runtime, flip_test: bool) -> dict[int, torch.Tensor]:
-    """Keypoints (K, 3) x y score in image pixels of every evaluation instance (all ranks), by instance index."""
-    model.eval()
-    loader.set_epoch(0)
-    per_instance = {}
-    for crops, t in loader:
-        with autocast(rt.device, rt.precision):
-            crops = crops.to(rt.device)
-            heat = model.flip_test(crops) if flip_test else model(crops)
-        xy, scores = model.head.predict(heat.float())
-        xy = unmap_keypoints(xy.cpu(), t["matrix"])  # (B, K, 2) image pixels
-        for i, p, s in zip(t["index"].tolist(), xy, scores.cpu()):
-            per_instance[i] = torch.cat([p, s[:, None]], 1)
-    return {i: k for part in gather_objects(per_instance, rt.dist) for i, k in part.items()}
+class PoseEvaluator(DatasetEvaluator):
+    """Keypoints (K, 3) x y score in image pixels of every evaluation instance, gathered from all ranks by
+    instance index; OKS AP by pycocotools' COCOeval with the run's sigmas, and PCK."""
+
+    def __init__(self, head, split: PoseSplit, sigmas: list[float], rt: Runtime):
+        self.head, self.split, self.sigmas, self.rt = head, split, sigmas, rt
+
+    def reset(self) -> None:
+        self.per_instance: dict[int, torch.Tensor] = {}
+
+    def process(self, targets: dict, outputs: torch.Tensor) -> None:
+        xy, scores = self.head.predict(outputs.float())
+        xy = unmap_keypoints(xy.cpu(), targets["matrix"])  # (B, K, 2) image pixels
+        for i, p, s in zip(targets["index"].tolist(), xy, scores.cpu()):
+            self.per_instance[i] = torch.cat([p, s[:, None]], 1)
+
+    def evaluate(self) -> tuple[dict[int, torch.Tensor], dict]:
+        preds = {i: k for part in gather_objects(self.per_instance, self.rt.dist) for i, k in part.items()}
+        split, order = self.split, sorted(preds)
+        metrics = coco_keypoint_metrics(split.coco, coco_results(split, preds), self.sigmas)
+        p = pck(torch.stack([preds[i][:, :2] for i in order]), split.keypoints[order], split.boxes[order])
+        metrics["pck"] = {k.split("@")[1]: v for k, v in p.items()}
+        return preds, metrics
 
 
 def coco_results(split: PoseSplit, preds: dict[int, torch.Tensor]) -> list[dict]:
@@ -249,10 +248,9 @@ def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: P
     """Per evaluation instance, its crop with the true (green) and the predicted (red) skeleton and keypoints."""
     split = loader.split
     cells = []
-    mean, std = torch.tensor(loader.mean).view(-1, 1, 1), torch.tensor(loader.std).view(-1, 1, 1)
     for i in range(min(rows, len(split.boxes))):
         crop, t = loader.sample(i, None)
-        img = (crop * std + mean).clamp(0, 1)
+        img = crop.float() / 255  # (C, H, W)
         scale = enlargement(*img.shape[-2:], 160)
         truth = torch.cat([t["keypoints"], t["weights"][:, None]], 1)  # (K, 3) crop pixels, labelled
         pred = preds[i].clone()
@@ -274,114 +272,91 @@ def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: P
 
 
 # ---------------------------------------------------------------------------------------------------
-# The command.
+# The task.
+
+
+class PoseTask(DenseTask):
+    """Top-down 2D keypoints: ViTPose's simple or classic head on crops of each instance's box."""
+
+    command, kind, result, section = "pose", "pose", "pose.json", "pose"
+    metric, loss_label = ("ap", "OKS AP (%)"), "loss (heatmap MSE)"
+
+    def build(self, cfg: PoseConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,
+              std: tuple) -> DenseParts:
+        d = rt.dist
+        whole = read_pose(cfg.init) if cfg.init != "random" else None  # a pose model: its head may come along
+        train, val = pose_splits(data_cfg, cfg.pose, channels, cfg.run.seed)
+        for split, what in ((train, "training"), (val, "evaluation")):
+            if report_skipped(split, what):
+                print0(d, report_skipped(split, what))
+        size = (tuple(cfg.model.img_size) if cfg.model.img_size[0]
+                else FASHION_CROP if data_cfg.source == "fashion-mnist" else COCO_CROP)
+        patch = bb.model_kwargs["patch_size"]
+        check_multiple(size, patch, "crop")
+        names, K = train.keypoint_names, len(train.keypoint_names)
+        flip = flip_of(names, tuple(cfg.pose.flip_pairs))
+        sigmas, sigmas_from = sigmas_for(names, cfg.pose.sigmas)
+        common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
+                      world_size=d.world_size, batch_size=cfg.optim.batch_size, flip=flip,
+                      scale_range=tuple(cfg.pose.scale_range), rotation=cfg.pose.rotation,
+                      num_workers=data_cfg.num_workers)
+        encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
+        norm_eps = float(whole.kwargs.get("norm_eps", LN_EPS)) if whole else LN_EPS
+        set_norm_eps(encoder, norm_eps)
+        head = build_head(cfg.pose.head, encoder.embed_dim, K, patch, cfg.pose.sigma, cfg.pose.channels)
+        head_from = "new"
+        if whole and whole.kwargs["head"] == cfg.pose.head and int(whole.kwargs["num_keypoints"]) == K:
+            own = head.state_dict()
+            sd = {k[len("head."):]: v for k, v in whole.state_dict.items() if k.startswith("head.")}
+            if {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in own.items()}:
+                head.load_state_dict(sd, strict=True)
+                head_from = f"from {cfg.init}"
+        padding = int(whole.kwargs.get("patch_padding", 0)) if whole else vitpose_padding(patch)
+        model = PoseModel(encoder, head, cfg.finetune, padding, names, flip, train.skeleton, sigmas)
+        mode = "fine-tuned" if cfg.finetune else "frozen"
+        describe = (f"{cfg.pose.head} head ({head_from}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
+                    f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | "
+                    f"{len(train.boxes)} train / {len(val.boxes)} eval instances, {K} keypoints, {size[0]}x{size[1]} "
+                    f"crops | OKS sigmas {sigmas_from}")
+        kwargs = {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "head": cfg.pose.head,
+                  "num_keypoints": K, "channels": cfg.pose.channels, "sigma": cfg.pose.sigma,
+                  "patch_padding": padding, "norm_eps": norm_eps, "names": names, "flip": flip,
+                  "skeleton": [list(e) for e in train.skeleton], "sigmas": sigmas}
+        result = {"sigmas": sigmas, "sigmas_from": sigmas_from, "head": cfg.pose.head, "num_keypoints": K,
+                  "keypoints": names, "skipped": {"train": train.skipped, "eval": val.skipped},
+                  "flip_test": cfg.pose.flip_test}
+        return DenseParts(PoseLoader(train, size, train=True, **common),
+                          PoseLoader(val, size, train=False, drop_last=False, **common), model, kwargs, size,
+                          (len(train.boxes), len(val.boxes)), describe, result=result,
+                          state={"val": val, "sigmas": sigmas})
+
+    def evaluator(self, cfg: PoseConfig, parts: DenseParts, rt: Runtime) -> PoseEvaluator:
+        return PoseEvaluator(parts.model.head, parts.state["val"], parts.state["sigmas"], rt)
+
+    def forward(self, cfg: PoseConfig, model: PoseModel):
+        return model.flip_test if cfg.pose.flip_test else model
+
+    def epoch_metrics(self, metrics: dict) -> dict:
+        return {"ap": metrics["ap"], "ap50": metrics["ap50"], "pck@0.1": metrics["pck"]["0.1"]}
+
+    def write(self, cfg: PoseConfig, parts: DenseParts, preds: dict[int, torch.Tensor], out_dir: Path) -> list[Path]:
+        atomic_write_text(json.dumps(coco_results(parts.state["val"], preds)), out_dir / "keypoints.json")
+        if not cfg.pose.figure_rows:
+            return []
+        return [save_pose_figure(parts.val_loader, preds, out_dir / "pose.png", cfg.pose.figure_rows)]
+
+    def summary(self, cfg: PoseConfig, result: dict) -> str:
+        mode = "fine-tuned" if cfg.finetune else "frozen"
+        return (f"pose ({mode} {cfg.init}, {cfg.optim.epochs} epochs): OKS AP {result['ap']:.2f}%  AP50 "
+                f"{result['ap50']:.2f}%  AR {result['ar']:.2f}%  PCK@0.1 {result['pck']['0.1']:.2f}%")
+
+
+TASK = PoseTask()
 
 
 def run_pose(cfg: PoseConfig) -> dict:
     """Train a pose head (and, with --finetune, the encoder); write pose.json, keypoints.json and pose.png."""
-    validate(cfg)
-    rt = setup(cfg.run, cfg)
-    d = rt.dist
-    t0 = time.perf_counter()
-    bb = encoder_init(cfg.init, cfg.model)
-    whole = read_pose(cfg.init) if cfg.init != "random" else None  # a pose model: its head may come along
-    data_cfg = data_for(bb, cfg.data)
-    channels = data_cfg.channels or (1 if data_cfg.source == "fashion-mnist" else 3)
-    train, val = pose_splits(data_cfg, cfg.pose, channels, cfg.run.seed)
-    for split, what in ((train, "training"), (val, "evaluation")):
-        if report_skipped(split, what):
-            print0(d, report_skipped(split, what))
-    size = (tuple(cfg.model.img_size) if cfg.model.img_size[0]
-            else FASHION_CROP if data_cfg.source == "fashion-mnist" else COCO_CROP)
-    patch = bb.model_kwargs["patch_size"]
-    if size[0] % patch or size[1] % patch:
-        raise ValueError(f"the crop {size[0]}x{size[1]} (HxW) is not a multiple of the encoder's patch size {patch}: "
-                         f"pass --model.img_size with multiples of {patch}")
-    names, K = train.keypoint_names, len(train.keypoint_names)
-    flip = flip_of(names, tuple(cfg.pose.flip_pairs))
-    sigmas, sigmas_from = sigmas_for(names, cfg.pose.sigmas)
-    mean, std = source_norm_stats(data_cfg, channels)
-    common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
-                  world_size=d.world_size, batch_size=cfg.optim.batch_size, flip=flip,
-                  scale_range=tuple(cfg.pose.scale_range), rotation=cfg.pose.rotation)
-    train_loader = PoseLoader(train, size, train=True, **common)
-    val_loader = PoseLoader(val, size, train=False, drop_last=False, **common)
-    encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
-    norm_eps = float(whole.kwargs.get("norm_eps", LN_EPS)) if whole else LN_EPS
-    set_norm_eps(encoder, norm_eps)
-    head = build_head(cfg.pose.head, encoder.embed_dim, K, patch, cfg.pose.sigma, cfg.pose.channels)
-    head_from = "new"
-    if whole and whole.kwargs["head"] == cfg.pose.head and int(whole.kwargs["num_keypoints"]) == K:
-        own = head.state_dict()
-        sd = {k[len("head."):]: v for k, v in whole.state_dict.items() if k.startswith("head.")}
-        if {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in own.items()}:
-            head.load_state_dict(sd, strict=True)
-            head_from = f"from {cfg.init}"
-    padding = int(whole.kwargs.get("patch_padding", 0)) if whole else vitpose_padding(patch)
-    model = PoseModel(encoder, head, cfg.finetune, padding, names, flip, train.skeleton, sigmas).to(rt.device)
-    lr = schedule(cfg.optim, len(train_loader), d.world_size, train_loader.num_samples)
-    groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
-    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
-    mode = "fine-tuned" if cfg.finetune else "frozen"
-    print0(d, f"pose: {cfg.pose.head} head ({head_from}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
-              f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.boxes)} "
-              f"train / {len(val.boxes)} eval instances, {K} keypoints, {size[0]}x{size[1]} crops | OKS sigmas "
-              f"{sigmas_from} | lr {lr.peak:.3g} | {rt.precision_label} on {rt.device} x{d.world_size}")
-
-    def loss_fn(m: nn.Module, imgs: torch.Tensor, targets: dict) -> torch.Tensor:
-        return head.loss(m(imgs), targets)
-
-    kwargs = {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "head": cfg.pose.head,
-              "num_keypoints": K, "channels": cfg.pose.channels, "sigma": cfg.pose.sigma, "patch_padding": padding,
-              "norm_eps": norm_eps, "names": names, "flip": flip, "skeleton": [list(e) for e in train.skeleton],
-              "sigmas": sigmas}
-    meta = model_meta("pose", kwargs, cfg, mean=list(mean), std=list(std), init=cfg.init)
-    scored: dict[int, tuple[dict, dict]] = {}  # epoch -> (predictions, metrics)
-
-    def score(epoch: int) -> tuple[dict, dict]:
-        if epoch not in scored:
-            preds = predict_split(model, val_loader, rt, cfg.pose.flip_test)
-            results = coco_results(val, preds)
-            order = sorted(preds)
-            metrics = coco_keypoint_metrics(val.coco, results, sigmas)
-            p = pck(torch.stack([preds[i][:, :2] for i in order]), val.keypoints[order], val.boxes[order])
-            metrics["pck"] = {k.split("@")[1]: v for k, v in p.items()}
-            scored.clear()
-            scored[epoch] = (preds, metrics)
-        return scored[epoch]
-
-    def on_epoch_end(epoch: int, m: nn.Module, progress) -> dict:
-        every = cfg.pose.eval_every
-        if not every or ((epoch + 1) % every and epoch + 1 != cfg.optim.epochs):
-            return {}
-        metrics = score(epoch)[1]
-        return {"ap": metrics["ap"], "ap50": metrics["ap50"], "pck@0.1": metrics["pck"]["0.1"]}
-
-    task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
-                clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end)
-    prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
-    if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
-        return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
-    preds, metrics = score(cfg.optim.epochs - 1)
-    result = {**metrics, "sigmas": sigmas, "sigmas_from": sigmas_from, "init": cfg.init, "finetune": cfg.finetune,
-              "head": cfg.pose.head, "epochs": cfg.optim.epochs, "num_keypoints": K, "keypoints": names,
-              "train": len(train.boxes), "eval": len(val.boxes), "skipped": {"train": train.skipped,
-                                                                              "eval": val.skipped},
-              "image_size": list(size), "flip_test": cfg.pose.flip_test, "lr": lr.peak,
-              "seconds": time.perf_counter() - t0, "last_checkpoint": str(last) if last else None}
-    if d.is_main:
-        atomic_write_text(json.dumps(coco_results(val, preds)), rt.out_dir / "keypoints.json")
-        out = rt.out_dir / "pose.json"
-        atomic_write_text(json.dumps(result, indent=2, sort_keys=True), out)
-        if cfg.pose.eval_every:
-            plot_learning_curve(rt.out_dir / "log.jsonl", rt.out_dir / "learning_curve.png", title="fastmae pose",
-                                loss_label="loss (heatmap MSE)", metric=POSE_METRIC)
-        fig = save_pose_figure(val_loader, preds, rt.out_dir / "pose.png", cfg.pose.figure_rows) \
-            if cfg.pose.figure_rows else None
-        print0(d, f"pose ({mode} {cfg.init}, {cfg.optim.epochs} epochs): OKS AP {result['ap']:.2f}%  AP50 "
-                  f"{result['ap50']:.2f}%  AR {result['ar']:.2f}%  PCK@0.1 {result['pck']['0.1']:.2f}%  "
-                  f"({out}{', ' + str(fig) if fig else ''})")
-    return result
+    return run_dense(cfg, TASK)
 
 
-__all__ = ["PoseConfig", "run_pose"]
+__all__ = ["PoseConfig", "PoseTask", "TASK", "run_pose"]

@@ -10,29 +10,25 @@ trainer.fit (resume, checkpoints, preemption); the loss is per-pixel cross entro
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn as nn
 
 from ..config import (
     NON_NEGATIVE,
     POSITIVE_INT,
+    AnnotatedSourceConfig,
     DenseModelConfig,
     OptimConfig,
     Rule,
     RunConfig,
-    AnnotatedSourceConfig,
     at_least,
     finite,
-    validate,
     within,
 )
-from ..data.build import source_norm_stats
+from ..data.decode import normalize_uint8
 from ..data.segmentation import (
     SCENE_CLASSES,
     SegLoader,
@@ -46,14 +42,10 @@ from ..figures.segmentation import save_seg_figure
 from ..metrics.segmentation import confusion_counts, seg_metrics
 from ..models.dense import DenseModel
 from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
-from ..train.device import autocast
-from ..train.dist import all_reduce_mean, print0
-from ..train.engine import Task
-from ..train.optim import build_adamw, param_groups_dense, schedule
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, run_dense
+from ..train.dist import all_reduce_mean
 from ..train.runtime import Runtime
-from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import data_for, dense_encoder, encoder_init, encoder_kwargs
-from ..weights.checkpoint import atomic_write_text
+from ..weights.backbone import dense_encoder, encoder_kwargs
 
 # ---------------------------------------------------------------------------------------------------
 # The flags (`fastmae segment --help`).
@@ -61,7 +53,7 @@ from ..weights.checkpoint import atomic_write_text
 @dataclass(frozen=True)
 class SegDataConfig(AnnotatedSourceConfig):
     """Segmentation images: Fashion-MNIST scenes or an image folder (label maps: --seg.labels); batched at their
-    own size, so no crop, loader workers or held-out split."""
+    own size, so no crop or held-out split."""
 
     source: Literal["fashion-mnist", "folder"] = "fashion-mnist"
     """fashion-mnist: scenes pasted from its items (--seg.*); folder: images under --data.path, label maps under
@@ -81,7 +73,8 @@ class SegParams:
                 "eval_scenes": POSITIVE_INT, "scene_size": at_least(28, " (the Fashion-MNIST item size)"),
                 "items": ((lambda v: len(v) == 2 and all(map(finite, v)) and 1 <= v[0] <= v[1]),
                           "(fewest, most) with 1 <= fewest <= most"),
-                "fpn_channels": POSITIVE_INT, "figure_rows": NON_NEGATIVE}
+                "fpn_channels": POSITIVE_INT, "figure_rows": NON_NEGATIVE,
+                "eval_every": at_least(0, " (0 = only at the end)")}
 
     labels: str = ""
     """--data.source folder: the label maps of --data.path (the label of images/a/b.jpg is LABELS/a/b.png;
@@ -102,6 +95,9 @@ class SegParams:
     """Fewest and most Fashion-MNIST items pasted into one scene."""
     fpn_channels: int = 32
     """--head fpn: channels of the feature pyramid and the head (small for CPUs; ViTDet uses 256)."""
+    eval_every: int = 0
+    """Also score the evaluation split every N epochs (mIoU and pixel accuracy in log.jsonl and
+    learning_curve.png; 0 = only at the end)."""
     figure_rows: int = 4
     """Evaluation images shown in segmentation.png."""
 
@@ -158,15 +154,15 @@ def seg_splits(data: SegDataConfig, seg: SegParams, channels: int, seed: int) ->
         frame = (data.max_image_pixels, data.apply_exif_orientation)
         train = folder_split(data.path, seg.labels, channels, ("--data.path", "--seg.labels"), *frame)
         val = folder_split(data.eval_path, seg.eval_labels, channels, ("--data.eval_path", "--seg.eval_labels"), *frame)
-        if train.images.shape[-2:] != val.images.shape[-2:]:
-            raise ValueError(f"evaluation images are {tuple(val.images.shape[-2:])} (HxW) but training images "
-                             f"{tuple(train.images.shape[-2:])}; resize them to one size")
+        if train.size != val.size:
+            raise ValueError(f"evaluation images are {val.size} (HxW) but training images {train.size}; resize them "
+                             f"to one size")
         classes = []
     else:
         raise ValueError(f"segment reads --data.source fashion-mnist (scenes) or folder (images + --seg.labels), "
                          f"not {data.source!r}")
     if data.limit > 0:
-        train, val = (SegSplit(s.images[: data.limit], s.masks[: data.limit], s.names[: data.limit]) for s in (train, val))
+        train, val = (s.subset(data.limit) for s in (train, val))
     K = seg.num_classes or max(len(classes), infer_num_classes(train, seg.ignore_index))
     for split in (train, val):
         check_labels(split, K, seg.ignore_index)
@@ -189,97 +185,103 @@ def check_patch(size: tuple[int, int], patch: int, data: SegDataConfig, example:
 # Scoring and the figure's rows.
 
 
-@torch.no_grad()
-def confusion_matrix(model: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classes: int,
-                     ignore_index: int, rt: Runtime) -> torch.Tensor:
-    """(K, K) int64 counts of (label, prediction) over the loader's valid pixels, summed over ranks; `predict` maps
-    images (B, C, H, W) to classes (B, H, W) with `model` in eval mode."""
-    model.eval()
-    loader.set_epoch(0)
-    conf = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
-    for imgs, y in loader:
-        imgs, y = imgs.to(rt.device), y.to(rt.device)
-        with autocast(rt.device, rt.precision):
-            pred = predict(imgs)  # (B, H, W)
-        conf += confusion_counts(y, pred, num_classes, ignore_index)
-    conf = all_reduce_mean(conf, rt.dist) * rt.dist.world_size
-    return conf.round().long().cpu().view(num_classes, num_classes)  # (K, K): rows label, columns prediction
+class SegEvaluator(DatasetEvaluator):
+    """Confusion counts (K, K) of (label, prediction) over the valid pixels, summed over ranks -> mIoU, pixel
+    accuracy, per-class IoU (no per-image predictions are kept)."""
+
+    def __init__(self, head: SegmentationHead, classes: list[str], rt: Runtime):
+        self.head, self.classes, self.rt = head, classes, rt
+
+    def reset(self) -> None:
+        K = len(self.classes)
+        self.conf = torch.zeros(K * K, dtype=torch.float64, device=self.rt.device)
+
+    def process(self, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+        pred = self.head.predict(outputs)  # (B, H, W)
+        self.conf += confusion_counts(targets.to(pred.device), pred, len(self.classes), self.head.ignore_index)
+
+    def evaluate(self) -> tuple[None, dict]:
+        K = len(self.classes)
+        conf = all_reduce_mean(self.conf, self.rt.dist) * self.rt.dist.world_size
+        return None, seg_metrics(conf.round().long().cpu().view(K, K), self.classes)  # rows label, columns prediction
 
 
 @torch.no_grad()
-def figure_rows(model: DenseModel, split_loader: SegLoader, n: int, device: torch.device) -> list[tuple]:
-    """The first n evaluation samples as (image, label, prediction) on the CPU."""
-    split_loader.set_epoch(0)
-    x, y = next(iter(split_loader))
-    x, y = x[:n], y[:n]
+def figure_rows(model: DenseModel, loader: SegLoader, n: int) -> list[tuple]:
+    """The first n evaluation samples as (image normalised, label, prediction) on the CPU."""
+    device = next(model.parameters()).device
     model.eval()
-    pred = model.head.predict(model(x.to(device))).cpu()  # (n, H, W)
-    return list(zip(x, y, pred))
+    rows = []
+    for i in range(min(n, len(loader.split))):
+        x, y = loader.sample(i)  # (C, H, W) uint8, (H, W)
+        x = normalize_uint8(x, loader.mean, loader.std)
+        rows.append((x, y, model.head.predict(model(x[None].to(device)))[0].cpu()))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
-# The command.
+# The task.
+
+
+class SegmentTask(DenseTask):
+    """Semantic segmentation: a linear or FPN head on the patch map, images at their own size."""
+
+    command, kind, result, section = "segment", "segmenter", "segment.json", "seg"
+    metric, loss_label = ("miou", "mIoU (%)"), "loss (cross entropy)"
+
+    def build(self, cfg: SegmentConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,
+              std: tuple) -> DenseParts:
+        d = rt.dist
+        train, val, classes, K = seg_splits(data_cfg, cfg.seg, channels, cfg.run.seed)
+        size = train.size
+        check_patch(size, bb.model_kwargs["patch_size"], data_cfg, train.names[0])
+        if cfg.model.img_size[0] and tuple(cfg.model.img_size) != size:
+            raise ValueError(f"--model.img_size {cfg.model.img_size[0]} {cfg.model.img_size[1]} differs from the "
+                             f"data's {size[0]}x{size[1]}; segment uses images at their own size: leave "
+                             f"--model.img_size unset")
+        common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
+                      world_size=d.world_size, num_classes=K, classes=classes, batch_size=cfg.optim.batch_size,
+                      num_workers=data_cfg.num_workers)
+        encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
+        head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
+        mode = "fine-tuned" if cfg.finetune else "frozen"
+        describe = (f"{cfg.head} head on {mode} {bb.source} (ViT {encoder.embed_dim}x{len(encoder.blocks)}, patch "
+                    f"grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train)} train / {len(val)} eval "
+                    f"images of {size[0]}x{size[1]}, {K} classes")
+        return DenseParts(
+            SegLoader(train, train=True, **common), SegLoader(val, train=False, drop_last=False, **common),
+            DenseModel(encoder, head, cfg.finetune),
+            {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "head": cfg.head, "num_classes": K,
+             "fpn_channels": cfg.seg.fpn_channels},
+            size, (len(train), len(val)), describe, meta={"classes": classes},
+            result={"head": cfg.head, "num_classes": K, "classes": classes},
+            state={"classes": classes, "mean": mean, "std": std})
+
+    def evaluator(self, cfg: SegmentConfig, parts: DenseParts, rt: Runtime) -> SegEvaluator:
+        return SegEvaluator(parts.model.head, parts.state["classes"], rt)
+
+    def epoch_metrics(self, metrics: dict) -> dict:
+        return {"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
+
+    def write(self, cfg: SegmentConfig, parts: DenseParts, predictions: None, out_dir: Path) -> list[Path]:
+        if not cfg.seg.figure_rows:
+            return []
+        rows = figure_rows(parts.model, parts.val_loader, cfg.seg.figure_rows)
+        return [save_seg_figure(rows, out_dir / "segmentation.png", parts.state["mean"], parts.state["std"],
+                                cfg.seg.ignore_index)]
+
+    def summary(self, cfg: SegmentConfig, result: dict) -> str:
+        mode = "fine-tuned" if cfg.finetune else "frozen"
+        return (f"segmentation ({cfg.head} head, {mode} {cfg.init}, {cfg.optim.epochs} epochs): mIoU "
+                f"{result['miou']:.2f}%  pixel accuracy {result['pixel_acc']:.2f}%")
+
+
+TASK = SegmentTask()
 
 
 def run_segment(cfg: SegmentConfig) -> dict:
     """Train a segmentation head (and, with --finetune, the encoder); write segment.json and segmentation.png."""
-    validate(cfg)
-    rt = setup(cfg.run, cfg)
-    d = rt.dist
-    t0 = time.perf_counter()
-    bb = encoder_init(cfg.init, cfg.model)
-    data_cfg = data_for(bb, cfg.data)
-    channels = data_cfg.channels or (1 if data_cfg.source == "fashion-mnist" else 3)
-    train, val, classes, K = seg_splits(data_cfg, cfg.seg, channels, cfg.run.seed)
-    size = tuple(train.images.shape[-2:])
-    check_patch(size, bb.model_kwargs["patch_size"], data_cfg, train.names[0])
-    if cfg.model.img_size[0] and tuple(cfg.model.img_size) != size:
-        raise ValueError(f"--model.img_size {cfg.model.img_size[0]} {cfg.model.img_size[1]} differs from the data's "
-                         f"{size[0]}x{size[1]}; segment uses images at their own size: leave --model.img_size unset")
-    mean, std = source_norm_stats(data_cfg, channels)
-    common = dict(channels=channels, mean=mean, std=std, hflip=data_cfg.hflip, seed=cfg.run.seed, rank=d.rank,
-                  world_size=d.world_size, num_classes=K, classes=classes, batch_size=cfg.optim.batch_size)
-    train_loader = SegLoader(train, train=True, **common)
-    val_loader = SegLoader(val, train=False, drop_last=False, **common)
-    encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
-    head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
-    model = DenseModel(encoder, head, cfg.finetune)
-    model = model.to(rt.device)
-    lr = schedule(cfg.optim, len(train_loader), d.world_size, train_loader.num_samples)
-    groups = param_groups_dense(model, cfg.optim.weight_decay, cfg.finetune, cfg.layer_decay)
-    optimizer = build_adamw(groups, lr.peak, cfg.optim.betas, rt.device)
-    mode = "fine-tuned" if cfg.finetune else "frozen"
-    print0(d, f"segment: {cfg.head} head on {mode} {bb.source} (ViT {encoder.embed_dim}x{len(encoder.blocks)}, "
-              f"patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train.masks)} train / "
-              f"{len(val.masks)} eval images of {size[0]}x{size[1]}, {K} classes | lr {lr.peak:.3g} | "
-              f"{rt.precision_label} on {rt.device} x{d.world_size}")
-
-    def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return head.loss(m(imgs), labels)
-
-    meta = model_meta("segmenter", {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)},
-                                    "head": cfg.head, "num_classes": K, "fpn_channels": cfg.seg.fpn_channels},
-                      cfg, mean=list(mean), std=list(std), init=cfg.init, classes=classes)
-    task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
-                clip_grad=cfg.optim.clip_grad)
-    prog, last = fit(rt, task, train_loader, cfg.optim.epochs)
-    if prog.epoch < cfg.optim.epochs:  # stopped by a signal: the checkpoint is saved, run again to resume
-        return {"epochs_done": prog.epoch, "last_checkpoint": str(last) if last else None}
-    result = seg_metrics(confusion_matrix(model, lambda x: head.predict(model(x)), val_loader, K, cfg.seg.ignore_index, rt), classes)
-    result.update(init=cfg.init, head=cfg.head, finetune=cfg.finetune, epochs=cfg.optim.epochs, num_classes=K,
-                  classes=classes,
-                  train=len(train.masks), eval=len(val.masks), image_size=list(size), lr=lr.peak,
-                  seconds=time.perf_counter() - t0, last_checkpoint=str(last) if last else None)
-    if d.is_main:
-        out = rt.out_dir / "segment.json"
-        atomic_write_text(json.dumps(result, indent=2, sort_keys=True), out)
-        fig = None
-        if cfg.seg.figure_rows:
-            rows = figure_rows(model, val_loader, cfg.seg.figure_rows, rt.device)
-            fig = save_seg_figure(rows, rt.out_dir / "segmentation.png", mean, std, cfg.seg.ignore_index)
-        print0(d, f"segmentation ({cfg.head} head, {mode} {cfg.init}, {cfg.optim.epochs} epochs): mIoU "
-                  f"{result['miou']:.2f}%  pixel accuracy {result['pixel_acc']:.2f}%  ({out}{', ' + str(fig) if fig else ''})")
-    return result
+    return run_dense(cfg, TASK)
 
 
-__all__ = ["run_segment"]
+__all__ = ["SegmentConfig", "SegmentTask", "TASK", "run_segment"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .decode import UnreadableImageError, decode_image, exif_frame_note, image_header, oriented_hw
+from .decode import UnreadableImageError, exif_frame_note, image_header, oriented_hw
 
 
 def fail(path: Path, problem: str, fix: str = "") -> ValueError:
@@ -41,19 +39,18 @@ def entry_hw(entry: dict) -> tuple[int, int] | None:
     return (h, w) if h > 0 and w > 0 else None
 
 
-def read_coco_image(file: Path, img_id: int, stated_hw: tuple[int, int] | None, path: Path, channels: int,
-                    max_image_pixels: int = 0, upright: bool = True) -> tuple[torch.Tensor, int]:
-    """The image of an 'images' entry as (C, h, w) uint8 and its EXIF orientation. Its size (read from the header,
-    before decoding) must be the entry's width and height where it states them: annotations in another frame
-    would be silently misplaced (detectron2 checks the same)."""
+def coco_image_size(file: Path, img_id: int, stated_hw: tuple[int, int] | None, path: Path,
+                    max_image_pixels: int = 0, upright: bool = True) -> tuple[tuple[int, int], int]:
+    """(h, w) of an 'images' entry's file as it will be decoded, and its EXIF orientation, from the header alone
+    (nothing decoded: a split of any size costs no memory). The size must be the entry's width and height where
+    it states them: annotations in another frame would be silently misplaced (detectron2 checks the same)."""
     try:
         stored, orientation = image_header(file, max_image_pixels)
-        hw = oriented_hw(stored, orientation, upright)
-        if stated_hw is not None and hw != stated_hw:
-            raise fail(path, f"image {file} (id {img_id}) is {hw[1]}x{hw[0]} (WxH), but its entry says "
-                             f"{stated_hw[1]}x{stated_hw[0]}", "fix the entry's width and height, or the image"
-                             + exif_frame_note(stored, orientation, upright))
-        x = decode_image(file, channels, max_image_pixels, upright)  # (C, h, w) float in [0, 1]
     except UnreadableImageError as e:
         raise e.without_skip_hint() from None
-    return x.mul(255).round_().to(torch.uint8), orientation
+    hw = oriented_hw(stored, orientation, upright)
+    if stated_hw is not None and hw != stated_hw:
+        raise fail(path, f"image {file} (id {img_id}) is {hw[1]}x{hw[0]} (WxH), but its entry says "
+                         f"{stated_hw[1]}x{stated_hw[0]}", "fix the entry's width and height, or the image"
+                         + exif_frame_note(stored, orientation, upright))
+    return hw, orientation

@@ -2,9 +2,10 @@
 
 Shapes: N images, n boxes of one image, C channels, H, W canvas (--model.img_size), h, w an image's own size.
 Boxes are (n, 4) float32 x1 y1 x2 y2 in an image's own pixels; labels (n,) int64 are contiguous class indices
-0..K-1, and `category_ids` maps them back to the file's own (arbitrary) COCO category ids. Images keep their
-size in memory; the loader letterboxes each onto the canvas (resize keeping the aspect ratio so it fits, pad
-bottom/right; in training a random smaller scale at a random place, and a horizontal flip), boxes mapped with it.
+0..K-1, and `category_ids` maps them back to the file's own (arbitrary) COCO category ids. A split holds file
+paths and sizes (read from the headers), not pixels (data/dense.py); the loader's workers decode each image and
+letterbox it onto the canvas (resize keeping the aspect ratio so it fits, pad bottom/right with the mean colour;
+in training a random smaller scale at a random place, and a horizontal flip), boxes mapped with it.
 
 COCO instances layout: {"images": [{"id", "file_name", "width"?, "height"?}], "annotations": [{"image_id",
 "category_id", "bbox": [x, y, w, h], "iscrowd"?}], "categories": [{"id", "name"}]}. Ids are any integers; crowd
@@ -16,17 +17,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .coco_json import entry_hw, fail, read_coco_image, read_coco_json
+from .coco_json import coco_image_size, entry_hw, fail, read_coco_json
 from .decode import warn_exif_turned
-from .loader import SampledLoader
-from .sampler import AUGMENT_STREAM, mix_seed
+from .dense import DenseLoader, DenseSamples, ImageStore
+from .sampler import mix_seed
 from .segmentation import scene_layout
 from .sources import FASHION_MNIST_CLASSES, check_dir, load_fashion_mnist
 
@@ -37,9 +38,10 @@ SCENE_THRESHOLD = 32  # uint8 intensity above which a pasted item's pixel is vis
 
 @dataclass
 class DetSplit:
-    """One split in memory: images (C0, h, w) uint8 each, their boxes and class indices, COCO ids and names."""
+    """One split: its images (files or generated scenes, loaded one at a time), their boxes and class indices, COCO
+    ids and names."""
 
-    images: list[torch.Tensor]
+    images: ImageStore
     boxes: list[torch.Tensor]
     labels: list[torch.Tensor]
     image_ids: list[int]
@@ -122,12 +124,11 @@ def scene_instances(items: torch.Tensor, labels: torch.Tensor, num: int, size: i
 def coco_dict(split: DetSplit) -> dict:
     """The split's ground truth as a COCO instances dict (images, annotations with area and iscrowd 0, categories)."""
     anns = []
-    for img_id, img, bx, lb in zip(split.image_ids, split.images, split.boxes, split.labels):
+    for img_id, bx, lb in zip(split.image_ids, split.boxes, split.labels):
         for b, c in zip(xywh(bx).tolist(), lb.tolist()):
             anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": split.category_ids[c], "bbox": b,
                          "area": b[2] * b[3], "iscrowd": 0})
-    return {"images": [{"id": i, "height": int(x.shape[1]), "width": int(x.shape[2])}
-                       for i, x in zip(split.image_ids, split.images)],
+    return {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in zip(split.image_ids, split.images.sizes)],
             "annotations": anns,
             "categories": [{"id": c, "name": n} for c, n in zip(split.category_ids, split.classes)]}
 
@@ -137,7 +138,7 @@ def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tu
     items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
     images, boxes, classes = scene_instances(items, labels, num, size, num_items,
                                              mix_seed(seed, {"train": 0, "eval": 1}[split], 11))
-    out = DetSplit(list(images), boxes, classes, list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)],
+    out = DetSplit(ImageStore(memory=list(images)), boxes, classes, list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)],
                    list(FASHION_MNIST_CLASSES), list(range(1, len(FASHION_MNIST_CLASSES) + 1)))
     out.coco = coco_dict(out)
     return out
@@ -183,28 +184,29 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
             raise fail(path, f"annotation {a.get('id', '?')} has bbox {bbox}: a box is [x, y, w, h] with w, h > 0")
         if not a.get("iscrowd", 0):
             per_image[img_id].append((bbox, index[cid]))
-    split = DetSplit([], [], [], [], [], [n for _, n in cats], [c for c, _ in cats], data)
+    files, hws, boxes_of, labels_of, ids, names = [], [], [], [], [], []
     turned = 0
     for (img_id, name), stated_hw in zip(images, sizes):
         file = root / name
         if not file.is_file():
             raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
                                     f"{flags[0]} {root} or remove it from the annotations")
-        x, orientation = read_coco_image(file, img_id, stated_hw, path, channels, max_image_pixels, upright)
+        (h, w), orientation = coco_image_size(file, img_id, stated_hw, path, max_image_pixels, upright)
         turned += upright and orientation != 1
-        h, w = x.shape[-2:]
         boxes = torch.tensor([b for b, _ in per_image[img_id]], dtype=torch.float32).view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         if len(boxes) and (boxes[:, :2].min() < -0.5 or boxes[:, 2].max() > w + 0.5 or boxes[:, 3].max() > h + 0.5):
             raise fail(path, f"a box of image {name} (id {img_id}) lies outside the {w}x{h} (WxH) image",
                         "boxes are [x, y, w, h] in the image's pixels")
-        split.images.append(x)  # (C, h, w) uint8
-        split.boxes.append(boxes.clamp(min=0))
-        split.labels.append(torch.tensor([c for _, c in per_image[img_id]], dtype=torch.int64))
-        split.image_ids.append(img_id)
-        split.names.append(str(file))
+        files.append(file)
+        hws.append((h, w))
+        boxes_of.append(boxes.clamp(min=0))
+        labels_of.append(torch.tensor([c for _, c in per_image[img_id]], dtype=torch.int64))
+        ids.append(img_id)
+        names.append(str(file))
     warn_exif_turned(turned, len(images), root, "boxes")
-    return split
+    store = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
+    return DetSplit(store, boxes_of, labels_of, ids, names, [n for _, n in cats], [c for c, _ in cats], data)
 
 
 def warn_empty_classes(split: DetSplit) -> list[str]:
@@ -226,35 +228,40 @@ def placed_size(h: int, w: int, scale: float) -> tuple[int, int]:
 
 
 def letterbox(img: torch.Tensor, size: tuple[int, int], scale: float, dx: int, dy: int, flip: bool,
-              mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (C0, h, w) -> normalised float (C, H, W), mean and std (1, C, 1, 1): resized by `scale` (bilinear, antialiased),
-    normalised, placed at (dx, dy) on a canvas of 0 (the mean colour once normalised), then flipped."""
+              fill: torch.Tensor) -> torch.Tensor:
+    """uint8 (C0, h, w) -> uint8 (C, H, W): resized by `scale` (bilinear, antialiased), placed at (dx, dy) on a
+    canvas of `fill` (C, 1, 1) uint8 (the mean colour, 0 once normalised), then flipped."""
     nh, nw = placed_size(*img.shape[-2:], scale)
-    x = img.float().div_(255.0)[None]  # (1, C0, h, w)
+    x = img[None]  # (1, C0, h, w)
     if (nh, nw) != tuple(img.shape[-2:]):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    C = mean.shape[1]
-    x = (x.expand(-1, C, -1, -1) - mean) / std  # (1, C, h', w')
-    out = torch.zeros(1, C, *size)
-    out[..., dy : dy + nh, dx : dx + nw] = x[..., : size[0] - dy, : size[1] - dx]
-    return out[0].flip(-1) if flip else out[0]
+        x = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    C = fill.shape[0]
+    out = fill.expand(C, *size).clone()  # (C, H, W)
+    out[:, dy : dy + nh, dx : dx + nw] = x[0, :, : size[0] - dy, : size[1] - dx].expand(C, -1, -1)
+    return out.flip(-1) if flip else out
 
 
-class DetLoader(SampledLoader):
-    """Batches of (images (B, C, H, W) normalised, targets): a dict of per-image lists, 'boxes' (n, 4) canvas xyxy,
-    'labels' (n,), and (evaluation) 'scale' / 'image_id' to map predictions back. Padding is the mean colour."""
+def mean_colour(mean: Sequence[float], channels: int) -> torch.Tensor:
+    """The normalisation mean as a uint8 colour (C, 1, 1): padding that normalises to (about) 0."""
+    values = list(mean) * channels if len(mean) == 1 else list(mean)
+    return torch.tensor([round(255 * m) for m in values], dtype=torch.uint8).clamp(0, 255).view(-1, 1, 1)
 
-    def __init__(self, split: DetSplit, img_size: tuple[int, int], *, scale_range: tuple[float, float] = (0.6, 1.0),
-                 **kw):
-        super().__init__(len(split.images), img_size=img_size, **kw)
-        self.split, self.scale_range = split, scale_range
-        self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        self._std = torch.tensor(self.std).view(1, -1, 1, 1)
+
+class DetSamples(DenseSamples):
+    """Images of a DetSplit letterboxed onto the canvas (uint8), with their boxes mapped there."""
+
+    def __init__(self, split: DetSplit, img_size: tuple[int, int], scale_range: tuple[float, float], hflip: bool,
+                 fill: torch.Tensor):
+        self.split, self.img_size, self.scale_range, self.hflip, self.fill = split, img_size, scale_range, hflip, fill
+
+    def __len__(self) -> int:
+        return len(self.split.images)
 
     def placement(self, i: int, g: torch.Generator | None) -> tuple[float, int, int, bool]:
         """(scale, dx, dy, flip) of image i: fitted at the top left for evaluation; in training a random scale of
         the fit, a random place and a coin flip, from `g`."""
-        h, w = self.split.images[i].shape[-2:]
+        h, w = self.split.images.hw(i)
         H, W = self.img_size
         s = letterbox_scale(h, w, H, W)
         if g is None:
@@ -267,24 +274,27 @@ class DetLoader(SampledLoader):
         return s, dx, dy, bool(self.hflip and float(torch.rand((), generator=g)) < 0.5)
 
     def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, dict]:
-        """Image i on the canvas (C, H, W) normalised, with its canvas boxes."""
+        """Image i on the canvas (C, H, W) uint8, with its canvas boxes."""
         s, dx, dy, flip = self.placement(i, g)
-        img = self.split.images[i]
-        x = letterbox(img, self.img_size, s, dx, dy, flip, self._mean, self._std)  # (C, H, W)
+        x = letterbox(self.split.images.load(i), self.img_size, s, dx, dy, flip, self.fill)  # (C, H, W)
         boxes = map_boxes(self.split.boxes[i], s, dx, dy)
         if flip:
             boxes = flip_boxes(boxes, self.img_size[1])
         return x, {"boxes": boxes, "labels": self.split.labels[i], "scale": s, "image_id": self.split.image_ids[i],
                    "index": i}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
-        indices, positions = self.sampler.order(self.epoch)
-        for sl in self.sampler.batch_slices(self.start_batch):
-            xs, ts = [], []
-            for i, pos in zip(indices[sl].tolist(), positions[sl].tolist()):
-                g = (torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM, pos))
-                     if self.train else None)
-                x, t = self.sample(i, g)
-                xs.append(x)
-                ts.append(t)
-            yield torch.stack(xs), {k: [t[k] for t in ts] for k in ts[0]}
+
+class DetLoader(DenseLoader):
+    """Batches of (images (B, C, H, W) normalised, targets): a dict of per-image lists, 'boxes' (n, 4) canvas xyxy,
+    'labels' (n,), and 'scale' / 'image_id' / 'index' to map predictions back. Padding is the mean colour. Images
+    are decoded and placed in `num_workers` worker processes."""
+
+    def __init__(self, split: DetSplit, img_size: tuple[int, int], *, scale_range: tuple[float, float] = (0.6, 1.0),
+                 num_workers: int = 0, **kw):
+        fill = mean_colour(kw["mean"], kw["channels"])
+        samples = DetSamples(split, tuple(img_size), tuple(scale_range), kw.get("hflip", True), fill)
+        super().__init__(samples, img_size=img_size, num_workers=num_workers, **kw)
+        self.split = split
+
+    def placement(self, i: int, g: torch.Generator | None) -> tuple[float, int, int, bool]:
+        return self.samples.placement(i, g)

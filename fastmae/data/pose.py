@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .coco_json import entry_hw, fail, read_coco_image, read_coco_json
+from .coco_json import coco_image_size, entry_hw, fail, read_coco_json
 from .decode import warn_exif_turned
-from .loader import SampledLoader
-from .sampler import AUGMENT_STREAM, mix_seed
+from .dense import DenseLoader, DenseSamples, ImageStore, to_uint8
+from .sampler import mix_seed
 from .sources import check_dir, load_fashion_mnist
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,11 @@ DEFAULT_SIGMA = 0.067  # the OKS sigma of every keypoint of another layout: the 
 
 @dataclass
 class PoseSplit:
-    """One split in memory: images (C0, h, w) uint8 and their instances (boxes, keypoints), with the ground truth
-    as a COCO keypoints dict (what COCOeval reads) and the instances left out, counted by reason."""
+    """One split: its images (files or generated scenes, loaded one at a time) and their instances (boxes,
+    keypoints), with the ground truth as a COCO keypoints dict (what COCOeval reads) and the instances left out,
+    counted by reason."""
 
-    images: list[torch.Tensor]
+    images: ImageStore
     image_ids: list[int]
     names: list[str]
     owner: torch.Tensor  # (N,) int64: the image of each instance
@@ -95,8 +96,7 @@ def pose_coco_dict(split: PoseSplit) -> dict:
         anns.append({"id": n + 1, "image_id": split.image_ids[i], "category_id": split.category_id, "bbox": box,
                      "area": area, "iscrowd": 0, "num_keypoints": int((kp[:, 2] > 0).sum()),
                      "keypoints": kp.flatten().tolist()})
-    return {"images": [{"id": i, "height": int(x.shape[1]), "width": int(x.shape[2])}
-                       for i, x in zip(split.image_ids, split.images)],
+    return {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in zip(split.image_ids, split.images.sizes)],
             "annotations": anns,
             "categories": [{"id": split.category_id, "name": split.category, "keypoints": list(split.keypoint_names),
                             "skeleton": [[a + 1, b + 1] for a, b in split.skeleton]}]}
@@ -237,7 +237,7 @@ def fashion_pose_scenes(path: str, split: str, num: int, size: int = 64, slots: 
     labelled = (sc["keypoints"][..., 2] > 0).any(-1)  # (S, T)
     keep = sc["exists"] & labelled
     s_idx, t_idx = keep.nonzero(as_tuple=True)
-    out = PoseSplit(list(sc["images"]), list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)], s_idx,
+    out = PoseSplit(ImageStore(memory=list(sc["images"])), list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)], s_idx,
                     sc["boxes"][s_idx, t_idx], sc["keypoints"][s_idx, t_idx], list(FASHION_KEYPOINTS),
                     list(FASHION_SKELETON), 1, "garment", sc["areas"][s_idx, t_idx])
     hidden = int((sc["exists"] & ~labelled).sum())
@@ -314,24 +314,26 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
         boxes.append(bbox)
         kps.append(k)
         areas.append(float(a.get("area") or bbox[2] * bbox[3]))
-    split = PoseSplit([], [], [], torch.tensor(owner, dtype=torch.int64), torch.tensor(boxes).view(-1, 4),
+    split = PoseSplit(ImageStore(), [], [], torch.tensor(owner, dtype=torch.int64), torch.tensor(boxes).view(-1, 4),
                       torch.stack(kps) if kps else torch.zeros(0, K, 3), names, skeleton, cid,
                       str(cat.get("name", cid)), torch.tensor(areas))
     used = sorted(set(owner))
     remap = {n: m for m, n in enumerate(used)}
     split.owner = torch.tensor([remap[n] for n in owner], dtype=torch.int64)
-    turned = 0
+    turned, files, hws = 0, [], []
     for n in used:  # only the images with an instance
         img_id, name = images[n]
         file = root / name
         if not file.is_file():
             raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
                                     f"{flags[0]} {root} or remove it from the annotations")
-        x, orientation = read_coco_image(file, img_id, sizes[n], path, channels, max_image_pixels, upright)
+        hw, orientation = coco_image_size(file, img_id, sizes[n], path, max_image_pixels, upright)
         turned += upright and orientation != 1
-        split.images.append(x)  # (C, h, w) uint8
+        files.append(file)
+        hws.append(hw)
         split.image_ids.append(img_id)
         split.names.append(str(file))
+    split.images = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
     warn_exif_turned(turned, len(used), root, "keypoints")
     split.skipped = {k: v for k, v in skipped.items() if v}
     split.coco = pose_coco_dict(split)
@@ -350,16 +352,16 @@ def report_skipped(split: PoseSplit, what: str) -> str:
 # The loader.
 
 
-class PoseLoader(SampledLoader):
-    """Batches of (crops (B, C, H, W) normalised, targets): 'keypoints' (B, K, 2) crop pixels, 'weights' (B, K)
-    (labelled keypoints in the crop: 1), 'matrix' (B, 2, 3) image -> crop, 'index' (B,) instance."""
+class PoseSamples(DenseSamples):
+    """Instances of a PoseSplit cropped from their boxes (uint8), with their keypoints in the crop."""
 
-    def __init__(self, split: PoseSplit, img_size: tuple[int, int], *, flip: Sequence[int],
-                 scale_range: tuple[float, float] = (0.75, 1.25), rotation: float = 30.0, **kw):
-        super().__init__(len(split.boxes), img_size=img_size, **kw)
-        self.split, self.flip, self.scale_range, self.rotation = split, list(flip), scale_range, rotation
-        self._mean = torch.tensor(self.mean).view(-1, 1, 1)  # (C, 1, 1)
-        self._std = torch.tensor(self.std).view(-1, 1, 1)
+    def __init__(self, split: PoseSplit, img_size: tuple[int, int], flip: Sequence[int],
+                 scale_range: tuple[float, float], rotation: float, hflip: bool, channels: int):
+        self.split, self.img_size, self.flip = split, img_size, list(flip)
+        self.scale_range, self.rotation, self.hflip, self.channels = scale_range, rotation, hflip, channels
+
+    def __len__(self) -> int:
+        return len(self.split.boxes)
 
     def transform(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, bool]:
         """(A, flip) of instance i: its box to the crop; in training a random scale and rotation and a coin flip."""
@@ -375,33 +377,41 @@ class PoseLoader(SampledLoader):
         return crop_matrix(cx, cy, sw, self.img_size, rot), flip
 
     def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, dict]:
-        """Instance i's crop (C, H, W) normalised, with its keypoints in the crop."""
+        """Instance i's crop (C, H, W) uint8, with its keypoints in the crop."""
         A, flip = self.transform(i, g)
-        img = self.split.images[int(self.split.owner[i])].float().div_(255.0)[None]  # (1, C0, h, w)
-        C = self._mean.shape[0]
-        x = (warp(img, A, self.img_size)[0].expand(C, -1, -1) - self._mean) / self._std  # (C, H, W)
+        img = self.split.images.load(int(self.split.owner[i])).float().div_(255.0)[None]  # (1, C0, h, w)
+        x = to_uint8(warp(img, A, self.img_size)[0]).expand(self.channels, -1, -1)  # (C, H, W)
         kp = self.split.keypoints[i]
         xy, w = apply_matrix(A, kp[:, :2]), (kp[:, 2] > 0).float()  # (K, 2), (K,)
         if flip:
             x = x.flip(-1)
             xy = torch.stack([self.img_size[1] - xy[:, 0], xy[:, 1]], 1)[self.flip]
             w = w[self.flip]
-        return x, {"keypoints": xy, "weights": w, "matrix": A, "index": i}
+        return x.contiguous(), {"keypoints": xy, "weights": w, "matrix": A, "index": i}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
-        indices, positions = self.sampler.order(self.epoch)
-        for sl in self.sampler.batch_slices(self.start_batch):
-            xs, ts = [], []
-            for i, pos in zip(indices[sl].tolist(), positions[sl].tolist()):
-                g = (torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM, pos))
-                     if self.train else None)
-                x, t = self.sample(i, g)
-                xs.append(x)
-                ts.append(t)
-            yield torch.stack(xs), {"keypoints": torch.stack([t["keypoints"] for t in ts]),
-                                    "weights": torch.stack([t["weights"] for t in ts]),
-                                    "matrix": torch.stack([t["matrix"] for t in ts]),
-                                    "index": torch.tensor([t["index"] for t in ts])}
+    @staticmethod
+    def collate(targets: list[dict]) -> dict[str, torch.Tensor]:
+        return {"keypoints": torch.stack([t["keypoints"] for t in targets]),  # (B, K, 2)
+                "weights": torch.stack([t["weights"] for t in targets]),  # (B, K)
+                "matrix": torch.stack([t["matrix"] for t in targets]),  # (B, 2, 3)
+                "index": torch.tensor([t["index"] for t in targets])}  # (B,)
+
+
+class PoseLoader(DenseLoader):
+    """Batches of (crops (B, C, H, W) normalised, targets): 'keypoints' (B, K, 2) crop pixels, 'weights' (B, K)
+    (labelled keypoints in the crop: 1), 'matrix' (B, 2, 3) image -> crop, 'index' (B,) instance. Images are
+    decoded and cropped in `num_workers` worker processes."""
+
+    def __init__(self, split: PoseSplit, img_size: tuple[int, int], *, flip: Sequence[int],
+                 scale_range: tuple[float, float] = (0.75, 1.25), rotation: float = 30.0, num_workers: int = 0,
+                 **kw):
+        samples = PoseSamples(split, tuple(img_size), flip, tuple(scale_range), rotation, kw.get("hflip", True),
+                              kw["channels"])
+        super().__init__(samples, img_size=img_size, num_workers=num_workers, **kw)
+        self.split, self.flip = split, list(flip)
+
+    def transform(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, bool]:
+        return self.samples.transform(i, g)
 
 
 def unmap_keypoints(xy: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Segmentation data: Fashion-MNIST scenes (built-in, offline) and folders of images + PNG label maps.
 
 Shapes: N samples, C channels, H, W image, S scenes, M source items, T = max items per scene.
-A split is held in memory as uint8 images (N, C0, H, W) and uint8 label maps (N, H, W); `SegLoader`
-yields normalised (B, C, H, W) float32 images and (B, H, W) int64 labels, flipped together in training.
+A split holds its images as an `ImageStore` (generated scenes in memory, or files decoded by the loader's workers)
+and its label maps as uint8 (N, H, W) in memory (scenes) or PNG files read with their image; `SegLoader` yields
+normalised (B, C, H, W) float32 images and (B, H, W) int64 labels, flipped together in training.
 
 Fashion-MNIST scenes: 2-4 items pasted onto an empty canvas (84x84 by default) at random places; a pixel
 belongs to an item where the item's intensity > SCENE_THRESHOLD, later items on top; label 0 is background,
@@ -16,17 +17,16 @@ index PNG ('P': the palette index is the class) or grayscale PNG ('L': the value
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .decode import decode_annotated, exif_frame_note, pillow_pixel_check, warn_exif_turned
-from .loader import SampledLoader
-from .sampler import AUGMENT_STREAM, mix_seed
+from .decode import exif_frame_note, oriented_hw, pillow_pixel_check, warn_exif_turned
+from .dense import DenseLoader, DenseSamples, ImageStore, image_sizes
+from .sampler import mix_seed
 from .sources import FASHION_MNIST_CLASSES, check_dir, find_images, load_fashion_mnist
 
 SCENE_CLASSES = ("background", *FASHION_MNIST_CLASSES)
@@ -36,12 +36,36 @@ _SPLIT_STREAM = {"train": 0, "eval": 1}
 
 @dataclass
 class SegSplit:
-    """One split in memory: images (N, C0, H, W) uint8, label maps (N, H, W) uint8, a name per sample."""
+    """One split: images (loaded one at a time), label maps (N, H, W) uint8 in memory or one PNG per image
+    (`label_files`), a name per sample."""
 
-    images: torch.Tensor
-    masks: torch.Tensor
+    images: ImageStore
+    masks: torch.Tensor | None
     names: list[str]
     sources: torch.Tensor | None = None  # scenes: (S, T) indices of the pasted items in their split, -1 = none
+    label_files: list[str] = field(default_factory=list)
+    frame_notes: list[str] = field(default_factory=list)  # per file: why its label map's size may differ
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of every image of the split."""
+        return self.images.hw(0)
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Label map i (H, W) uint8."""
+        if self.masks is not None:
+            return self.masks[i]
+        note = self.frame_notes[i] if self.frame_notes else ""
+        return torch.from_numpy(read_label_map(self.label_files[i], self.images.hw(i), self.names[i], note))
+
+    def subset(self, n: int) -> SegSplit:
+        """The first n samples."""
+        return SegSplit(self.images.subset(range(min(n, len(self)))), None if self.masks is None else self.masks[:n],
+                        self.names[:n], None if self.sources is None else self.sources[:n], self.label_files[:n],
+                        self.frame_notes[:n])
 
 
 def scene_layout(num: int, num_source: int, size: int, item_hw: tuple[int, int], num_items: tuple[int, int],
@@ -91,11 +115,17 @@ def fashion_scenes(path: str, split: str, num: int, size: int, num_items: tuple[
     """Scenes of one split built from that split's Fashion-MNIST items (train: train files, eval: t10k)."""
     items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
     images, masks, sources = make_scenes(items, labels, num, size, num_items, mix_seed(seed, _SPLIT_STREAM[split], 7))
-    return SegSplit(images, masks, [f"{split} scene {i}" for i in range(num)], sources)
+    return SegSplit(ImageStore(memory=list(images)), masks, [f"{split} scene {i}" for i in range(num)], sources)
+
+
+def label_map_header(path: str | Path, image_hw: tuple[int, int] | None = None, image: str | Path = "",
+                     frame_note: str = "") -> None:
+    """read_label_map's checks (a readable PNG of mode P, L or 1, of its image's size) from the header alone."""
+    read_label_map(path, image_hw, image, frame_note, decode=False)
 
 
 def read_label_map(path: str | Path, image_hw: tuple[int, int] | None = None, image: str | Path = "",
-                   frame_note: str = "") -> np.ndarray:
+                   frame_note: str = "", decode: bool = True) -> np.ndarray | None:
     """A label PNG as (H, W) uint8 class indices: 'P' the palette index, 'L' the value ('1': 0/1).
 
     image_hw: its image's (h, w) as decoded, checked against the label's header before any pixel is decoded
@@ -112,7 +142,7 @@ def read_label_map(path: str | Path, image_hw: tuple[int, int] | None = None, im
             if image_hw is not None and (img.height, img.width) != tuple(image_hw):
                 raise ValueError(f"label map {path} is {img.width}x{img.height} (WxH) but its image {image} is "
                                  f"{image_hw[1]}x{image_hw[0]}; a label map must have its image's size{frame_note}")
-            return np.array(img).astype(np.uint8)  # (H, W)
+            return np.array(img).astype(np.uint8) if decode else None  # (H, W)
     except (OSError, SyntaxError, EOFError) as e:  # truncated, not an image (UnidentifiedImageError is an OSError)
         why = ("not an image in a format Pillow reads" if isinstance(e, UnidentifiedImageError)
                else f"{type(e).__name__}: {e}")
@@ -135,72 +165,96 @@ def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple
     files = find_images(img_dir)
     if not files:
         raise ValueError(f"no images found under {img_dir}; pass `{flags[0]} DIR` pointing at your images")
-    images, masks, turned = [], [], 0
-    for f in files:
+    labels, hws, notes, turned = [], [], [], 0
+    for f, (stored_hw, orientation) in zip(files, image_sizes(files, max_image_pixels, upright)):
+        hw = oriented_hw(stored_hw, orientation, upright)
+        turned += upright and orientation != 1
         lbl = lbl_dir / f.relative_to(img_dir).with_suffix(".png")
         if not lbl.is_file():
             raise FileNotFoundError(f"no label map for image {f}: expected {lbl} (same relative path and stem, "
                                     f".png); add it, or remove the image")
-        x, stored_hw, orientation = decode_annotated(f, channels, max_image_pixels, upright)  # (C, H, W) in [0, 1]
-        turned += upright and orientation != 1
-        y = read_label_map(lbl, tuple(x.shape[1:]), f, exif_frame_note(stored_hw, orientation, upright))  # (H, W)
-        if images and x.shape != images[0].shape:
-            raise ValueError(f"image {f} is {x.shape[2]}x{x.shape[1]} (WxH) but {files[0]} is {images[0].shape[2]}x"
-                             f"{images[0].shape[1]}; segment batches images at their own size: resize or crop all "
-                             f"images (and their label maps, nearest-neighbour) to one size")
-        images.append(x)
-        masks.append(torch.from_numpy(y))
+        if hws and hw != hws[0]:
+            raise ValueError(f"image {f} is {hw[1]}x{hw[0]} (WxH) but {files[0]} is {hws[0][1]}x{hws[0][0]}; "
+                             f"segment batches images at their own size: resize or crop all images (and their label "
+                             f"maps, nearest-neighbour) to one size")
+        note = exif_frame_note(stored_hw, orientation, upright)
+        label_map_header(lbl, hw, f, note)
+        labels.append(str(lbl))
+        hws.append(hw)
+        notes.append(note)
     warn_exif_turned(turned, len(files), img_dir, "label maps")
-    imgs = torch.stack(images).mul_(255.0).round_().to(torch.uint8)  # (N, C, H, W)
-    return SegSplit(imgs, torch.stack(masks), [str(f) for f in files])
+    store = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
+    return SegSplit(store, None, [str(f) for f in files], label_files=labels, frame_notes=notes)
+
+
+def label_error(name: str, value: int, num_classes: int, ignore_index: int) -> ValueError:
+    """The error for a label map with a value outside the classes, naming the fix."""
+    return ValueError(f"label map of {name} has value {value} outside the {num_classes} classes 0..{num_classes - 1}; "
+                      f"pass --seg.num_classes {value + 1} (or more), or give such pixels the value of "
+                      f"--seg.ignore_index ({ignore_index})")
+
+
+def bad_label(mask: torch.Tensor, num_classes: int, ignore_index: int) -> int | None:
+    """The largest value of a label map outside 0..num_classes-1 other than ignore_index, or None."""
+    bad = mask[(mask >= num_classes) & (mask != ignore_index)]
+    return int(bad.max()) if bad.numel() else None
 
 
 def check_labels(split: SegSplit, num_classes: int, ignore_index: int) -> None:
-    """ValueError naming the first label map with a value outside 0..num_classes-1 other than ignore_index."""
-    for i in range(len(split.masks)):
-        bad = split.masks[i][(split.masks[i] >= num_classes) & (split.masks[i] != ignore_index)]
-        if bad.numel():
-            v = int(bad.max())
-            raise ValueError(
-                f"label map of {split.names[i]} has value {v} outside the {num_classes} classes 0..{num_classes - 1}; "
-                f"pass --seg.num_classes {v + 1} (or more), or give such pixels the value of --seg.ignore_index "
-                f"({ignore_index})"
-            )
+    """ValueError naming the first label map with a value outside 0..num_classes-1 other than ignore_index (each
+    map read once, none kept)."""
+    for i in range(len(split)):
+        v = bad_label(split.mask(i), num_classes, ignore_index)
+        if v is not None:
+            raise label_error(split.names[i], v, num_classes, ignore_index)
 
 
 def infer_num_classes(split: SegSplit, ignore_index: int) -> int:
-    """1 + the largest label in the split other than ignore_index."""
-    valid = split.masks[split.masks != ignore_index]
-    return int(valid.max()) + 1 if valid.numel() else 1
+    """1 + the largest label in the split other than ignore_index (each map read once, none kept)."""
+    top = -1
+    for i in range(len(split)):
+        m = split.mask(i)
+        valid = m[m != ignore_index]
+        if valid.numel():
+            top = max(top, int(valid.max()))
+    return top + 1 if top >= 0 else 1
 
 
-class SegLoader(SampledLoader):
-    """Batches of (images (B, C, H, W) float32 normalised, labels (B, H, W) int64) from a SegSplit in memory.
+class SegSamples(DenseSamples):
+    """Images of a SegSplit at their own size (uint8) with their label maps, flipped together in training."""
 
-    Training flips image and label map together (probability 0.5, from (seed, epoch, position) as in
-    MemoryLoader, so a resumed epoch sees the same batches); evaluation does not augment.
-    """
+    def __init__(self, split: SegSplit, channels: int, hflip: bool):
+        self.split, self.channels, self.hflip = split, channels, hflip
 
-    def __init__(self, split: SegSplit, **kw):
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image i (C, H, W) uint8 and its label map (H, W) int64."""
+        x = self.split.images.load(i).expand(self.channels, -1, -1)
+        y = self.split.mask(i).long()
+        if g is not None and self.hflip and float(torch.rand((), generator=g)) < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return x.contiguous(), y
+
+    @staticmethod
+    def collate(targets: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(targets)  # (B, H, W)
+
+
+class SegLoader(DenseLoader):
+    """Batches of (images (B, C, H, W) float32 normalised, labels (B, H, W) int64) of a SegSplit, made in
+    `num_workers` worker processes. Training flips image and label map together (probability 0.5, from the sample's
+    (seed, epoch, position) seed, so a resumed epoch sees the same batches); evaluation does not augment."""
+
+    def __init__(self, split: SegSplit, *, num_workers: int = 0, **kw):
         """kw: the Loader's (batch_size, train, channels, mean, std, hflip, seed, rank, world_size, ...)."""
-        if split.images.shape[1] not in (1, kw["channels"]):
-            raise ValueError(f"cannot turn {split.images.shape[1]}-channel images into {kw['channels']} channels")
-        super().__init__(len(split.images), img_size=tuple(split.images.shape[-2:]), **kw)
+        c0 = split.images.memory[0].shape[0] if split.images.memory is not None else split.images.channels
+        if c0 not in (1, kw["channels"]):
+            raise ValueError(f"cannot turn {c0}-channel images into {kw['channels']} channels")
+        samples = SegSamples(split, kw["channels"], kw.get("hflip", True))
+        super().__init__(samples, img_size=split.size, num_workers=num_workers, **kw)
         self.split = split
-        self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        self._std = torch.tensor(self.std).view(1, -1, 1, 1)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices, positions = self.sampler.order(self.epoch)
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM))
-        flips = (torch.rand(self.sampler.total, generator=g) < 0.5) & (self.train and self.hflip)  # (total,)
-        for sl in self.sampler.batch_slices(self.start_batch):
-            idx, flip = indices[sl], flips[positions[sl]]
-            x = self.split.images[idx].float().div_(255.0)  # (B, C0, H, W)
-            y = self.split.masks[idx].long()  # (B, H, W)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            y = torch.where(flip[:, None, None], y.flip(-1), y)
-            yield (x.expand(-1, self.channels, -1, -1) - self._mean).div_(self._std), y  # (B, C, H, W), (B, H, W)
 
 
 def palette(ignore_index: int = 255) -> torch.Tensor:
@@ -220,4 +274,4 @@ def palette(ignore_index: int = 255) -> torch.Tensor:
 
 
 __all__ = ["SCENE_CLASSES", "SegLoader", "SegSplit", "check_labels", "fashion_scenes", "folder_split",
-           "infer_num_classes", "make_scenes", "palette", "read_label_map"]
+           "infer_num_classes", "label_map_header", "make_scenes", "palette", "read_label_map"]

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .heads import DenseHead
 from .pyramid import SimpleFeaturePyramid
 
 HEAT_PRIOR = 0.1  # initial centre probability of the heatmap logits (CenterNet's bias -2.19)
@@ -83,9 +84,9 @@ def _branch(c: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, out, 1))
 
 
-class CenterNetHead(nn.Module):
+class CenterNetHead(DenseHead):
     """forward(feats (B, D, h, w)) -> {'heat': (B, K, h', w') logits, 'size': (B, 2, h', w'), 'offset': (B, 2, h', w')};
-    loss(out, targets with per-image 'boxes' and 'labels'); predict(out) -> per image (boxes (k, 4), scores, labels)."""
+    loss(out, targets with per-image 'boxes' and 'labels') -> {'loss_focal', 'loss_size', 'loss_offset'}; predict(out) -> per image (boxes (k, 4), scores, labels)."""
 
     def __init__(self, dim: int, num_classes: int, patch_size: int, stride: int = 4, channels: int = 64,
                  max_detections: int = 100, size_weight: float = 0.1):
@@ -103,17 +104,20 @@ class CenterNetHead(nn.Module):
         x = self.pyramid(feats)[0]  # (B, c, h', w')
         return {"heat": self.heat(x), "size": self.size(x), "offset": self.offset(x)}
 
-    def loss(self, out: dict[str, torch.Tensor], targets: dict) -> torch.Tensor:
+    def loss(self, out: dict[str, torch.Tensor], targets: dict) -> dict[str, torch.Tensor]:
         heat, cells, size, offset = encode_targets(targets["boxes"], targets["labels"], self.num_classes,
                                                    tuple(out["heat"].shape[-2:]), self.stride)
         dev = out["heat"].device
-        loss = focal_loss(out["heat"], heat.to(dev))
+        terms = {"loss_focal": focal_loss(out["heat"], heat.to(dev))}
         if len(cells):
             b, y, x = cells.to(dev).unbind(1)
             pred_size = out["size"].float()[b, :, y, x]  # (N, 2)
             pred_off = out["offset"].float()[b, :, y, x]  # (N, 2)
-            loss = loss + self.size_weight * F.l1_loss(pred_size, size.to(dev)) + F.l1_loss(pred_off, offset.to(dev))
-        return loss
+            terms["loss_size"] = self.size_weight * F.l1_loss(pred_size, size.to(dev))
+            terms["loss_offset"] = F.l1_loss(pred_off, offset.to(dev))
+        else:  # no box in the batch: the same terms, zero (constants: these branches get no gradient, as before)
+            terms["loss_size"] = terms["loss_offset"] = torch.zeros((), device=dev)
+        return terms
 
     @torch.no_grad()
     def predict(self, out: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -1,8 +1,10 @@
 """Task heads on encoder features, all with one interface: `forward(feats)`, `loss(out, targets)`, `predict(out)`.
 
 `DenseModel` (models/dense.py) puts a head on an encoder; a command's loss is `head.loss(model(x), targets)` and its
-evaluation reads `head.predict(model(x))`, whatever the targets are (labels, label maps; boxes or heatmaps for the
-heads to come). Shapes: B batch, D width, h, w patch grid, p patch, K classes, H, W image (h*p, w*p).
+evaluation reads `head.predict(model(x))`, whatever the targets are (labels, label maps, boxes, keypoints). Dense
+heads derive from `DenseHead`, whose `loss` is a dict of named terms (mmpose's BaseHead): the training loop sums
+them and logs each (`loss_*` in log.jsonl and TensorBoard). Shapes: B batch, D width, h, w patch grid, p patch,
+K classes, H, W image (h*p, w*p).
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ def bn_linear(dim: int, num_classes: int, spatial: bool) -> tuple[nn.Module, nn.
     return bn, fc
 
 
+class DenseHead(nn.Module):
+    """A dense task's head: forward(feats (B, D, h, w)) -> out; loss(out, targets) -> {'loss_<term>': scalar}, the
+    terms summed to train and logged apart; predict(out) -> the task's predictions (classes, boxes, keypoints)."""
+
+    def loss(self, out, targets) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, out):
+        raise NotImplementedError
+
+
 class LinearHead(nn.Module):
     """Classification of a feature vector (B, D) -> logits (B, K): BatchNorm without affine, then linear."""
 
@@ -41,7 +54,7 @@ class LinearHead(nn.Module):
         return out.argmax(1)  # (B,)
 
 
-class SegmentationHead(nn.Module):
+class SegmentationHead(DenseHead):
     """Per-pixel classes from the patch map: `logits` at the head's own resolution, upsampled bilinearly to the
     image (the grid times the patch size); cross entropy skips `ignore_index` pixels."""
 
@@ -58,8 +71,8 @@ class SegmentationHead(nn.Module):
         return F.interpolate(out, size=(h * self.patch_size, w * self.patch_size), mode="bilinear",
                              align_corners=False)  # (B, K, H, W)
 
-    def loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out.float(), targets, ignore_index=self.ignore_index)
+    def loss(self, out: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss_ce": F.cross_entropy(out.float(), targets, ignore_index=self.ignore_index)}
 
     def predict(self, out: torch.Tensor) -> torch.Tensor:
         return out.argmax(1)  # (B, H, W)

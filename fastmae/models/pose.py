@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dense import DenseModel
+from .heads import DenseHead
 from .vit import LN_EPS, VisionTransformer, pos_embed_for
 
 VITPOSE_PADDING = 2  # ViTPose's patch-embedding padding (its `PatchEmbed(padding=4 + 2 * (ratio // 2 - 1))`, ratio 1)
@@ -150,7 +151,7 @@ def flip_back(heat: torch.Tensor, index: list[int]) -> torch.Tensor:
 # Heads (the dense-task interface: forward, loss, predict).
 
 
-class PoseHead(nn.Module):
+class PoseHead(DenseHead):
     """forward(feats (B, D, h, w)) -> heatmaps (B, K, 4h, 4w); loss(out, targets 'keypoints' (B, K, 2) crop pixels,
     'weights' (B, K)) = MSE weighted per keypoint; predict(out) -> (keypoints (B, K, 2) crop pixels, scores (B, K))."""
 
@@ -165,11 +166,12 @@ class PoseHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.heatmaps(feats)
 
-    def loss(self, out: torch.Tensor, targets: dict) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
         kp = torch.as_tensor(targets["keypoints"]).to(out.device) / self.stride
         heat, w = encode_heatmaps(kp, torch.as_tensor(targets["weights"]).to(out.device), tuple(out.shape[-2:]),
                                   self.sigma)
-        return ((out.float() - heat) ** 2 * w[..., None, None]).mean()  # mmpose's KeypointMSELoss, target weights
+        # mmpose's KeypointMSELoss with target weights
+        return {"loss_heatmap": ((out.float() - heat) ** 2 * w[..., None, None]).mean()}
 
     @torch.no_grad()
     def predict(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,8 @@ class Task:
 
     model: nn.Module  # the raw module: checkpoints store its state; fit wraps it (torch.compile, DDP) to train
     optimizer: torch.optim.Optimizer
-    loss: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]  # (model, images, targets) -> scalar
+    # (model, images, targets) -> a scalar, or a dict of named terms ('loss_*', a DenseHead's) summed to train
+    loss: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor | dict[str, torch.Tensor]]
     lr: Callable[[float], float]  # lr at a global step (optim.Schedule)
     meta: dict  # checkpoint metadata: what to build to load the weights (trainer.model_meta)
     accum_iter: int = 1  # batches per optimizer step
@@ -65,6 +66,14 @@ class EpochResult:
     images: int  # images processed on all ranks
     seconds: float
     stopped: bool  # a stop signal ended the epoch early
+    terms: dict[str, float] = None  # a dict loss's terms: means over the batches this call ran (averaged over ranks)
+
+
+def total_loss(out: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the scalar to train, its named terms): a dict loss is summed; a scalar has no terms."""
+    if isinstance(out, Mapping):
+        return sum(out.values()), dict(out)
+    return out, {}
 
 
 def deliver_on(batches, device: torch.device) -> None:
@@ -98,6 +107,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
     model.train()
     t0 = time.perf_counter()
     loss_sum = torch.full((), prog.loss_sum, dtype=torch.float32, device=device)
+    term_sums: dict[str, torch.Tensor] = {}  # name -> this call's float32 sum of the term
     steps = images = 0
     stopped = stopping = False  # stopping: a stop was asked for; it ends the epoch after the next update
     bar = progress(loader, total=num_batches, enabled=show, desc=f"epoch {prog.epoch + 1}/{epochs}")
@@ -116,12 +126,14 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
             model.set_requires_gradient_sync(update)
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             with autocast(device, rt.precision):
-                loss = task.loss(model, imgs, targets)
+                loss, terms = total_loss(task.loss(model, imgs, targets))
             scaled = loss / task.accum_iter
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:
             optimizer_step(task, model, scaler)
         loss_sum += loss.detach().float()
+        for k, v in terms.items():
+            term_sums[k] = term_sums.get(k, 0) + v.detach().float()
         steps += 1
         images += imgs.shape[0] * dist.world_size
         if steps % check == 0 or i + 1 == num_batches:
@@ -137,7 +149,8 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
             if show:
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
             if step % log_every == 0:
-                rt.logger.scalars(step, {"loss": value, "lr": lr, "images_per_s": ips})
+                rt.logger.scalars(step, {"loss": value, "lr": lr, "images_per_s": ips,
+                                         **{k: float(v.detach()) for k, v in terms.items()}})
         if i + 1 >= num_batches:
             break
         if not stopping:
@@ -152,8 +165,10 @@ def train_one_epoch(task: Task, model: nn.Module, loader, rt: Runtime, prog: Pro
         bar.close()
     count = prog.loss_count + steps
     mean = all_reduce_mean(loss_sum / max(count, 1), dist).item()
+    names = sorted(term_sums)  # every rank's head returns the same terms
+    means = all_reduce_mean(torch.stack([term_sums[k] for k in names]) / max(steps, 1), dist).tolist() if names else []
     return EpochResult(loss=mean, steps=steps, loss_sum=loss_sum.item(), loss_count=count, images=images,
-                       seconds=time.perf_counter() - t0, stopped=stopped)
+                       seconds=time.perf_counter() - t0, stopped=stopped, terms=dict(zip(names, means)))
 
 
 def optimizer_step(task: Task, model: nn.Module, scaler: torch.amp.GradScaler | None) -> None:

@@ -297,7 +297,8 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
                 return prog, last_path
             prog.epoch, prog.batch, prog.loss_sum, prog.loss_count = epoch + 1, 0, 0.0, 0
             entry = {"epoch": epoch + 1, "step": step, "loss": res.loss, "lr": task.lr(step),
-                     "images_per_s": res.images / max(res.seconds, 1e-9), "epoch_seconds": res.seconds}
+                     "images_per_s": res.images / max(res.seconds, 1e-9), "epoch_seconds": res.seconds,
+                     **(res.terms or {})}
             if task.on_epoch_end is not None:
                 try:  # a stop does not wait for an epoch-end evaluation (a DDP job's ranks finish it together)
                     with stop.interrupting(enabled=not rt.dist.distributed):

@@ -102,6 +102,7 @@ def test_scenes_are_deterministic_and_visibility_means_what_coco_says(tmp_path):
 def test_loader_crops_follow_the_keypoints_through_scale_rotation_and_flip(tmp_path):
     """Bright dots at the keypoints of an image: in every augmented crop, each labelled keypoint lands on its dot,
     partners swapped on a flip (partners carry the same brightness here, the others their own)."""
+    from fastmae.data.dense import ImageStore
     from fastmae.data.pose import PoseSplit, pose_coco_dict
 
     names = ["left_a", "right_a", "mid"]
@@ -109,7 +110,7 @@ def test_loader_crops_follow_the_keypoints_through_scale_rotation_and_flip(tmp_p
     img = torch.zeros(1, 60, 64, dtype=torch.uint8)
     for (x, y, _), value in zip(kp[0].tolist(), (250, 250, 120)):
         img[0, int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2] = value
-    split = PoseSplit([img], [7], ["im"], torch.tensor([0]), torch.tensor([[15.0, 25.0, 31.0, 26.0]]), kp, names,
+    split = PoseSplit(ImageStore(memory=[img]), [7], ["im"], torch.tensor([0]), torch.tensor([[15.0, 25.0, 31.0, 26.0]]), kp, names,
                       [(0, 2), (1, 2)])
     split.coco = pose_coco_dict(split)
     loader = PoseLoader(split, (32, 24), flip=flip_index(names), train=True, batch_size=1, channels=1, mean=(0.0,),

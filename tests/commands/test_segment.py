@@ -96,9 +96,11 @@ def test_scene_splits_use_their_own_items(tmp_path):
     write_split(tmp_path, "t10k", 100, 20)
     tr = fashion_scenes(str(tmp_path), "train", 25, 56, (2, 3), seed=0)
     ev = fashion_scenes(str(tmp_path), "eval", 25, 56, (2, 3), seed=0)
-    assert set(tr.images.unique().tolist()) == {0, 200} and set(ev.images.unique().tolist()) == {0, 100}
+    tr_images, ev_images = torch.stack(tr.images.memory), torch.stack(ev.images.memory)
+    assert set(tr_images.unique().tolist()) == {0, 200} and set(ev_images.unique().tolist()) == {0, 100}
     assert int(tr.sources.max()) < 30 and int(ev.sources.max()) < 20
-    assert torch.equal(tr.images, fashion_scenes(str(tmp_path), "train", 25, 56, (2, 3), seed=0).images)
+    again = fashion_scenes(str(tmp_path), "train", 25, 56, (2, 3), seed=0)
+    assert torch.equal(tr_images, torch.stack(again.images.memory))
 
 
 def test_loader_flips_image_and_label_together(tmp_path):
@@ -147,8 +149,9 @@ def test_palette_and_index_pngs_give_class_indices(tmp_path):
     assert np.array_equal(read_label_map(tmp_path / "annotations" / "a.png"), labels())
     assert np.array_equal(read_label_map(tmp_path / "annotations" / "b.png"), labels(top=3))
     split = folder_split(str(tmp_path / "images"), str(tmp_path / "annotations"), 1, ("--data.path", "--seg.labels"))
-    assert split.images.shape == (2, 1, 32, 32) and split.masks.shape == (2, 32, 32)
-    assert set(split.masks.unique().tolist()) == {0, 1, 2, 3, 255}
+    assert len(split) == 2 and split.size == (32, 32) and split.masks is None  # files, read when a batch needs them
+    assert split.images[0].shape == (1, 32, 32) and split.mask(0).shape == (32, 32)
+    assert set(torch.cat([split.mask(0), split.mask(1)]).unique().tolist()) == {0, 1, 2, 3, 255}
 
 
 def test_metrics_ignore_absent_classes():

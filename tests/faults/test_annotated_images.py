@@ -15,7 +15,7 @@ from fastmae.cli import main
 from fastmae.data.decode import UnreadableImageError, decode_annotated
 from fastmae.data.detection import read_coco
 from fastmae.data.pose import read_coco_keypoints
-from fastmae.data.segmentation import folder_split, read_label_map
+from fastmae.data.segmentation import SegLoader, check_labels, folder_split, read_label_map
 
 FLAGS = ("--data.path", "--seg.labels")
 
@@ -53,19 +53,19 @@ def test_exif_turned_image_with_labels_on_its_stored_pixels_is_refused_naming_th
                                          r"orientation 6.*--data.no_apply_exif_orientation"):
         folder_split(images, labels, 1, FLAGS)
     split = folder_split(images, labels, 1, FLAGS, upright=False)  # the stored pixels, as the label maps
-    assert torch.equal(split.images[0, 0], torch.from_numpy(stored_pixels(16, 24)))
+    assert torch.equal(split.images[0][0], torch.from_numpy(stored_pixels(16, 24)))
 
 
 def test_exif_turned_images_are_upright_by_default_and_it_is_said(tmp_path, caplog):
     images, labels = seg_folder(tmp_path, {"a": (16, 16), "b": (16, 16)}, orientation=3)  # 180 degrees: same size
     with caplog.at_level(logging.WARNING):
         split = folder_split(images, labels, 1, FLAGS)
-    assert torch.equal(split.images[0, 0], torch.from_numpy(stored_pixels(16, 16)).flip(0, 1))
+    assert torch.equal(split.images[0][0], torch.from_numpy(stored_pixels(16, 16)).flip(0, 1))
     assert "2 of 2 images" in caplog.text and "--data.no_apply_exif_orientation" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         split = folder_split(images, labels, 1, FLAGS, upright=False)
-    assert torch.equal(split.images[0, 0], torch.from_numpy(stored_pixels(16, 16)))
+    assert torch.equal(split.images[0][0], torch.from_numpy(stored_pixels(16, 16)))
     assert "EXIF" not in caplog.text
 
 
@@ -114,7 +114,14 @@ def test_unreadable_label_maps_are_one_line(tmp_path, content, expected):
     with pytest.raises(ValueError, match=expected):
         read_label_map(path, (16, 16))
     with pytest.raises(ValueError, match=expected):
-        folder_split(images, labels, 1, FLAGS)
+        split = folder_split(images, labels, 1, FLAGS)  # a text file is refused by its header, here
+        check_labels(split, 2, 255)  # a truncated one when its pixels are first read (segment reads each map once)
+    if content == "truncated":  # read by a loader worker: the same one line reaches the main process
+        split = folder_split(images, labels, 1, FLAGS)
+        loader = SegLoader(split, train=True, batch_size=1, channels=1, mean=(0.5,), std=(0.5,), num_workers=1)
+        with pytest.raises(ValueError, match=expected):
+            next(iter(loader))
+        loader.close()
 
 
 def test_dense_readers_never_suggest_skipping_a_file(tmp_path):

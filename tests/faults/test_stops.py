@@ -126,19 +126,19 @@ def test_a_stop_during_a_final_evaluation_is_one_line_and_the_rerun_finishes(tmp
             "--seg.train_scenes", "8", "--seg.eval_scenes", "4", "--seg.scene_size", "32", "--model.name", "vit_tiny_patch8",
             "--model.embed_dim", "16", "--model.depth", "1", "--model.num_heads", "2", "--optim.epochs", "1",
             "--optim.batch_size", "4", "--run.no_progress", "--seg.figure_rows", "1"]
-    real = segment.confusion_matrix
+    real = segment.SegEvaluator.evaluate
 
     def stopped_scoring(*a, **k):
         os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning signal, after training
         time.sleep(5)
         raise AssertionError("the signal should have ended the evaluation")
 
-    monkeypatch.setattr(segment, "confusion_matrix", stopped_scoring)
+    monkeypatch.setattr(segment.SegEvaluator, "evaluate", stopped_scoring)
     assert main(args) == 128 + signal.SIGUSR1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("fastmae: stopped by signal 10 before the command finished")
     assert list_checkpoints(tmp_path / "seg") and not (tmp_path / "seg" / "segment.json").exists()
-    monkeypatch.setattr(segment, "confusion_matrix", real)
+    monkeypatch.setattr(segment.SegEvaluator, "evaluate", real)
     assert main(args) == 0 and (tmp_path / "seg" / "segment.json").exists()
 
 

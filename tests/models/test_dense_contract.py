@@ -24,7 +24,7 @@ def test_dense_model_freezes_the_encoder_unless_finetuned(finetune):
     x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16))
     out = model(x)
     assert out.shape == (2, 3, 16, 16) and model.head.predict(out).shape == (2, 16, 16)
-    model.head.loss(out, y).backward()
+    model.head.loss(out, y)["loss_ce"].backward()
     assert (enc.patch_embed.proj.weight.grad is not None) == finetune
     assert model.head.cls.weight.grad is not None
 
@@ -38,7 +38,7 @@ def test_segmentation_heads_upsample_to_the_image_and_skip_ignored_pixels():
         y = torch.full((2, 16, 24), 255)
         y[:, 0, 0] = 1
         expected = torch.nn.functional.cross_entropy(out[:, :, 0, 0], torch.tensor([1, 1]))
-        torch.testing.assert_close(head.loss(out, y), expected)
+        torch.testing.assert_close(head.loss(out, y), {"loss_ce": expected})
 
 
 def test_linear_head_classifies_vectors():

@@ -78,10 +78,10 @@ def test_heads_upsample_four_times_and_learn(cls):
     kp = torch.tensor([[[6.0, 10.0], [12.0, 20.0], [3.0, 3.0]]]).expand(2, -1, -1)  # crop pixels
     targets = {"keypoints": kp, "weights": torch.tensor([[1.0, 1.0, 0.0]] * 2)}
     opt = torch.optim.Adam(head.parameters(), 1e-2)
-    first = head.loss(head(feats), targets).item()
+    first = head.loss(head(feats), targets)["loss_heatmap"].item()
     for _ in range(150):
         opt.zero_grad()
-        loss = head.loss(head(feats), targets)
+        loss = head.loss(head(feats), targets)["loss_heatmap"]
         loss.backward()
         opt.step()
     assert loss.item() < first / 4

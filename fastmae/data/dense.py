@@ -1,0 +1,198 @@
+"""Dense-task images read where a sample is made: a split's `ImageStore` (files, or generated scenes in memory) and
+`DenseLoader`, whose DataLoader workers decode, place and augment each sample and send it as uint8.
+
+Shapes: N images, C0 an image's own channels, C the model's, h, w an image's own size, H, W the sample's (canvas,
+crop or the image itself), B batch.
+
+Memory does not grow with the data set: a split holds file paths, sizes (from the annotations or the file headers,
+never a full decode) and annotations; a worker decodes an image when a sample needs it. Each sample's augmentation
+comes from a seed the main process draws from (seed, epoch, position), so the batches of an epoch do not depend on
+the number of workers and a resumed epoch replays exactly (as `files.FileLoader`). 8-bit pixels cross from the
+workers as uint8 and are normalised on the device the batch is delivered to (`Loader.deliver`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .decode import UnreadableImageError, decode_image, image_header
+from .files import ignore_stop_signals, shutdown_workers
+from .loader import SampledLoader
+from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] (any shape) -> uint8, rounded."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ImageStore:
+    """The images of a dense split, loaded one at a time: files decoded on demand, or uint8 tensors in memory.
+
+    files: one path per image; sizes: each image's (h, w) as decoded (the frame its annotations are in), known
+    before any decode; memory: (C0, h, w) uint8 images of a generated split instead of files. `load(i)` decodes
+    file i (to `channels`, with the pixel limit and EXIF frame of the split) and checks it still has the size it
+    was listed with.
+    """
+
+    def __init__(self, files: Sequence[str] = (), sizes: Sequence[tuple[int, int]] = (), *,
+                 memory: Sequence[torch.Tensor] | None = None, channels: int = 3, max_image_pixels: int = 0,
+                 upright: bool = True):
+        if memory is not None:
+            self.files = [""] * len(memory)
+            self.sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in memory]
+        else:
+            if len(files) != len(sizes):
+                raise ValueError(f"{len(files)} files but {len(sizes)} sizes")
+            self.files, self.sizes = [str(f) for f in files], [(int(h), int(w)) for h, w in sizes]
+        self.memory = None if memory is None else list(memory)
+        self.channels, self.max_image_pixels, self.upright = channels, max_image_pixels, upright
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.load(i)
+
+    def hw(self, i: int) -> tuple[int, int]:
+        """Image i's (h, w), without decoding it."""
+        return self.sizes[i]
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image i as (C0, h, w) uint8 (C0 = the store's channels for files)."""
+        if self.memory is not None:
+            return self.memory[i]
+        file = self.files[i]
+        try:
+            x = decode_image(file, self.channels, self.max_image_pixels, self.upright)  # (C, h, w) float in [0, 1]
+        except UnreadableImageError as e:
+            raise e.without_skip_hint() from None
+        if tuple(x.shape[-2:]) != self.sizes[i]:
+            h, w = self.sizes[i]
+            raise ValueError(f"image {file} is now {x.shape[-1]}x{x.shape[-2]} (WxH) but was {w}x{h} when the run "
+                             f"started; do not change images during a run")
+        return to_uint8(x)
+
+    def subset(self, indices: Sequence[int]) -> ImageStore:
+        """The images at `indices`, in that order."""
+        out = ImageStore([self.files[i] for i in indices], [self.sizes[i] for i in indices],
+                         channels=self.channels, max_image_pixels=self.max_image_pixels, upright=self.upright)
+        if self.memory is not None:
+            out.memory = [self.memory[i] for i in indices]
+        return out
+
+
+_Item = tuple[torch.Tensor | None, Any, Exception | None]  # sample, target, the error that stops the run
+
+
+class DenseSamples(Dataset):
+    """A dense task's samples: item (index, augmentation seed or None) -> (image (C, H, W) uint8, target, error).
+
+    Subclasses implement `sample(i, g)` (g: the sample's torch.Generator in training, None for evaluation) and
+    `collate(targets)`. An error a user can fix (an unreadable or changed file) comes back as the third element
+    for the main process to raise as one line: raised in a worker, it would arrive wrapped in its traceback.
+    """
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def collate(targets: list[Any]) -> Any:
+        """One batch's targets: by default a dict of per-sample lists."""
+        return {k: [t[k] for t in targets] for k in targets[0]}
+
+    def __getitem__(self, key: tuple[int, int | None]) -> _Item:
+        i, seed = key
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        try:
+            x, t = self.sample(i, g)
+        except (ValueError, OSError) as e:
+            return None, None, e
+        return x, t, None
+
+
+def _collate(items: list[_Item], targets) -> tuple[torch.Tensor | None, Any, Exception | None]:
+    """Stack a batch's images (B, C, H, W) and collate its targets; or the first error (then no batch)."""
+    error = next((e for _, _, e in items if e is not None), None)
+    if error is not None:
+        return None, None, error
+    return torch.stack([x for x, _, _ in items]), targets([t for _, t, _ in items]), None
+
+
+class _SeededBatches:
+    """The DataLoader's batch_sampler: lists of (index, seed) for the selected epoch; a sample's seed is
+    mix_seed(seed, epoch, AUGMENT_STREAM, position) in training and None for evaluation. Holds its own copy of
+    the epoch state (no reference to the loader: see files._EpochBatches)."""
+
+    def __init__(self, sampler: EpochSampler, seed: int, train: bool):
+        self.sampler, self.seed, self.train = sampler, seed, train
+        self.epoch, self.start_batch = 0, 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        indices, positions = self.sampler.order(self.epoch)
+        for sl in self.sampler.batch_slices(self.start_batch):
+            yield [(i, mix_seed(self.seed, self.epoch, AUGMENT_STREAM, p) if self.train else None)
+                   for i, p in zip(indices[sl].tolist(), positions[sl].tolist())]
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches - self.start_batch
+
+
+class DenseLoader(SampledLoader):
+    """Batches (images (B, C, H, W) float32 normalised on the delivery device, targets) of a `DenseSamples`, made
+    in `num_workers` DataLoader workers (persistent, pinned on CUDA; 0: in this process)."""
+
+    sends_uint8 = True
+
+    def __init__(self, samples: DenseSamples, *, num_workers: int = 0, **kw):
+        """kw: the Loader's (img_size, batch_size, train, channels, mean, std, hflip, seed, rank, world_size, ...)."""
+        super().__init__(len(samples), **kw)
+        self.samples, self.num_workers = samples, num_workers
+        self._batches = _SeededBatches(self.sampler, self.seed, self.train)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
+        self._batches.epoch, self._batches.start_batch = epoch, start_batch
+
+    def sample(self, i: int, g: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
+        """Sample i (C, H, W) uint8 and its target, made here (figures, tests)."""
+        return self.samples.sample(i, g)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.samples, batch_sampler=self._batches, num_workers=self.num_workers,
+                collate_fn=functools.partial(_collate, targets=type(self.samples).collate),
+                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
+                generator=torch.Generator().manual_seed(self.seed),  # not the global RNG (see files.FileLoader)
+            )
+            self._finalizer = weakref.finalize(self, shutdown_workers, self._loader)
+        for images, targets, error in self._loader:
+            if error is not None:
+                raise error
+            yield self.deliver(images), targets
+
+
+def image_sizes(files: Sequence[Path], max_image_pixels: int, upright: bool) -> list[tuple[tuple[int, int], int]]:
+    """(stored (h, w), EXIF orientation) of each file from its header alone (nothing decoded)."""
+    out = []
+    for f in files:
+        try:
+            out.append(image_header(f, max_image_pixels))
+        except UnreadableImageError as e:
+            raise e.without_skip_hint() from None
+    return out
+
+
+__all__ = ["DenseLoader", "DenseSamples", "ImageStore", "image_sizes", "to_uint8"]
