@@ -1,7 +1,8 @@
 """`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose, shard}`: one
 subcommand per config dataclass.
 
-Flags and --help come from the dataclass fields (tyro); a command's module is imported only when run.
+Flags and --help come from the dataclass fields (tyro), so every command's config class is imported here; its run
+function is looked up by name when the command runs. The dense tasks come from their registry (fastmae/tasks.py).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import tyro
 
 from .commands.bench import BenchConfig
 from .commands.convert import ConvertConfig
-from .commands.detect import DetectConfig
-from .commands.pose import PoseConfig
 from .commands.embed import EmbedConfig
 from .commands.finetune import FinetuneConfig
 from .commands.knn import KnnConfig
 from .commands.linprobe import LinprobeConfig
 from .commands.pretrain import PretrainConfig
-from .commands.segment import SegmentConfig
 from .commands.shard import ShardConfig
 from .commands.visualize import VisualizeConfig
 from .flags import check_command_line
+from .tasks import DENSE_TASKS
 from .train.dist import cleanup
 from .train.engine import NonFiniteLossError
 from .train.runlock import release_all
@@ -41,9 +40,8 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "convert": (ConvertConfig, "fastmae.commands.convert:convert_from_config"),
     "bench": (BenchConfig, "fastmae.commands.bench:run_bench"),
     "embed": (EmbedConfig, "fastmae.commands.embed:run_embed"),
-    "segment": (SegmentConfig, "fastmae.commands.segment:run_segment"),
-    "detect": (DetectConfig, "fastmae.commands.detect:run_detect"),
-    "pose": (PoseConfig, "fastmae.commands.pose:run_pose"),
+    **{row.command: (getattr(importlib.import_module(row.module), row.config), f"{row.module}:{row.runner}")
+       for row in DENSE_TASKS},
     "shard": (ShardConfig, "fastmae.commands.shard:run_shard"),
 }
 

@@ -42,6 +42,7 @@ from ..figures.grid import enlargement, save_grid, to_pil
 from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
 from ..models.detection import CenterNetHead
+from ..tasks import dense_task_row
 from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, run_dense
 from ..train.dist import gather_objects
 from ..train.runtime import Runtime
@@ -239,7 +240,7 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
 class DetectTask(DenseTask):
     """Object detection: a CenterNet head on one pyramid level, images letterboxed onto the canvas."""
 
-    command, kind, result, section = "detect", "detector", "detect.json", "det"
+    row, section = dense_task_row("detect"), "det"
     metric, loss_label = ("map", "box mAP (%)"), "loss (focal + size + offset)"
 
     def build(self, cfg: DetectConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,

@@ -47,6 +47,7 @@ from ..figures.grid import enlargement, save_grid, to_pil
 from ..metrics.pose import coco_keypoint_metrics, pck
 from ..models.pose import PoseModel, build_head, flip_index, set_norm_eps, vitpose_padding
 from ..models.vit import LN_EPS
+from ..tasks import dense_task_row
 from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, run_dense
 from ..train.dist import gather_objects, print0
 from ..train.runtime import Runtime
@@ -278,7 +279,7 @@ def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: P
 class PoseTask(DenseTask):
     """Top-down 2D keypoints: ViTPose's simple or classic head on crops of each instance's box."""
 
-    command, kind, result, section = "pose", "pose", "pose.json", "pose"
+    row, section = dense_task_row("pose"), "pose"
     metric, loss_label = ("ap", "OKS AP (%)"), "loss (heatmap MSE)"
 
     def build(self, cfg: PoseConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,

@@ -42,6 +42,7 @@ from ..figures.segmentation import save_seg_figure
 from ..metrics.segmentation import confusion_counts, seg_metrics
 from ..models.dense import DenseModel
 from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
+from ..tasks import dense_task_row
 from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, run_dense
 from ..train.dist import all_reduce_mean
 from ..train.runtime import Runtime
@@ -226,7 +227,7 @@ def figure_rows(model: DenseModel, loader: SegLoader, n: int) -> list[tuple]:
 class SegmentTask(DenseTask):
     """Semantic segmentation: a linear or FPN head on the patch map, images at their own size."""
 
-    command, kind, result, section = "segment", "segmenter", "segment.json", "seg"
+    row, section = dense_task_row("segment"), "seg"
     metric, loss_label = ("miou", "mIoU (%)"), "loss (cross entropy)"
 
     def build(self, cfg: SegmentConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,

@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..config import validate
 from ..data.build import source_norm_stats
 from ..figures.curves import plot_learning_curve
+from ..tasks import DenseTaskRow
 from ..weights.backbone import data_for, encoder_init
 from ..weights.read import Weights
 from ..weights.checkpoint import atomic_write_text
@@ -87,17 +88,27 @@ class DenseParts:
 class DenseTask:
     """One dense task. Class attributes name it; methods build its parts and write its outputs.
 
-    command: the subcommand; kind: its checkpoint metadata 'kind'; result: the result JSON it writes; section:
-    its flag section (cfg.<section>.eval_every, figure_rows); metric: (log.jsonl key, axis label) of the score
-    plotted on the learning curve; loss_label: the learning curve's loss axis.
+    row: its registry row (fastmae/tasks.py: subcommand, checkpoint kind, result file); section: its flag section
+    (cfg.<section>.eval_every); metric: (log.jsonl key, axis label) of the score plotted on the learning curve;
+    loss_label: the learning curve's loss axis.
     """
 
-    command: str
-    kind: str
-    result: str
+    row: DenseTaskRow
     section: str
     metric: tuple[str, str]
     loss_label: str
+
+    @property
+    def command(self) -> str:
+        return self.row.command
+
+    @property
+    def kind(self) -> str:
+        return self.row.kind
+
+    @property
+    def result(self) -> str:
+        return self.row.result
 
     def channels(self, data_cfg) -> int:
         """The model's input channels: --data.channels, else the source's own (1 for Fashion-MNIST, else 3)."""

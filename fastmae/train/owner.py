@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..tasks import DENSE_TASKS
 from ..weights.checkpoint import atomic_write_text, list_checkpoints
 
 OWNER_NAME = ".fastmae.command"
 # a file only one command writes -> that command (for folders without OWNER_NAME)
-RESULT_OF = {"knn.json": "knn", "linprobe.json": "linprobe", "finetune.json": "finetune", "segment.json": "segment",
-             "detect.json": "detect", "pose.json": "pose", "train.safetensors": "embed", "train.features.npy": "embed"}
+RESULT_OF = {"knn.json": "knn", "linprobe.json": "linprobe", "finetune.json": "finetune",
+             **{row.result: row.command for row in DENSE_TASKS},
+             "train.safetensors": "embed", "train.features.npy": "embed"}
 # checkpoint meta 'kind' -> the command that writes it
 COMMAND_OF_KIND = {"mae": "fastmae pretrain", "vit": "fastmae finetune", "linprobe": "fastmae linprobe",
-                   "segmenter": "fastmae segment", "detector": "fastmae detect", "pose": "fastmae pose"}
+                   **{row.kind: f"fastmae {row.command}" for row in DENSE_TASKS}}
 IGNORED = {OWNER_NAME, ".fastmae.lock"}
 
 

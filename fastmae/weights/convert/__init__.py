@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .detect import (
+from .formats import (
     DECODER_HEADS,
     ENCODER_HEADS,
     Format,
@@ -70,11 +70,12 @@ from .hf import (
     hf_mae_to_fastmae,
     hf_vit_to_fastmae,
 )
+from ...tasks import DENSE_KINDS
 from .tables import fastmae_to_timm, mae_encoder, timm_to_fastmae
 from .vitpose import fastmae_to_hf_vitpose, hf_vitpose_to_fastmae, is_vitpose
 
 
-def segmenter_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int, Any]:
+def dense_task_encoder(sd: StateDict, config: Mapping[str, Any]) -> tuple[StateDict, dict, int, Any]:
     """A dense-task checkpoint (`fastmae segment`, `detect`, `pose`) as its encoder: the weights under 'encoder.'
     (the head and the feature pyramid stay behind), the metadata without the task model's kwargs, and its encoder's
     heads (0: unknown) and image size (None: unknown)."""
@@ -96,14 +97,14 @@ def to_fastmae(sd: StateDict, config: Mapping[str, Any], num_heads: int = 0, dec
     if is_vitpose(sd):  # a Hugging Face VitPose: its encoder, as that of a fastmae pose model
         sd, pose_kw = hf_vitpose_to_fastmae(sd, config)
         config, source = {"kind": "pose", "model_kwargs": pose_kw}, "hf-vitpose"
-    segmenter = "encoder.patch_embed.proj.weight" in sd and "patch_embed.proj.weight" not in sd
-    dense_kind = str(config.get("kind") or "segmenter")
-    if segmenter:  # its encoder, sizes from the weights
-        sd, config, heads, size = segmenter_encoder(sd, config)
+    dense = "encoder.patch_embed.proj.weight" in sd and "patch_embed.proj.weight" not in sd  # an encoder under a head
+    dense_kind = config.get("kind") if config.get("kind") in DENSE_KINDS else DENSE_KINDS[0]
+    if dense:  # its encoder, sizes from the weights
+        sd, config, heads, size = dense_task_encoder(sd, config)
         num_heads = num_heads or heads
         img_size = img_size or (tuple(size) if isinstance(size, (list, tuple)) else size)
     fmt = detect_format(sd)
-    extra: dict[str, Any] = {"source_format": source or (f"fastmae-{dense_kind}" if segmenter else fmt)}
+    extra: dict[str, Any] = {"source_format": source or (f"fastmae-{dense_kind}" if dense else fmt)}
     if fmt == "hf-vitmae-pretraining":
         out, kw = hf_mae_to_fastmae(sd, config or None, num_heads, decoder_num_heads)
         extra["mask_ratio"] = float(config.get("mask_ratio", 0.75)) if config else 0.75

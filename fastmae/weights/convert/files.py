@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_write, read_training_file, safe_join
-from .detect import StateDict, unwrap_state_dict
+from .formats import StateDict, unwrap_state_dict
 from .hf import cfg_dict
 
 

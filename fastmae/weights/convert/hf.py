@@ -11,7 +11,7 @@ import torch
 
 from ...models.pos_embed import sincos_2d
 from ...models.vit import LN_EPS
-from .detect import (
+from .formats import (
     DECODER_HINT,
     HFStyle,
     Kind,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import key_list
-from .detect import (
+from .formats import (
     DECODER_PREFIXES,
     TIMM_ONLY,
     StateDict,

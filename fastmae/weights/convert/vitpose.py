@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ...models.pose import HEATMAP_UPSAMPLE, VITPOSE_PADDING
-from .detect import StateDict, Table
+from .formats import StateDict, Table
 from .tables import expand_table, from_foreign, to_foreign
 
 VITPOSE_MARK = "backbone.embeddings.patch_embeddings.projection.weight"  # the key that says "a VitPose state dict"
