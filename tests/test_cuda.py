@@ -22,7 +22,6 @@ from fastmae.models.masking import random_masking
 from fastmae.train.dist import cleanup, init_distributed
 from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
 from fastmae.weights.convert import hf_mae_to_fastmae
-
 from tests.conftest import set_torchrun_env
 from tests.weights.test_convert import HF_MAE, _perturbed
 
@@ -54,7 +53,7 @@ def set_flag(args: list[str], flag: str, value: str) -> list[str]:
 
 def tiny_pretrain_args(data: Path, out: Path, precision: str, epochs: int) -> list[str]:
     """The CLI tests' tiny MAE on the tiny IDX set, on the GPU, no kNN or figures (they are not under test)."""
-    from tests.commands.test_cli_pretrain import tiny_args
+    from tests.helpers.cli import tiny_args
 
     args = tiny_args(data, out, epochs=epochs)
     for flag, value in (("--run.device", DEVICE), ("--run.precision", precision), ("--knn_every", "-1"),
@@ -75,7 +74,7 @@ def tiny_finetune_args(data: Path, out: Path, precision: str, epochs: int) -> li
 @pytest.fixture()
 def fmnist(tmp_path: Path) -> Path:
     """The tiny Fashion-MNIST-format IDX folder of the CLI tests (96 train, 40 test images)."""
-    from tests.commands.test_cli_pretrain import make_fmnist
+    from tests.helpers.cli import make_fmnist
 
     return make_fmnist(tmp_path)
 
@@ -228,7 +227,7 @@ def test_one_process_nccl_group(monkeypatch):
 
 def test_pretrain_cli_end_to_end(fmnist, tmp_path, capsys):
     """The plain CLI run of the CPU end-to-end test, on the GPU with auto precision: kNN, figure, TensorBoard."""
-    from tests.commands.test_cli_pretrain import tiny_args
+    from tests.helpers.cli import tiny_args
 
     out = tmp_path / "run"
     args = set_flag(set_flag(tiny_args(fmnist, out), "--run.device", DEVICE), "--run.precision", "auto")

@@ -282,6 +282,23 @@ def decode_image(path: str | Path, channels: int, max_image_pixels: int = 0, upr
     return _planes_to_tensor(_decode_planes(str(path), channels, max_image_pixels, upright=upright))
 
 
+def decode_image_uint8(path: str | Path, channels: int, max_image_pixels: int = 0, upright: bool = True,
+                       reduce: int = 1) -> torch.Tensor:
+    """decode_image as (C, h, w) uint8: 8-bit images without a float round trip (one copy of Pillow's pixels),
+    others rounded from [0, 1] (what the dense tasks' workers send). reduce (2, 4 or 8): a JPEG that libjpeg can
+    scale is decoded at 1/reduce of its size (a DCT-domain reduction, far cheaper than decoding and resizing);
+    other files at full size, so the caller reads the reduction from the result's size."""
+
+    def draft(img: Image.Image) -> None:
+        if reduce > 1 and _can_draft(img, channels):
+            _draft(img, reduce)
+
+    planes = _decode_planes(str(path), channels, max_image_pixels, before_load=draft, upright=upright)
+    if _is_8bit(planes):
+        return _uint8_chw(planes[0])
+    return _planes_to_tensor(planes).mul_(255.0).round_().to(torch.uint8)
+
+
 def decode_annotated(path: str | Path, channels: int, max_image_pixels: int = 0,
                      upright: bool = True) -> tuple[torch.Tensor, tuple[int, int], int]:
     """An image whose annotations are in its pixels (label map, boxes, keypoints): (C, h, w) float32 in [0, 1] as

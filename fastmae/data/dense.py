@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import UnreadableImageError, decode_image, image_header
+from .decode import UnreadableImageError, decode_image_uint8, image_header, oriented_hw
 from .files import ignore_stop_signals, shutdown_workers
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
@@ -65,20 +65,31 @@ class ImageStore:
         """Image i's (h, w), without decoding it."""
         return self.sizes[i]
 
-    def load(self, i: int) -> torch.Tensor:
-        """Image i as (C0, h, w) uint8 (C0 = the store's channels for files)."""
+    def reduction(self, i: int, most: float) -> int:
+        """The JPEG reduction (8, 4 or 2, else 1) at which image i may be decoded for a use that shrinks it by
+        `most` or more: one that divides both sides (so reduced pixels tile the image exactly). 1 in memory."""
+        if self.memory is not None:
+            return 1
+        h, w = self.sizes[i]
+        return next((s for s in (8, 4, 2) if s <= most and h % s == 0 and w % s == 0), 1)
+
+    def load(self, i: int, reduce: int = 1) -> torch.Tensor:
+        """Image i as (C0, h, w) uint8 (C0 = the store's channels for files). reduce: decode a JPEG at 1/reduce of
+        its size (`reduction`); other files come at full size: the caller reads which from the result's size."""
         if self.memory is not None:
             return self.memory[i]
         file = self.files[i]
         try:
-            x = decode_image(file, self.channels, self.max_image_pixels, self.upright)  # (C, h, w) float in [0, 1]
+            x = decode_image_uint8(file, self.channels, self.max_image_pixels, self.upright, reduce)  # (C, h', w')
         except UnreadableImageError as e:
             raise e.without_skip_hint() from None
-        if tuple(x.shape[-2:]) != self.sizes[i]:
-            h, w = self.sizes[i]
-            raise ValueError(f"image {file} is now {x.shape[-1]}x{x.shape[-2]} (WxH) but was {w}x{h} when the run "
-                             f"started; do not change images during a run")
-        return to_uint8(x)
+        h, w = self.sizes[i]
+        if tuple(x.shape[-2:]) not in ((h, w), (h // reduce, w // reduce)):
+            stored, orientation = image_header(file, self.max_image_pixels)
+            now_h, now_w = oriented_hw(stored, orientation, self.upright)
+            raise ValueError(f"image {file} is now {now_w}x{now_h} (WxH) but was {w}x{h} when the run started; do "
+                             f"not change images during a run")
+        return x
 
     def subset(self, indices: Sequence[int]) -> ImageStore:
         """The images at `indices`, in that order."""

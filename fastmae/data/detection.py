@@ -228,10 +228,11 @@ def placed_size(h: int, w: int, scale: float) -> tuple[int, int]:
 
 
 def letterbox(img: torch.Tensor, size: tuple[int, int], scale: float, dx: int, dy: int, flip: bool,
-              fill: torch.Tensor) -> torch.Tensor:
+              fill: torch.Tensor, full_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 (C0, h, w) -> uint8 (C, H, W): resized by `scale` (bilinear, antialiased), placed at (dx, dy) on a
-    canvas of `fill` (C, 1, 1) uint8 (the mean colour, 0 once normalised), then flipped."""
-    nh, nw = placed_size(*img.shape[-2:], scale)
+    canvas of `fill` (C, 1, 1) uint8 (the mean colour, 0 once normalised), then flipped. full_hw: the image's size
+    when `img` was decoded at a reduced size (the scale is of the full one)."""
+    nh, nw = placed_size(*(full_hw or img.shape[-2:]), scale)
     x = img[None]  # (1, C0, h, w)
     if (nh, nw) != tuple(img.shape[-2:]):
         x = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
@@ -276,7 +277,9 @@ class DetSamples(DenseSamples):
     def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, dict]:
         """Image i on the canvas (C, H, W) uint8, with its canvas boxes."""
         s, dx, dy, flip = self.placement(i, g)
-        x = letterbox(self.split.images.load(i), self.img_size, s, dx, dy, flip, self.fill)  # (C, H, W)
+        images = self.split.images
+        img = images.load(i, images.reduction(i, 1 / s))  # a large JPEG decoded near the placed size
+        x = letterbox(img, self.img_size, s, dx, dy, flip, self.fill, images.hw(i))  # (C, H, W)
         boxes = map_boxes(self.split.boxes[i], s, dx, dy)
         if flip:
             boxes = flip_boxes(boxes, self.img_size[1])

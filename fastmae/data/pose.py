@@ -155,6 +155,33 @@ def warp(img: torch.Tensor, A: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return F.grid_sample(img, grid.to(img.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def crop_region(A: torch.Tensor, size: tuple[int, int], hw: tuple[int, int], margin: int = 2) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the part of an h x w image that the crop of matrix A samples (the inverse map of the crop's
+    corners, `margin` pixels wider for the bilinear neighbours), clipped to the image; empty when the crop lies
+    outside it. Warping only this part gives the same crop at a fraction of the cost on large images."""
+    H, W = size
+    corners = torch.tensor([[0.0, 0.0], [W, 0.0], [0.0, H], [W, H]], dtype=torch.float64)
+    p = apply_matrix(invert_matrix(A), corners)  # (4, 2) image pixels
+    h, w = hw
+    x0 = min(max(math.floor(float(p[:, 0].min())) - margin, 0), w)
+    y0 = min(max(math.floor(float(p[:, 1].min())) - margin, 0), h)
+    x1 = max(min(math.ceil(float(p[:, 0].max())) + margin, w), x0)
+    y1 = max(min(math.ceil(float(p[:, 1].max())) + margin, h), y0)
+    return x0, y0, x1, y1
+
+
+def warp_region(img: torch.Tensor, A: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (C0, h, w) -> float (C0, H, W) in [0, 1]: `warp` of the image through A, reading only the region the
+    crop samples (converted to float there alone)."""
+    x0, y0, x1, y1 = crop_region(A, size, tuple(img.shape[-2:]))
+    if x1 - x0 < 1 or y1 - y0 < 1:  # the crop lies wholly outside the image: black
+        return torch.zeros(img.shape[0], *size)
+    part = img[:, y0:y1, x0:x1].float().div_(255.0)[None]  # (1, C0, h', w')
+    shifted = A.clone()
+    shifted[:, 2] += A[:, :2] @ torch.tensor([float(x0), float(y0)], dtype=A.dtype)  # region pixels -> crop
+    return warp(part, shifted, size)[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The built-in task: Fashion-MNIST garments with landmarks of their own silhouettes.
 
@@ -379,8 +406,13 @@ class PoseSamples(DenseSamples):
     def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, dict]:
         """Instance i's crop (C, H, W) uint8, with its keypoints in the crop."""
         A, flip = self.transform(i, g)
-        img = self.split.images.load(int(self.split.owner[i])).float().div_(255.0)[None]  # (1, C0, h, w)
-        x = to_uint8(warp(img, A, self.img_size)[0]).expand(self.channels, -1, -1)  # (C, H, W)
+        n, images = int(self.split.owner[i]), self.split.images
+        k = float(torch.linalg.det(A[:, :2].float()).abs().sqrt())  # crop pixels per image pixel
+        img = images.load(n, images.reduction(n, 1 / k))  # (C0, h', w') uint8: a large JPEG decoded near the crop's scale
+        r = images.hw(n)[0] / img.shape[-2]  # the reduction libjpeg applied (1 for other files)
+        A_img = A.clone()
+        A_img[:, :2] *= r  # reduced pixels -> crop (pixel j of the reduced image covers [j r, (j + 1) r))
+        x = to_uint8(warp_region(img, A_img, self.img_size)).expand(self.channels, -1, -1)  # (C, H, W)
         kp = self.split.keypoints[i]
         xy, w = apply_matrix(A, kp[:, :2]), (kp[:, 2] > 0).float()  # (K, 2), (K,)
         if flip:

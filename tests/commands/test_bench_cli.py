@@ -8,8 +8,7 @@ import pytest
 
 from fastmae.cli import main
 from fastmae.commands import bench as command
-
-from tests.commands.test_cli_pretrain import make_fmnist
+from tests.helpers.cli import make_fmnist
 
 TINY = ["--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.decoder_embed_dim", "16",
         "--model.decoder_depth", "1", "--model.decoder_num_heads", "2", "--bench.batch_size", "8",

@@ -2,69 +2,22 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
 import torch
 
 from fastmae.cli import main
-from fastmae.commands.pretrain import PretrainConfig, run_pretrain
+from fastmae.commands.pretrain import run_pretrain
 from fastmae.weights.checkpoint import list_checkpoints, load_checkpoint
-
-
-def write_idx(folder, prefix: str, n: int, seed: int = 0) -> None:
-    """A tiny Fashion-MNIST-format IDX pair: images with a class-dependent bright square."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    imgs = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for i, y in enumerate(labels):
-        r, c = 2 * (y % 5) + 2, 12 * (y // 5) + 2
-        imgs[i, r : r + 10, c : c + 10] = 220
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">II", 2049, n) + labels.tobytes())
-
-
-def make_fmnist(root, n_train: int = 96, n_test: int = 40):
-    """A folder `root/fmnist` holding a tiny Fashion-MNIST-format train/t10k pair; returns it."""
-    d = root / "fmnist"
-    d.mkdir()
-    write_idx(d, "train", n_train, seed=0)
-    write_idx(d, "t10k", n_test, seed=1)
-    return d
-
-
-def pretrain_tiny(root, n_train: int = 96, n_test: int = 40):
-    """(data folder, run folder) of a finished 1-epoch tiny pretraining run under root (no figure, no kNN)."""
-    data = make_fmnist(root, n_train, n_test)
-    run = root / "run"
-    assert main(tiny_args(data, run, epochs=1) + ["--knn_every", "-1", "--figure_every", "0"]) == 0
-    return data, run
+from tests.helpers.cli import make_fmnist, tiny_args, tiny_cfg
 
 
 @pytest.fixture()
 def fmnist(tmp_path):
     return make_fmnist(tmp_path)
 
-
-def tiny_args(data_dir, out_dir, epochs: int = 2) -> list[str]:
-    return [
-        "pretrain", "--data.path", str(data_dir), "--run.output_dir", str(out_dir), "--run.no_progress",
-        "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2",
-        "--model.decoder_embed_dim", "16", "--model.decoder_depth", "1", "--model.decoder_num_heads", "2",
-        "--optim.epochs", str(epochs), "--optim.warmup_epochs", "1", "--optim.batch_size", "32",
-        "--run.save_every", "1", "--run.precision", "fp32", "--knn_every", "1", "--model.norm_pix_loss",
-    ]
-
-
-def tiny_cfg(data_dir, out_dir, epochs: int = 2) -> PretrainConfig:
-    import tyro
-
-    return tyro.cli(PretrainConfig, args=tiny_args(data_dir, out_dir, epochs)[1:], use_underscores=True)
 
 
 def test_pretrain_end_to_end_outputs(fmnist, tmp_path, capsys):
@@ -88,12 +41,13 @@ def test_pretrain_end_to_end_outputs(fmnist, tmp_path, capsys):
     assert set(state) >= {"model", "optimizer", "rng", "step", "epoch", "batch"}
 
 
+
 def _final_weights(out):
     state, _ = load_checkpoint(out)
     return state["model"]
 
 
-# 3 batches per epoch; the stop flag is read after every batch but an epoch's last
+
 @pytest.mark.parametrize("stop_after,where", [(2, (0, 2)), (3, (1, 1))])
 def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkeypatch, capsys, stop_after, where):
     import fastmae.train.trainer as trainer
@@ -130,6 +84,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted(fmnist, tmp_path, monkey
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
+
 def test_resume_with_fewer_batches_per_epoch(fmnist, tmp_path, monkeypatch, capsys):
     """At an epoch's end the data may change (here 3 -> 2 batches per epoch: the new steps number lower, and the
     new checkpoints still count as the newest); mid-epoch it may not (the batch position would mean nothing)."""
@@ -160,6 +115,7 @@ def test_resume_with_fewer_batches_per_epoch(fmnist, tmp_path, monkeypatch, caps
     assert "stopped at batch 1 of 2 in epoch 4, but this run has 3 batches per epoch" in capsys.readouterr().err
 
 
+
 def test_resume_refuses_other_architecture(fmnist, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_args(fmnist, out, epochs=1)) == 0
@@ -168,6 +124,7 @@ def test_resume_refuses_other_architecture(fmnist, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "does not fit this run's model" in err and "blocks.2" in err
+
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(fmnist, tmp_path, capsys):
@@ -182,9 +139,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(fmnist, tmp_path, capsy
     assert torch.isfinite(torch.cat([v.flatten().float() for v in _final_weights(out).values()])).all()
 
 
+
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, capsys):
     assert main(tiny_args(tmp_path / "nowhere", tmp_path / "run")) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
+
 
 
 def test_help_lists_sections(capsys):
@@ -192,3 +151,4 @@ def test_help_lists_sections(capsys):
         main(["pretrain", "--help"])
     out = capsys.readouterr().out
     assert "--data.path" in out and "--optim.blr" in out and "--model.mask_ratio" in out
+

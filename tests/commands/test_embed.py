@@ -16,8 +16,7 @@ from fastmae import encode
 from fastmae.cli import main
 from fastmae.config import DataConfig
 from fastmae.data import build_loader
-
-from tests.commands.test_cli_pretrain import pretrain_tiny
+from tests.helpers.cli import pretrain_tiny
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import VisionTransformer
 from fastmae.weights.backbone import build_classifier, encoder_init
 from fastmae.weights.read import Weights
-
-from tests.commands.test_cli_pretrain import pretrain_tiny
+from tests.helpers.cli import pretrain_tiny
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import fastmae.commands.pretrain as pretrain
 from fastmae.cli import main
 from fastmae.models.pos_embed import resample_pos_embed
 from fastmae.weights.checkpoint import load_checkpoint
-
-from tests.commands.test_cli_pretrain import pretrain_tiny, tiny_args
+from tests.helpers.cli import pretrain_tiny, tiny_args
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from fastmae.figures.curves import (
     plot_runs,
     spread,
 )
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 
 @pytest.mark.parametrize("command,cls", [("pretrain", PretrainConfig), ("finetune", FinetuneConfig),

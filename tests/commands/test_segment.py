@@ -24,8 +24,7 @@ from fastmae.metrics.segmentation import seg_metrics
 from fastmae.models.pyramid import SimpleFeaturePyramid
 from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.weights.read import read_weights
-
-from tests.commands.test_cli_pretrain import make_fmnist, pretrain_tiny
+from tests.helpers.cli import make_fmnist, pretrain_tiny
 
 TINY = ["--model.name", "vit_tiny_patch4", "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2"]
 FAST = ["--optim.epochs", "1", "--optim.batch_size", "16", "--run.no_progress", "--run.precision", "fp32"]

@@ -22,8 +22,7 @@ from fastmae.models.patches import patchify
 from fastmae.models.vit import VisionTransformer
 from fastmae.weights.checkpoint import load_checkpoint
 from fastmae.weights.convert import mae_encoder, read_file
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_cfg
+from tests.helpers.cli import make_fmnist, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 SIDE = 28 * 4  # save_figure enlarges 28-pixel images 4x (to at least 112 pixels)

@@ -65,7 +65,7 @@ def test_a_coco_split_holds_paths_and_header_sizes_and_decodes_nothing(tmp_path,
     def no_decode(*a, **k):
         raise AssertionError("reading a split must not decode an image")
 
-    monkeypatch.setattr(dense, "decode_image", no_decode)
+    monkeypatch.setattr(dense, "decode_image_uint8", no_decode)
     split = read_coco(str(d), str(ann), 3, FLAGS)  # an instances reader ignores the keypoints
     assert split.images.memory is None and len(split.images) == 12
     assert split.images.hw(1) == (36, 44) and split.images.files[1].endswith("im1.png")
@@ -121,3 +121,23 @@ def test_pixels_cross_as_uint8_and_are_normalised_on_delivery(tmp_path):
     assert raw.dtype == torch.uint8 and raw.shape == (3, 32, 32)
     x, _ = batches(loader, 0)[0]
     torch.testing.assert_close(x[0], (raw.float() / 255 - 0.5) / 0.25)
+
+
+def test_large_jpegs_are_decoded_near_the_size_they_are_used_at(tmp_path):
+    """A JPEG shrunk 4x or more on the canvas is decoded at 1/4 by libjpeg (sides divisible by 4), else whole; the
+    letterboxed canvas is the full decode's within a few grey levels (DCT-domain vs bilinear reduction)."""
+    from fastmae.data.detection import letterbox, letterbox_scale, mean_colour
+
+    yy, xx = np.mgrid[0:240, 0:320]
+    pixels = np.stack([xx * 255 // 320, yy * 255 // 240, (xx + yy) % 256], -1).astype(np.uint8)  # smooth
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(pixels[:, :318]).save(tmp_path / "odd.jpg", quality=95)  # 318 wide: no exact 1/4 tiling
+    store = dense.ImageStore([tmp_path / "big.jpg", tmp_path / "odd.jpg"], [(240, 320), (240, 318)])
+    assert store.reduction(0, 4.5) == 4 and store.reduction(0, 3) == 2 and store.reduction(0, 1.5) == 1
+    assert store.reduction(1, 8) == 2  # 318 = 2 x 159
+    assert store.load(0, 4).shape == (3, 60, 80) and store.load(0).shape == (3, 240, 320)
+    s = letterbox_scale(240, 320, 64, 64)  # 0.2: 5x smaller
+    fill = mean_colour((0.5,), 3)
+    full = letterbox(store.load(0), (64, 64), s, 0, 0, False, fill)
+    reduced = letterbox(store.load(0, store.reduction(0, 1 / s)), (64, 64), s, 0, 0, False, fill, (240, 320))
+    assert (full.float() - reduced.float()).abs().mean() < 2.0

@@ -15,7 +15,13 @@ import torch
 from PIL import Image
 
 from fastmae.cli import main
-from fastmae.data.shards import index_shards, plan_epoch, rank_batches, shard_urls, window_order
+from fastmae.data.shards import (
+    index_shards,
+    plan_epoch,
+    rank_batches,
+    shard_urls,
+    window_order,
+)
 from fastmae.data.stream import ShardLoader
 
 NORM = dict(channels=1, mean=(0.5,), std=(0.5,))
@@ -239,8 +245,7 @@ def test_pretrain_on_shards_stopped_mid_epoch_resumes_bit_exactly(tmp_path, monk
     """A seeded run from shards with two loader workers, stopped in its second epoch and resumed, ends with the
     weights of an uninterrupted run (the resumed epoch re-reads the buffer's shards and skips what was emitted)."""
     from fastmae.commands.pretrain import run_pretrain
-
-    from tests.commands.test_cli_pretrain import tiny_args
+    from tests.helpers.cli import tiny_args
     from tests.faults.test_stops import QUIET, assert_same_weights, cfg_of, stop_at_call
 
     write_shards(tmp_path / "sh", [12] * 4, hw=(20, 20))

@@ -15,7 +15,12 @@ from fastmae.cli import main
 from fastmae.data.decode import UnreadableImageError, decode_annotated
 from fastmae.data.detection import read_coco
 from fastmae.data.pose import read_coco_keypoints
-from fastmae.data.segmentation import SegLoader, check_labels, folder_split, read_label_map
+from fastmae.data.segmentation import (
+    SegLoader,
+    check_labels,
+    folder_split,
+    read_label_map,
+)
 
 FLAGS = ("--data.path", "--seg.labels")
 

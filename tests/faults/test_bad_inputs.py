@@ -26,8 +26,7 @@ from fastmae.data import sources as D
 from fastmae.train import trainer
 from fastmae.weights.checkpoint import safe_join
 from fastmae.weights.convert import read_file
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
-import time
 import os
 import stat
+import time
 
 import pytest
 import torch
@@ -15,8 +15,7 @@ from fastmae.cli import main
 from fastmae.commands.pretrain import PretrainConfig
 from fastmae.train.trainer import save_json
 from fastmae.weights import checkpoint as C
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 
 @pytest.fixture()

@@ -9,8 +9,7 @@ import pytest
 
 from fastmae.cli import main
 from fastmae.train.owner import OWNER_NAME, claim, folder_command
-
-from tests.commands.test_cli_pretrain import pretrain_tiny
+from tests.helpers.cli import pretrain_tiny
 
 EVAL = ["--run.no_progress", "--run.precision", "fp32"]
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from fastmae.weights.checkpoint import find_latest, load_checkpoint, save_checkpoint
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,8 +20,7 @@ from fastmae.commands.pretrain import PretrainConfig, run_pretrain
 from fastmae.train import trainer
 from fastmae.train.signals import Stopped, raising
 from fastmae.weights.checkpoint import atomic_write, list_checkpoints, load_checkpoint
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 QUIET = ["--knn_every", "-1", "--figure_every", "0"]
 

@@ -8,7 +8,6 @@ import torch
 from fastmae.api import encode
 from fastmae.models.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
 from fastmae.models.vit import VARIANTS, VisionTransformer, build_vit
-
 from tests.conftest import TINY_MAE
 
 

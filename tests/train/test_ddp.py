@@ -12,9 +12,8 @@ import torch
 import torch.distributed as tdist
 
 from fastmae.train.dist import cleanup, init_distributed
-
 from tests.conftest import set_torchrun_env
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 
 def _epoch_losses(out) -> list[float]:

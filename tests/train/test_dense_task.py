@@ -13,7 +13,7 @@ from fastmae.cli import COMMANDS, main
 from fastmae.tasks import DENSE_KINDS, DENSE_TASKS
 from fastmae.train.dense import DenseTask
 from fastmae.train.owner import COMMAND_OF_KIND, RESULT_OF
-from tests.commands.test_cli_pretrain import make_fmnist
+from tests.helpers.cli import make_fmnist
 
 TINY = ["--init", "random", "--model.name", "vit_tiny_patch4", "--model.embed_dim", "16", "--model.depth", "1",
         "--model.num_heads", "2", "--optim.epochs", "2", "--optim.batch_size", "8", "--run.no_progress",

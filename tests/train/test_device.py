@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fastmae.train import device as dev
-
-from tests.commands.test_cli_pretrain import make_fmnist
+from tests.helpers.cli import make_fmnist
 
 CPU = torch.device("cpu")
 

@@ -16,8 +16,7 @@ import torch
 from fastmae.cli import main
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.weights.checkpoint import load_checkpoint
-
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 HELPER = Path(__file__).parents[1] / "helpers" / "ddp_stop_worker.py"
 

@@ -20,7 +20,6 @@ from fastmae.train.optim import (
     scaled_lr,
     schedule,
 )
-
 from tests.conftest import TINY_MAE
 
 

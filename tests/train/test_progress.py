@@ -8,7 +8,7 @@ import pytest
 
 from fastmae.cli import main
 from fastmae.train.log import LineProgress, progress
-from tests.commands.test_cli_pretrain import make_fmnist, tiny_args
+from tests.helpers.cli import make_fmnist, tiny_args
 
 
 class TTY(io.StringIO):

@@ -17,7 +17,6 @@ from fastmae.weights.checkpoint import (
     save_checkpoint,
     torch_load,
 )
-
 from tests.conftest import TINY_MAE
 
 

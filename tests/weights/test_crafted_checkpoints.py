@@ -12,7 +12,6 @@ import fastmae
 from fastmae.cli import main
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.weights import convert as cv
-
 from tests.conftest import TINY_MAE
 
 

@@ -1,0 +1,1 @@
+"""Helpers the tests share (modules) and the scripts they run in other processes."""
