@@ -97,8 +97,9 @@ class AnnotatedSourceConfig(SourceConfig):
     RULES: ClassVar[dict[str, Rule]] = {"num_workers": NON_NEGATIVE}
 
     num_workers: int = 2
-    """DataLoader worker processes that decode, place (letterbox, crop) and augment the images (0: in the main
-    process); images are read when a batch needs them, never all held in memory."""
+    """DataLoader worker processes that decode, place (letterbox, crop) and augment image files (0: in the main
+    process); files are read when a batch needs them, never all held in memory. The generated built-in scenes are
+    in memory and need none."""
     apply_exif_orientation: bool = True
     """Turn each image by its EXIF orientation (as viewers, labelme, CVAT and detectron2 show it) and take its
     annotations in that upright frame; --data.no_apply_exif_orientation: the stored pixels, for annotations

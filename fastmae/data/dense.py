@@ -111,6 +111,8 @@ class DenseSamples(Dataset):
     for the main process to raise as one line: raised in a worker, it would arrive wrapped in its traceback.
     """
 
+    images: ImageStore  # the split's images (subclasses set it)
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -161,14 +163,17 @@ class _SeededBatches:
 
 class DenseLoader(SampledLoader):
     """Batches (images (B, C, H, W) float32 normalised on the delivery device, targets) of a `DenseSamples`, made
-    in `num_workers` DataLoader workers (persistent, pinned on CUDA; 0: in this process)."""
+    in `num_workers` DataLoader workers (persistent, pinned on CUDA; 0: in this process). Images held in memory
+    (the generated built-in scenes) are made in this process whatever num_workers says: on them a worker only adds
+    the cost of sending the batch (10% slower epochs with 2 workers on 2 cores, BENCHMARKS.md)."""
 
     sends_uint8 = True
 
     def __init__(self, samples: DenseSamples, *, num_workers: int = 0, **kw):
         """kw: the Loader's (img_size, batch_size, train, channels, mean, std, hflip, seed, rank, world_size, ...)."""
         super().__init__(len(samples), **kw)
-        self.samples, self.num_workers = samples, num_workers
+        self.samples = samples
+        self.num_workers = num_workers if samples.images.memory is None else 0
         self._batches = _SeededBatches(self.sampler, self.seed, self.train)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -255,6 +255,7 @@ class DetSamples(DenseSamples):
     def __init__(self, split: DetSplit, img_size: tuple[int, int], scale_range: tuple[float, float], hflip: bool,
                  fill: torch.Tensor):
         self.split, self.img_size, self.scale_range, self.hflip, self.fill = split, img_size, scale_range, hflip, fill
+        self.images = split.images
 
     def __len__(self) -> int:
         return len(self.split.images)

@@ -385,6 +385,7 @@ class PoseSamples(DenseSamples):
     def __init__(self, split: PoseSplit, img_size: tuple[int, int], flip: Sequence[int],
                  scale_range: tuple[float, float], rotation: float, hflip: bool, channels: int):
         self.split, self.img_size, self.flip = split, img_size, list(flip)
+        self.images = split.images
         self.scale_range, self.rotation, self.hflip, self.channels = scale_range, rotation, hflip, channels
 
     def __len__(self) -> int:

@@ -225,6 +225,7 @@ class SegSamples(DenseSamples):
 
     def __init__(self, split: SegSplit, channels: int, hflip: bool):
         self.split, self.channels, self.hflip = split, channels, hflip
+        self.images = split.images
 
     def __len__(self) -> int:
         return len(self.split)
