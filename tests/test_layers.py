@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fastmae"
 
@@ -128,6 +130,7 @@ print("FAILED " + "; ".join(failed) if failed else "ALL STARTED")
 """
 
 
+@pytest.mark.slow
 def test_every_benchmark_starts():
     """`python -m benchmarks.NAME --help` exits 0 for every script (one interpreter, torch imported once): a removed
     import fails here, not in a user's hands."""

@@ -87,6 +87,7 @@ def test_detect_bad_input_is_one_line(tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_detect_under_two_process_ddp_scores_each_image_once(tmp_path):
     """torchrun --nproc_per_node 2: one set of outputs, every evaluation image's detections exactly once (the shards
     of 7 images are padded to 8), ids and classes as in one process."""

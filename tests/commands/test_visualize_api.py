@@ -269,6 +269,7 @@ def test_visualize_rejects_bad_mask_ratio(tiny, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------
 # The demo notebook
 
+@pytest.mark.slow
 def test_demo_notebook_runs(tiny, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

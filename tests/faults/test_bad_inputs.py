@@ -331,6 +331,7 @@ def test_readme_states_the_number_of_bad_input_cases():
     assert found and int(found.group(1)) == n, f"README should say '{n} bad-input cases'"
 
 
+@pytest.mark.slow
 def test_help_into_a_closed_pipe_ends_quietly():
     """`fastmae finetune --help | head`: the reader leaves early; no traceback, a plain non-zero exit."""
     import os
