@@ -58,14 +58,20 @@ def debugging() -> bool:
     return os.environ.get("FASTMAE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def recipe_named(args: Sequence[str]) -> str:
-    """The value of --recipe among a command's arguments ('' when absent)."""
+def recipes_named(args: Sequence[str]) -> list[str]:
+    """Every value of --recipe among a command's arguments, in order."""
+    out = []
     for i, a in enumerate(args):
         if a == "--recipe" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--recipe="):
-            return a.split("=", 1)[1]
-    return ""
+            out.append(args[i + 1])
+        elif a.startswith("--recipe="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def recipe_named(args: Sequence[str]) -> str:
+    """The value of --recipe among a command's arguments ('' when absent)."""
+    return (recipes_named(args) or [""])[0]
 
 
 def parse(argv: Sequence[str] | None) -> object:
@@ -76,7 +82,10 @@ def parse(argv: Sequence[str] | None) -> object:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args and args[0] in COMMANDS else ""
-    name = recipe_named(args[1:]) if command else ""
+    named = recipes_named(args[1:]) if command else []
+    if len(named) > 1:  # tyro would keep the last for config.json while the first chose the defaults
+        _fail(f"--recipe is given {len(named)} times ({', '.join(named)}); a run starts from one recipe: give one")
+    name = named[0] if named else ""
     if name:
         from .recipes import recipe
 
@@ -168,8 +177,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except (MemoryError, RuntimeError) as e:
         if debugging() or not is_out_of_memory(e):
             raise
-        print(f"fastmae: error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller model (--model.*), "
-              f"a smaller --optim.batch_size, or a machine with more memory", file=sys.stderr, flush=True)
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # a bare MemoryError() says nothing
+        print(f"fastmae: error: out of memory ({said}); use a smaller model (--model.*), a smaller "
+              f"--optim.batch_size, or a machine with more memory", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("fastmae: interrupted", file=sys.stderr)

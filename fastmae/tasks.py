@@ -11,7 +11,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DenseTaskRow:
     """command: the subcommand; kind: the 'kind' its checkpoints record (an encoder under a head); result: the
-    result JSON only it writes; module: where its config class `config` and run function `runner` live."""
+    result JSON only it writes; module: where its config class `config` and run function `runner` live; outputs:
+    the other files it writes in its folder (a folder no fastmae run owns that holds one is refused)."""
 
     command: str
     kind: str
@@ -19,12 +20,16 @@ class DenseTaskRow:
     module: str
     config: str
     runner: str
+    outputs: tuple[str, ...] = ()
 
 
 DENSE_TASKS = (
-    DenseTaskRow("segment", "segmenter", "segment.json", "fastmae.commands.segment", "SegmentConfig", "run_segment"),
-    DenseTaskRow("detect", "detector", "detect.json", "fastmae.commands.detect", "DetectConfig", "run_detect"),
-    DenseTaskRow("pose", "pose", "pose.json", "fastmae.commands.pose", "PoseConfig", "run_pose"),
+    DenseTaskRow("segment", "segmenter", "segment.json", "fastmae.commands.segment", "SegmentConfig", "run_segment",
+                 ("segmentation.png", "learning_curve.png")),
+    DenseTaskRow("detect", "detector", "detect.json", "fastmae.commands.detect", "DetectConfig", "run_detect",
+                 ("detections.json", "detections.png", "learning_curve.png")),
+    DenseTaskRow("pose", "pose", "pose.json", "fastmae.commands.pose", "PoseConfig", "run_pose",
+                 ("keypoints.json", "pose.png", "learning_curve.png")),
 )
 DENSE_KINDS = tuple(row.kind for row in DENSE_TASKS)
 

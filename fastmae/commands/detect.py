@@ -43,7 +43,7 @@ from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
 from ..models.detection import CenterNetHead
 from ..tasks import dense_task_row
-from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, run_dense
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, percent, run_dense
 from ..train.dist import gather_objects
 from ..train.runtime import Runtime
 from ..weights.backbone import dense_encoder, encoder_kwargs
@@ -157,6 +157,10 @@ def det_splits(data: DetDataConfig, det: DetParams, channels: int, seed: int) ->
         train, val = (_limit(s, data.limit) for s in (train, val))
     if not train.images:
         raise ValueError("the training annotations list no images; pass annotations with images")
+    if not any(len(b) for b in val.boxes):
+        where = f"{det.eval_annotations}: " if data.source == "coco" else ""
+        raise ValueError(f"{where}the evaluation split has no (non-crowd) box, so box AP cannot be computed; pass "
+                         f"evaluation annotations with boxes")
     warn_empty_classes(train)
     return train, val
 
@@ -285,8 +289,8 @@ class DetectTask(DenseTask):
 
     def summary(self, cfg: DetectConfig, result: dict) -> str:
         mode = "fine-tuned" if cfg.finetune else "frozen"
-        return (f"detection ({mode} {cfg.init}, {cfg.optim.epochs} epochs): box mAP {result['map']:.2f}%  AP50 "
-                f"{result['map50']:.2f}%  AP75 {result['map75']:.2f}%")
+        return (f"detection ({mode} {cfg.init}, {cfg.optim.epochs} epochs): box mAP {percent(result['map'])}  AP50 "
+                f"{percent(result['map50'])}  AP75 {percent(result['map75'])}")
 
 
 TASK = DetectTask()

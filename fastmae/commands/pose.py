@@ -48,7 +48,7 @@ from ..metrics.pose import coco_keypoint_metrics, pck
 from ..models.pose import PoseModel, build_head, flip_index, set_norm_eps, vitpose_padding
 from ..models.vit import LN_EPS
 from ..tasks import dense_task_row
-from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, run_dense
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, percent, run_dense
 from ..train.dist import gather_objects, print0
 from ..train.runtime import Runtime
 from ..weights.backbone import dense_encoder, encoder_kwargs
@@ -201,6 +201,11 @@ def flip_of(names: list[str], pairs: tuple[int, ...]) -> list[int]:
     K = len(names)
     if any(i >= K for i in pairs):
         raise ValueError(f"--pose.flip_pairs {list(pairs)} names keypoints beyond the {K} of the data (0..{K - 1})")
+    twice = sorted({i for i in pairs if pairs.count(i) > 1})
+    if twice or any(a == b for a, b in zip(pairs[::2], pairs[1::2])):
+        raise ValueError(f"--pose.flip_pairs {list(pairs)} puts keypoint{'s' if len(twice) > 1 else ''} "
+                         f"{twice or [a for a, b in zip(pairs[::2], pairs[1::2]) if a == b]} in more than one pair (or "
+                         f"pairs one with itself); a flip swaps each keypoint with at most one partner")
     return flip_index(names, list(zip(pairs[::2], pairs[1::2])))
 
 
@@ -348,8 +353,8 @@ class PoseTask(DenseTask):
 
     def summary(self, cfg: PoseConfig, result: dict) -> str:
         mode = "fine-tuned" if cfg.finetune else "frozen"
-        return (f"pose ({mode} {cfg.init}, {cfg.optim.epochs} epochs): OKS AP {result['ap']:.2f}%  AP50 "
-                f"{result['ap50']:.2f}%  AR {result['ar']:.2f}%  PCK@0.1 {result['pck']['0.1']:.2f}%")
+        return (f"pose ({mode} {cfg.init}, {cfg.optim.epochs} epochs): OKS AP {percent(result['ap'])}  AP50 "
+                f"{percent(result['ap50'])}  AR {percent(result['ar'])}  PCK@0.1 {percent(result['pck']['0.1'])}")
 
 
 TASK = PoseTask()

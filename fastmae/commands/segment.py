@@ -43,7 +43,7 @@ from ..metrics.segmentation import confusion_counts, seg_metrics
 from ..models.dense import DenseModel
 from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
 from ..tasks import dense_task_row
-from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, run_dense
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, percent, run_dense
 from ..train.dist import all_reduce_mean
 from ..train.runtime import Runtime
 from ..weights.backbone import dense_encoder, encoder_kwargs
@@ -274,7 +274,7 @@ class SegmentTask(DenseTask):
     def summary(self, cfg: SegmentConfig, result: dict) -> str:
         mode = "fine-tuned" if cfg.finetune else "frozen"
         return (f"segmentation ({cfg.head} head, {mode} {cfg.init}, {cfg.optim.epochs} epochs): mIoU "
-                f"{result['miou']:.2f}%  pixel accuracy {result['pixel_acc']:.2f}%")
+                f"{percent(result['miou'])}  pixel accuracy {percent(result['pixel_acc'])}")
 
 
 TASK = SegmentTask()

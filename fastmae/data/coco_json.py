@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .decode import UnreadableImageError, exif_frame_note, image_header, oriented_hw
@@ -28,6 +29,50 @@ def read_coco_json(path: Path, kind: str = "instances", example: str = "instance
         raise fail(path, f"not COCO {kind} annotations (needs lists 'images', 'annotations', 'categories'; "
                          f"found {keys})", f"pass a COCO {kind} JSON (e.g. {example})")
     return data
+
+
+def check_images(path: Path, images: list[tuple[int, str]]) -> None:
+    """ValueError naming the first image id or file listed twice: its annotations would train and be scored twice."""
+    seen_ids: dict[int, str] = {}
+    seen_files: dict[str, int] = {}
+    for img_id, name in images:
+        if img_id in seen_ids:
+            raise fail(path, f"image id {img_id} is listed twice in 'images' ({seen_ids[img_id]!r} and {name!r})",
+                       "list each image once, with one id")
+        if name in seen_files:
+            raise fail(path, f"image {name!r} is listed twice in 'images' (ids {seen_files[name]} and {img_id})",
+                       "list each image once and put all its annotations on that id")
+        seen_ids[img_id], seen_files[name] = name, img_id
+
+
+def field_int(path: Path, ann: dict, key: str) -> int:
+    """An annotation's integer field (image_id, category_id), or a one-line ValueError naming the annotation."""
+    try:
+        return int(ann[key])
+    except (KeyError, TypeError, ValueError):
+        raise fail(path, f"annotation {ann.get('id', '?')} has {key} {ann.get(key)!r}",
+                   f"each annotation needs the integer {key} of its {key.split('_')[0]}") from None
+
+
+def field_float(path: Path, ann: dict, key: str, default: float) -> float:
+    """An annotation's optional number (area), `default` when absent or null, else a one-line ValueError."""
+    value = ann.get(key)
+    if value is None:
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not math.isfinite(out) or out < 0:
+        raise fail(path, f"annotation {ann.get('id', '?')} has {key} {value!r}",
+                   f"{key} is a non-negative number (or leave it out)")
+    return out
+
+
+def box_outside(box_xywh: list[float], h: int, w: int, slack: float = 0.5) -> bool:
+    """Whether a box [x, y, w, h] reaches more than `slack` pixels beyond an h x w image."""
+    x, y, bw, bh = box_xywh
+    return x < -slack or y < -slack or x + bw > w + slack or y + bh > h + slack
 
 
 def entry_hw(entry: dict) -> tuple[int, int] | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .coco_json import coco_image_size, entry_hw, fail, read_coco_json
+from .coco_json import box_outside, check_images, coco_image_size, entry_hw, fail, read_coco_json
 from .decode import warn_exif_turned
 from .dense import DenseLoader, DenseSamples, ImageStore
 from .sampler import mix_seed
@@ -162,6 +162,7 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
     except (KeyError, TypeError, ValueError) as e:
         raise fail(path, f"an image or category lacks its id or file_name ({e!r})",
                     "every image needs 'id' and 'file_name', every category 'id' and 'name'") from None
+    check_images(path, images)
     cats = list(categories) or sorted(cats)
     index = {cid: k for k, (cid, _) in enumerate(cats)}
     own = {int(c["id"]) for c in data["categories"]}
@@ -195,7 +196,7 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
         turned += upright and orientation != 1
         boxes = torch.tensor([b for b, _ in per_image[img_id]], dtype=torch.float32).view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        if len(boxes) and (boxes[:, :2].min() < -0.5 or boxes[:, 2].max() > w + 0.5 or boxes[:, 3].max() > h + 0.5):
+        if any(box_outside(b, h, w) for b, _ in per_image[img_id]):
             raise fail(path, f"a box of image {name} (id {img_id}) lies outside the {w}x{h} (WxH) image",
                         "boxes are [x, y, w, h] in the image's pixels")
         files.append(file)

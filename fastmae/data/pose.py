@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .coco_json import coco_image_size, entry_hw, fail, read_coco_json
+from .coco_json import (
+    box_outside,
+    check_images,
+    coco_image_size,
+    entry_hw,
+    fail,
+    field_float,
+    field_int,
+    read_coco_json,
+)
 from .decode import warn_exif_turned
 from .dense import DenseLoader, DenseSamples, ImageStore, to_uint8
 from .sampler import mix_seed
@@ -306,11 +315,14 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
                           f"keypoint numbers ({e!r})", "see the COCO keypoints format") from None
     if any(not (0 <= a < K and 0 <= b < K) for a, b in skeleton):
         raise fail(path, f"the skeleton {cat['skeleton']} names keypoints outside 1..{K}")
+    check_images(path, images)
     index = {i: n for n, (i, _) in enumerate(images)}
     owner, boxes, kps, areas = [], [], [], []
     skipped = {"crowd": 0, "box of zero size": 0, "no labelled keypoint": 0}
     for a in data["annotations"]:
-        if not isinstance(a, dict) or int(a.get("category_id", -1)) != cid:
+        if not isinstance(a, dict):
+            raise fail(path, f"an annotation is {a!r}, not an object", "see the COCO keypoints format")
+        if field_int(path, a, "category_id") != cid:
             continue
         aid = a.get("id", "?")
         try:
@@ -340,7 +352,7 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
         owner.append(index[img_id])
         boxes.append(bbox)
         kps.append(k)
-        areas.append(float(a.get("area") or bbox[2] * bbox[3]))
+        areas.append(field_float(path, a, "area", 0.0) or bbox[2] * bbox[3])
     split = PoseSplit(ImageStore(), [], [], torch.tensor(owner, dtype=torch.int64), torch.tensor(boxes).view(-1, 4),
                       torch.stack(kps) if kps else torch.zeros(0, K, 3), names, skeleton, cid,
                       str(cat.get("name", cid)), torch.tensor(areas))
@@ -356,6 +368,10 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
                                     f"{flags[0]} {root} or remove it from the annotations")
         hw, orientation = coco_image_size(file, img_id, sizes[n], path, max_image_pixels, upright)
         turned += upright and orientation != 1
+        for j in (split.owner == len(files)).nonzero().flatten().tolist():  # this image's instances
+            if box_outside(split.boxes[j].tolist(), *hw):
+                raise fail(path, f"a box {split.boxes[j].tolist()} of image {name} (id {img_id}) lies outside the "
+                                 f"{hw[1]}x{hw[0]} (WxH) image", "boxes are [x, y, w, h] in the image's pixels")
         files.append(file)
         hws.append(hw)
         split.image_ids.append(img_id)

@@ -130,7 +130,10 @@ def index_shards(urls: list[str], open_stream=None) -> ShardIndex:
         sizes = read_json_beside(folder / SIZES_FILE, dict)
         classes = read_json_beside(folder / CLASSES_FILE, list)
         if sizes is not None and all(os.path.basename(u) in sizes for u in urls):
-            counts = tuple(int(sizes[os.path.basename(u)]) for u in urls)
+            counts = tuple(stated_count(folder / SIZES_FILE, u, sizes[os.path.basename(u)]) for u in urls)
+            if not any(counts):
+                raise ValueError(f"{folder / SIZES_FILE} gives every shard 0 samples: there is nothing to train on; "
+                                 f"fix it, or delete it and the counts are read from the shards")
             if classes is not None:
                 return ShardIndex(tuple(urls), counts, tuple(map(str, classes)), len(classes))
     counts, top = [], -1
@@ -150,6 +153,26 @@ def index_shards(urls: list[str], open_stream=None) -> ShardIndex:
         raise ValueError(f"the shards hold no images ({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''}): "
                          f"members must be named KEY.{'|'.join(IMAGE_SUFFIXES[:5])} (webdataset layout)")
     return ShardIndex(tuple(urls), tuple(counts), (), top + 1)
+
+
+MIN_MEMBER_BYTES = 1024  # a tar member takes a 512-byte header and at least one 512-byte data block
+
+
+def stated_count(sizes_path: Path, url: str, value) -> int:
+    """A shard's sample count as sizes.json states it, checked before anything trusts it: a whole number >= 0, and no
+    more samples than the shard's bytes can hold (a local file); else a ValueError naming sizes.json and the fix."""
+    fix = "fix it, or delete it and the counts are read from the shards"
+    name = os.path.basename(url)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise ValueError(f"{sizes_path} gives shard {name} the count {value!r}, not a whole number of samples >= 0; "
+                         f"{fix}")
+    count = int(value)
+    if not _has_scheme(url) and os.path.isfile(url):
+        most = os.path.getsize(url) // MIN_MEMBER_BYTES
+        if count > most:
+            raise ValueError(f"{sizes_path} says shard {name} holds {count} samples, but its {os.path.getsize(url)} "
+                             f"bytes hold at most {most} tar members; {fix}")
+    return count
 
 
 def read_json_beside(path: Path, kind: type, fix: str = "delete it and the counts are read from the shards"):

@@ -66,6 +66,10 @@ class _ShardReader:
             if r < len(self.wanted) and self.wanted[r]:
                 self.cache[r] = sample
 
+    def shard_of(self, v: int) -> str:
+        """The shard that holds virtual ordinal v."""
+        return self.urls[self.plan.locate(v)[0]]
+
     def _open(self, v: int) -> None:
         """Open the shard holding virtual ordinal v, positioned at its first sample."""
         s, i = self.plan.locate(v)
@@ -137,7 +141,7 @@ class ShardStream(IterableDataset):
         skipped: list[tuple[str, str]] = []
         for v, seed in zip(plan.order[plan.batch_slice(k)].tolist(), seeds):
             sample = reader.get(v)
-            x, y, problem = self._decode(sample, seed, reader)
+            x, y, problem = self._decode(sample, seed, reader, v)
             if problem is not None:
                 if not self.skip_corrupt:
                     return b, None, None, skipped, problem
@@ -156,9 +160,10 @@ class ShardStream(IterableDataset):
         mean, std = self.transform["mean"], self.transform["std"]
         return b, stack_images(images, mean, std), torch.tensor(labels, dtype=torch.int64), skipped, None  # (B,C,H,W)
 
-    def _decode(self, sample: dict | None, seed: int, reader: _ShardReader) -> tuple[Any, int, Exception | None]:
+    def _decode(self, sample: dict | None, seed: int, reader: _ShardReader,
+                v: int) -> tuple[Any, int, Exception | None]:
         if sample is None:
-            url = reader.url  # the shard being read holds the sample it lacked
+            url = reader.shard_of(v)  # the shard that lacked it (a sample from the cache may be of an earlier one)
             why = reader.problems.get(url, "the sample is missing")
             e = ValueError(f"shard {url}: {why}; rewrite the shard (fastmae shard) or delete the sizes.json beside "
                            f"it so it is counted again{SKIP_HINT}")
@@ -168,6 +173,10 @@ class ShardStream(IterableDataset):
         suffix = image_member(sample)
         try:
             label = read_label(sample, where)
+            classes = self.index.num_classes
+            if self.index.classes and label >= classes:
+                raise ValueError(f"{where}.cls holds {label}, but the classes.json beside the shards names {classes} "
+                                 f"classes (0..{classes - 1}); fix the label or add the class to classes.json")
             x = load_image(f"{where}.{suffix}", data=sample[suffix],
                            generator=torch.Generator().manual_seed(seed), **self.transform)
         except ValueError as e:

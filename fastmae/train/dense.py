@@ -136,6 +136,11 @@ class DenseTask:
         raise NotImplementedError
 
 
+def percent(value: float | None) -> str:
+    """A score for a summary line: '12.34%', or 'n/a' where the metric is undefined (null in the result JSON)."""
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
 def check_multiple(size: tuple[int, int], patch: int, what: str) -> None:
     """ValueError unless the model's input (H, W) is a multiple of the patch size, naming the flag."""
     if size[0] % patch or size[1] % patch:
@@ -207,4 +212,4 @@ def run_dense(cfg, task: DenseTask) -> dict:
     return result
 
 
-__all__ = ["DatasetEvaluator", "DenseParts", "DenseTask", "check_multiple", "inference", "run_dense"]
+__all__ = ["DatasetEvaluator", "DenseParts", "DenseTask", "check_multiple", "inference", "percent", "run_dense"]

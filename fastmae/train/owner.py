@@ -24,6 +24,8 @@ RESULT_OF = {"knn.json": "knn", "linprobe.json": "linprobe", "finetune.json": "f
 COMMAND_OF_KIND = {"mae": "fastmae pretrain", "vit": "fastmae finetune", "linprobe": "fastmae linprobe",
                    **{row.kind: f"fastmae {row.command}" for row in DENSE_TASKS}}
 IGNORED = {OWNER_NAME, ".fastmae.lock"}
+# the files a dense task writes: in a folder that no fastmae run owns, they are the user's and are not replaced
+OUTPUTS_OF = {row.command: (row.result, *row.outputs) for row in DENSE_TASKS}
 
 
 def command_of(cfg) -> str | None:
@@ -46,8 +48,8 @@ def folder_command(out: Path) -> str | None:
             continue
         if kind in COMMAND_OF_KIND:
             return COMMAND_OF_KIND[kind].split()[1]
-    for name, command in RESULT_OF.items():
-        if (out / name).exists():
+    for name, command in RESULT_OF.items():  # a run's result beside its config (a file of that name alone: the user's)
+        if (out / name).exists() and (out / "config.json").exists():
             return command
     return None
 
@@ -67,6 +69,10 @@ def claim(out: Path, command: str) -> None:
     """Make `command` the owner of the (locked) folder, or a one-line ValueError when another command's run is
     there."""
     owner = folder_command(out)
+    theirs = [n for n in OUTPUTS_OF.get(command, ()) if (out / n).exists()] if owner is None else []
+    if theirs:
+        raise ValueError(f"--run.output_dir {out} holds {theirs[0]}, which no fastmae run wrote there (the folder has "
+                         f"no {OWNER_NAME}): `fastmae {command}` would replace it; pass another --run.output_dir")
     if owner is not None and owner != command and _holds_outputs(out):
         raise ValueError(f"--run.output_dir {out} holds a `fastmae {owner}` run (a folder holds one command's run, so "
                          f"none overwrites another's files); pass another --run.output_dir for `fastmae {command}`")

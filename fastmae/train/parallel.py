@@ -50,6 +50,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+SHARDED_COMMANDS = ("pretrain", "finetune")  # the commands whose models --run.parallel fsdp shards
+
+
+def fsdp_refusal(command: str) -> str:
+    """The one line for --run.parallel fsdp where nothing is sharded."""
+    return (f"--run.parallel fsdp is for fastmae pretrain and finetune (the models too large for one process); "
+            f"{command} does not shard a model: use --run.parallel ddp (the default)")
+
+
 def parallelize(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
                 shardable: bool = True) -> torch.optim.Optimizer:
     """Apply --run.activation_checkpointing and --run.parallel fsdp to `model` in place; returns the optimizer to
@@ -61,8 +70,7 @@ def parallelize(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not uses_fsdp(rt):
         return optimizer
     if not shardable:
-        raise ValueError("--run.parallel fsdp is for fastmae pretrain and finetune (the models too large for one "
-                         "process); this command trains a head on a frozen or small model: use --run.parallel ddp")
+        raise ValueError(fsdp_refusal("this command"))
     import torch.distributed as tdist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -35,7 +35,7 @@ from .dist import any_rank, barrier, gather_objects, init_distributed, print0
 from .engine import EpochResult, Task, train_one_epoch
 from .signals import StopFlag, Stopped
 from .log import RunLogger, epoch_line, run_time_left
-from .parallel import is_sharded, parallelize, unwrap_model, wrap_for_training
+from .parallel import SHARDED_COMMANDS, fsdp_refusal, is_sharded, parallelize, unwrap_model, wrap_for_training
 from .owner import COMMAND_OF_KIND, claim, command_of
 from .runlock import acquire as acquire_lock
 from .runtime import Progress, Runtime, position
@@ -70,6 +70,9 @@ def setup(run: RunConfig, cfg, write_config: bool = True) -> Runtime:
     was checked against the new flags, so a refused command never overwrites the config of the run it refused.
     write_config=False leaves it to the command (the evaluation commands write it with their result).
     """
+    command = command_of(cfg)
+    if getattr(run, "parallel", "ddp") == "fsdp" and command and command not in SHARDED_COMMANDS:
+        raise ValueError(fsdp_refusal(f"`fastmae {command}`"))  # before any folder, process group or work
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     if run.num_threads > 0:

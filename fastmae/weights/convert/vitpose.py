@@ -66,6 +66,22 @@ def _labels(cfg: Mapping[str, Any], K: int) -> list[str]:
     return [f"keypoint_{k}" for k in range(K)]
 
 
+def check_config_against_weights(bb: Mapping[str, Any], pose: Mapping[str, torch.Tensor], depth: int,
+                                 patch: int) -> None:
+    """ValueError naming the first size a VitPose config.json states unlike its weights (a config of another model:
+    the model built from it would not be the one trained)."""
+    D, C, p, _ = pose["encoder.patch_embed.proj.weight"].shape
+    blocks = len({k.split(".")[2] for k in pose if k.startswith("encoder.blocks.")})
+    hidden = int(pose["encoder.blocks.0.mlp.fc1.weight"].shape[0]) if "encoder.blocks.0.mlp.fc1.weight" in pose else 0
+    stated = {"hidden_size": (bb.get("hidden_size"), D), "num_channels": (bb.get("num_channels"), C),
+              "patch_size": (patch if "patch_size" in bb else None, p), "num_hidden_layers": (depth, blocks),
+              "mlp_ratio": (bb.get("mlp_ratio"), hidden / D if hidden else None)}
+    for key, (said, found) in stated.items():
+        if said is not None and found is not None and float(said) != float(found):
+            raise ValueError(f"the VitPose config.json says {key}={said} but its weights have {found:g}: the config "
+                             f"does not belong to these weights; pass the folder save_pretrained wrote")
+
+
 def hf_vitpose_to_fastmae(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[StateDict, dict]:
     """A VitPose state dict and its config.json -> (fastmae pose state dict, pose kwargs). Refuses, in one line,
     what the fastmae pose model does not compute: ViTPose++ mixture-of-experts blocks, no qkv bias, another
@@ -96,6 +112,7 @@ def hf_vitpose_to_fastmae(sd: Mapping[str, torch.Tensor], config: Mapping[str, A
         raise ValueError("the VitPose state dict has no head.conv.weight (the heatmap layer); pass a whole "
                          "VitPoseForPoseEstimation, not its backbone alone")
     pose = from_foreign({k: v for k, v in sd.items()}, _pairs(depth, sd), "Hugging Face VitPose")
+    check_config_against_weights(bb, pose, depth, patch[0])
     D = int(pose["encoder.pos_embed"].shape[-1])
     pose["encoder.cls_token"] = torch.zeros(1, 1, D, dtype=pose["encoder.pos_embed"].dtype)
     K = int(sd["head.conv.weight"].shape[0])

@@ -1,0 +1,183 @@
+"""Faults round 4 (issue #43), each case through the CLI: one line naming the file, field and fix (exit 2), never a
+traceback, nothing a user wrote replaced, no silently wrong result."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastmae.cli import main
+from tests.helpers.cli import make_fmnist, tiny_args
+from tests.helpers.coco import write_coco, write_coco_kp
+
+TINY = ["--init", "random", "--model.name", "vit_tiny_patch4", "--model.embed_dim", "16", "--model.depth", "1",
+        "--model.num_heads", "2", "--optim.epochs", "1", "--optim.batch_size", "4", "--run.no_progress",
+        "--run.precision", "fp32", "--model.img_size", "16", "16"]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastmae: error: "), err
+    return err
+
+
+def pose_args(d, ann, out) -> list[str]:
+    return ["pose", *TINY, "--data.source", "coco", "--data.path", str(d), "--pose.annotations", str(ann),
+            "--data.eval_path", str(d), "--pose.eval_annotations", str(ann), "--run.output_dir", str(out)]
+
+
+def det_args(d, ann, ev, out) -> list[str]:
+    return ["detect", *TINY, "--data.source", "coco", "--data.path", str(d), "--det.annotations", str(ann),
+            "--data.eval_path", str(d), "--det.eval_annotations", str(ev), "--run.output_dir", str(out)]
+
+
+def edit(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("category_id", None, r"annotation 10 has category_id None; each annotation needs the integer category_id"),
+    ("area", "big", r"annotation 10 has area 'big'; area is a non-negative number"),
+])
+def test_a_bad_pose_annotation_field_is_one_line_naming_file_and_annotation(tmp_path, capsys, field, value, message):
+    d, ann = write_coco_kp(tmp_path)
+    edit(ann, lambda c: c["annotations"][0].update({field: value}))
+    assert main(pose_args(d, ann, tmp_path / "o")) == 2
+    err = one_line(capsys)
+    assert str(ann) in err and re.search(message, err)
+
+
+def test_detect_with_no_evaluation_box_is_refused_before_training(tmp_path, capsys):
+    d, ann = write_coco(tmp_path)
+    ev = tmp_path / "empty.json"
+    ev.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    assert main(det_args(d, ann, ev, tmp_path / "o")) == 2
+    assert "the evaluation split has no (non-crowd) box, so box AP cannot be computed" in one_line(capsys)
+    assert not (tmp_path / "o" / "checkpoint-0001.pt").exists()
+
+
+def test_an_image_listed_twice_is_refused(tmp_path, capsys):
+    d, ann = write_coco(tmp_path)
+    edit(ann, lambda c: c["images"].append(dict(c["images"][0])))
+    assert main(det_args(d, ann, ann, tmp_path / "o")) == 2
+    assert "image id 100 is listed twice in 'images'" in one_line(capsys)
+
+
+def test_a_pose_box_outside_its_image_is_refused(tmp_path, capsys):
+    d, ann = write_coco_kp(tmp_path)
+    edit(ann, lambda c: c["annotations"][0].update(bbox=[400.0, 300.0, 20.0, 20.0]))
+    assert main(pose_args(d, ann, tmp_path / "o")) == 2
+    assert "lies outside the 50x40 (WxH) image" in one_line(capsys)
+
+
+def test_a_keypoint_in_two_flip_pairs_is_refused(tmp_path, capsys):
+    d, ann = write_coco_kp(tmp_path)
+    assert main(pose_args(d, ann, tmp_path / "o") + ["--pose.flip_pairs", "0", "1", "1", "2"]) == 2
+    assert "puts keypoint [1] in more than one pair" in one_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["pose", "detect"])
+def test_a_users_own_result_file_in_a_plain_folder_is_not_replaced(tmp_path, capsys, command):
+    out = tmp_path / "mine"
+    out.mkdir()
+    name = {"pose": "pose.json", "detect": "detections.json"}[command]
+    (out / name).write_text('{"mine": true}')
+    if command == "pose":
+        d, ann = write_coco_kp(tmp_path)
+        args = pose_args(d, ann, out)
+    else:
+        d, ann = write_coco(tmp_path)
+        args = det_args(d, ann, ann, out)
+    assert main(args) == 2
+    assert f"holds {name}, which no fastmae run wrote there" in one_line(capsys)
+    assert (out / name).read_text() == '{"mine": true}'
+
+
+def test_recipe_given_twice_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:  # a malformed command line: refused while parsing
+        main(["finetune", "--recipe", "fmnist-small", "--recipe", "paper"])
+    assert e.value.code == 2
+    assert "--recipe is given 2 times (fmnist-small, paper)" in capsys.readouterr().err
+
+
+def test_fsdp_where_nothing_is_sharded_is_refused_before_any_work(tmp_path, capsys):
+    data = make_fmnist(tmp_path)
+    assert main(["knn", "--init", "random", "--data.path", str(data), "--run.output_dir", str(tmp_path / "k"),
+                 "--run.parallel", "fsdp"]) == 2
+    assert "--run.parallel fsdp is for fastmae pretrain and finetune" in one_line(capsys)
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_bare_memory_error_is_the_out_of_memory_line(tmp_path, capsys, monkeypatch):
+    import fastmae.commands.knn as knn
+
+    def no_memory(cfg):
+        raise MemoryError()
+
+    monkeypatch.setattr(knn, "run_knn", no_memory)
+    assert main(["knn", "--init", "random", "--run.output_dir", str(tmp_path / "k")]) == 2
+    assert "out of memory (MemoryError); use a smaller model" in one_line(capsys)
+
+
+def write_shard(folder, labels: dict[str, int]) -> None:
+    """folder/s-000000.tar with one 8x8 PNG (and .cls) per key."""
+    folder.mkdir(exist_ok=True)
+    with tarfile.open(folder / "s-000000.tar", "w") as tar:
+        for key, label in labels.items():
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8), 100, dtype=np.uint8)).save(buf, format="PNG")
+            for suffix, data in (("png", buf.getvalue()), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def shard_pretrain(tmp_path) -> list[str]:
+    args = tiny_args(tmp_path / "unused", tmp_path / "run", epochs=1)
+    args[args.index("--data.path") + 1] = str(tmp_path / "sh" / "s-000000.tar")
+    return args + ["--data.source", "shards", "--data.num_workers", "0", "--knn_every", "-1", "--figure_every", "0",
+                   "--optim.batch_size", "2", "--model.img_size", "8", "8"]
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    ("eight", r"sizes.json gives shard s-000000.tar the count 'eight', not a whole number of samples >= 0"),
+    (-8, r"sizes.json gives shard s-000000.tar the count -8"),
+    (10**9, r"sizes.json says shard s-000000.tar holds 1000000000 samples, but its \d+ bytes hold at most \d+"),
+    (0, r"sizes.json gives every shard 0 samples"),
+])
+def test_shard_counts_are_checked_before_they_are_trusted(tmp_path, capsys, sizes, message):
+    write_shard(tmp_path / "sh", {f"k{i}": i % 2 for i in range(4)})
+    (tmp_path / "sh" / "sizes.json").write_text(json.dumps({"s-000000.tar": sizes}))
+    (tmp_path / "sh" / "classes.json").write_text(json.dumps(["a", "b"]))
+    assert main(shard_pretrain(tmp_path)) == 2
+    assert re.search(message, one_line(capsys))
+
+
+def test_a_shard_label_beyond_classes_json_is_one_line(tmp_path, capsys):
+    write_shard(tmp_path / "sh", {"k0": 0, "k1": 1, "zz": 7, "k3": 1})
+    (tmp_path / "sh" / "sizes.json").write_text(json.dumps({"s-000000.tar": 4}))
+    (tmp_path / "sh" / "classes.json").write_text(json.dumps(["a", "b"]))
+    assert main(shard_pretrain(tmp_path)) == 2
+    assert "s-000000.tar#zz.cls holds 7, but the classes.json beside the shards names 2 classes" in one_line(capsys)
+
+
+def test_a_vitpose_config_unlike_its_weights_is_refused():
+    import torch
+
+    from fastmae.weights.convert.vitpose import check_config_against_weights
+
+    pose = {"encoder.patch_embed.proj.weight": torch.zeros(32, 3, 16, 16),
+            "encoder.blocks.0.mlp.fc1.weight": torch.zeros(128, 32), "encoder.blocks.0.norm1.weight": torch.zeros(32)}
+    check_config_against_weights({"hidden_size": 32, "num_channels": 3, "mlp_ratio": 4}, pose, 1, 16)
+    with pytest.raises(ValueError, match=r"config.json says hidden_size=768 but its weights have 32"):
+        check_config_against_weights({"hidden_size": 768}, pose, 1, 16)
+    with pytest.raises(ValueError, match=r"says num_hidden_layers=12 but its weights have 1"):
+        check_config_against_weights({}, pose, 12, 16)
