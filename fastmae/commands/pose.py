@@ -87,6 +87,7 @@ class PoseParams:
         "train_images": POSITIVE_INT, "eval_images": POSITIVE_INT,
         "scene_size": at_least(28, " (the Fashion-MNIST item size)"), "garments": POSITIVE_INT,
         "channels": POSITIVE_INT, "sigma": above(0), "figure_rows": NON_NEGATIVE,
+        "figure_score": ((lambda v: finite(v) and v >= 0), ">= 0"),
         "eval_every": at_least(0, " (0 = only at the end)"),
         "sigmas": ((lambda v: all(finite(s) and s > 0 for s in v)), "positive"),
         "flip_pairs": ((lambda v: len(v) % 2 == 0 and all(i >= 0 for i in v)),
@@ -131,6 +132,8 @@ class PoseParams:
     0 = only at the end)."""
     figure_rows: int = 6
     """Evaluation instances shown in pose.png."""
+    figure_score: float = 0.0
+    """Predicted keypoints drawn in pose.png: those scoring at least this (heatmap peak values; 0: all)."""
 
 
 @dataclass(frozen=True)
@@ -239,19 +242,23 @@ class PoseEvaluator(DatasetEvaluator):
 
 
 def coco_results(split: PoseSplit, preds: dict[int, torch.Tensor]) -> list[dict]:
-    """COCO keypoint results: one per instance, its score the mean of its keypoint scores above KEYPOINT_SCORE."""
+    """COCO keypoint results: one per instance, its score the mean of its keypoint scores above KEYPOINT_SCORE
+    (mmpose's), or of all of them when none is above (mmpose gives those 0, which ties every such instance and
+    ranks them at random in COCOeval; heatmap peaks of a well-trained small model can all lie below 0.2)."""
     out = []
     for i in sorted(preds):
         k = preds[i]
         good = k[:, 2] > KEYPOINT_SCORE
-        score = float(k[good, 2].mean()) if good.any() else 0.0
+        score = float(k[good, 2].mean()) if good.any() else float(k[:, 2].mean())
         out.append({"image_id": split.image_ids[int(split.owner[i])], "category_id": split.category_id,
                     "keypoints": [round(v, 3) for v in k.flatten().tolist()], "score": score})
     return out
 
 
-def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: Path, rows: int) -> Path:
-    """Per evaluation instance, its crop with the true (green) and the predicted (red) skeleton and keypoints."""
+def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: Path, rows: int,
+                     min_score: float = 0.0) -> Path:
+    """Per evaluation instance, its crop with the true (green) and the predicted (red) skeleton and keypoints (those
+    scoring at least min_score)."""
     split = loader.split
     cells = []
     for i in range(min(rows, len(split.boxes))):
@@ -262,10 +269,11 @@ def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: P
         pred = preds[i].clone()
         pred[:, :2] = apply_matrix(t["matrix"], pred[:, :2])
         panels = []
-        for kp, colour, thr in ((truth, (40, 200, 40), 0.5), (pred, (230, 40, 40), KEYPOINT_SCORE)):
+        for kp, colour, shown in ((truth, (40, 200, 40), lambda v: v > 0.5), (pred, (230, 40, 40),
+                                                                              lambda v: v >= min_score)):
             pil = to_pil(img, scale)
             draw = ImageDraw.Draw(pil)
-            pts = [(float(x) * scale, float(y) * scale) if v > thr else None for x, y, v in kp.tolist()]
+            pts = [(float(x) * scale, float(y) * scale) if shown(v) else None for x, y, v in kp.tolist()]
             for a, b in split.skeleton:
                 if pts[a] and pts[b]:
                     draw.line([pts[a], pts[b]], fill=colour, width=2)
@@ -274,7 +282,7 @@ def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: P
                     draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
             panels.append(pil)
         cells.append(panels)
-    return save_grid(("ground truth", f"prediction (score > {KEYPOINT_SCORE})"), cells, path)
+    return save_grid(("ground truth", f"prediction (score >= {min_score:g})"), cells, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,7 +357,8 @@ class PoseTask(DenseTask):
         atomic_write_text(json.dumps(coco_results(parts.state["val"], preds)), out_dir / "keypoints.json")
         if not cfg.pose.figure_rows:
             return []
-        return [save_pose_figure(parts.val_loader, preds, out_dir / "pose.png", cfg.pose.figure_rows)]
+        return [save_pose_figure(parts.val_loader, preds, out_dir / "pose.png", cfg.pose.figure_rows,
+                                 cfg.pose.figure_score)]
 
     def summary(self, cfg: PoseConfig, result: dict) -> str:
         mode = "fine-tuned" if cfg.finetune else "frozen"

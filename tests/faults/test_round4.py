@@ -181,3 +181,16 @@ def test_a_vitpose_config_unlike_its_weights_is_refused():
         check_config_against_weights({"hidden_size": 768}, pose, 1, 16)
     with pytest.raises(ValueError, match=r"says num_hidden_layers=12 but its weights have 1"):
         check_config_against_weights({}, pose, 12, 16)
+
+
+def test_instances_whose_keypoints_all_score_low_keep_a_ranking_score():
+    import torch
+
+    from fastmae.commands.pose import coco_results
+    from fastmae.data.pose import PoseSplit
+
+    split = PoseSplit(None, [7, 8], ["a", "b"], torch.tensor([0, 1]), torch.zeros(2, 4), torch.zeros(2, 2, 3),
+                      ["p", "q"], [])
+    low = {0: torch.tensor([[1.0, 1.0, 0.08], [2.0, 2.0, 0.12]]), 1: torch.tensor([[1.0, 1.0, 0.5], [2.0, 2.0, 0.1]])}
+    scores = [r["score"] for r in coco_results(split, low)]
+    assert scores == pytest.approx([0.10, 0.5])  # all below 0.2: their mean, not 0; else the mean of those above
