@@ -4,8 +4,11 @@ Two runs in one output folder would overwrite each other's checkpoints and log w
 file holds the owner's pid, host and process start time, and its holder touches it every HEARTBEAT_S seconds.
 A lock is stale, and taken over, when on this host its process is gone or the pid now belongs to another
 process (another start time), or, on any host (a preempted job resumed on another node), when it has not been
-touched for STALE_AFTER_S seconds. Creating it with O_EXCL makes the take-over race-free between two starting
-runs: only one of them creates the file.
+touched for STALE_AFTER_S seconds. A run that finds a recent lock of another host waits for it (saying so once,
+with the time left) instead of failing: a job requeued on another node after its holder was killed goes on by
+itself once the lock is stale, while a live holder, whose heartbeat touches the lock, keeps the folder (the
+waiting run is refused at the first touch). Creating it with O_EXCL makes the take-over race-free between two
+starting runs: only one of them creates the file.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 LOCK_NAME = ".fastmae.lock"
 HEARTBEAT_S = 30.0  # a live holder touches its lock this often
 STALE_AFTER_S = 300.0  # a lock untouched this long belongs to no live run, wherever it was taken
+POLL_S = 5.0  # how often a run waiting for another host's lock looks at it
 _held: dict[Path, int] = {}  # lock path -> pid that took it (a forked child does not own its parent's lock)
 _beat: threading.Thread | None = None
 
@@ -104,6 +108,35 @@ def _hold(path: Path) -> Path:
     return path
 
 
+def _in_use(folder: str | Path, path: Path, owner: dict, here: bool) -> RunFolderInUseError:
+    return RunFolderInUseError(
+        f"{folder} is in use by another fastmae run (pid {owner['pid']}"
+        f"{'' if here else ' on ' + owner['host']}, lock touched {owner['age']:.0f} s ago); wait for it, or "
+        f"pass another --run.output_dir; if no fastmae run uses the folder, remove {path}")
+
+
+def _wait_for_stale(folder: str | Path, path: Path, owner: dict) -> None:
+    """Wait until another host's lock is stale (untouched for STALE_AFTER_S) or gone; RunFolderInUseError as soon
+    as it is touched (its holder is alive). Says once what it waits for."""
+    try:
+        touched = path.stat().st_mtime
+    except FileNotFoundError:
+        return
+    left = STALE_AFTER_S - (time.time() - touched)
+    print(f"fastmae: {folder} is locked by pid {owner['pid']} on {owner['host']}, last touched {owner['age']:.0f} s "
+          f"ago (a requeued job's killed run?); waiting up to {max(left, 0):.0f} s for the lock to go stale: a live run "
+          f"touches it every {HEARTBEAT_S:.0f} s and keeps the folder", flush=True)
+    while time.time() - touched <= STALE_AFTER_S:
+        time.sleep(min(POLL_S, max(STALE_AFTER_S - (time.time() - touched), 0) + 0.01))
+        try:
+            now = path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released
+        if now != touched:  # its holder's heartbeat: alive
+            current = _owner(path) or owner
+            raise _in_use(folder, path, current, False)
+
+
 def acquire(folder: str | Path) -> Path:
     """Take the lock on `folder` (which exists), taking over a stale one; RunFolderInUseError if it is held.
 
@@ -118,12 +151,11 @@ def acquire(folder: str | Path) -> Path:
         if owner is not None and (owner["pid"] == os.getpid() and here):
             return _hold(path)
         if owner is not None and _live(owner, here):
-            raise RunFolderInUseError(
-                f"{folder} is in use by another fastmae run (pid {owner['pid']}"
-                f"{'' if here else ' on ' + owner['host']}, lock touched {owner['age']:.0f} s ago); wait for it, or "
-                f"pass another --run.output_dir; if no fastmae run uses the folder, remove {path}"
-                f"{'' if here else f' (it is taken over by itself {STALE_AFTER_S:.0f} s after its last touch)'}"
-            )
+            if here:
+                raise _in_use(folder, path, owner, here)
+            _wait_for_stale(folder, path, owner)  # another host: its run may be gone (a requeued job)
+            if not path.exists():
+                continue
         path.unlink(missing_ok=True)  # stale: its process is gone or silent (or the file is unreadable)
     raise RunFolderInUseError(f"{folder} is in use by another fastmae run (its lock {path} keeps reappearing); "
                               f"wait for it, or pass another --run.output_dir")

@@ -271,9 +271,8 @@ def test_a_lock_of_an_unrelated_live_process_or_a_silent_node_is_stale(tmp_path,
     lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "start": "0"}))  # pid 1 started at tick 14+
     assert runlock.acquire(out) == lock and json.loads(lock.read_text())["pid"] == os.getpid()
     runlock.release(lock)
-    lock.write_text(json.dumps({"pid": 4242, "host": "node-17", "start": "99"}))  # fresh: maybe alive over there
-    with pytest.raises(runlock.RunFolderInUseError, match=r"pid 4242 on node-17.*remove .*\.fastmae\.lock"):
-        runlock.acquire(out)
+    # a fresh lock of another host is waited for (tests/faults/test_round4.py: taken once silent, kept while touched)
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-17", "start": "99"}))
     old = time.time() - runlock.STALE_AFTER_S - 5
     os.utime(lock, (old, old))  # untouched for longer than a live holder ever is
     assert runlock.acquire(out) == lock

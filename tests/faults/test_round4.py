@@ -194,3 +194,50 @@ def test_instances_whose_keypoints_all_score_low_keep_a_ranking_score():
     low = {0: torch.tensor([[1.0, 1.0, 0.08], [2.0, 2.0, 0.12]]), 1: torch.tensor([[1.0, 1.0, 0.5], [2.0, 2.0, 0.1]])}
     scores = [r["score"] for r in coco_results(split, low)]
     assert scores == pytest.approx([0.10, 0.5])  # all below 0.2: their mean, not 0; else the mean of those above
+
+
+def write_foreign_lock(folder, pid: int = 4242) -> None:
+    (folder / ".fastmae.lock").write_text(json.dumps({"pid": pid, "host": "node-that-was-preempted", "start": "1"}))
+
+
+def test_a_requeued_job_waits_for_another_hosts_silent_lock_then_takes_it(tmp_path, monkeypatch, capsys):
+    import fastmae.train.runlock as runlock
+
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(runlock, "POLL_S", 0.1)
+    write_foreign_lock(tmp_path)
+    path = runlock.acquire(tmp_path)
+    out = capsys.readouterr().out
+    assert "locked by pid 4242 on node-that-was-preempted" in out and "waiting up to 1 s" in out
+    assert json.loads(path.read_text())["pid"] == __import__("os").getpid()
+    runlock.release(path)
+
+
+def test_a_live_holder_on_another_host_keeps_its_folder(tmp_path, monkeypatch):
+    import os
+    import threading
+    import time
+
+    import fastmae.train.runlock as runlock
+
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 5.0)
+    monkeypatch.setattr(runlock, "POLL_S", 0.05)
+    write_foreign_lock(tmp_path)
+    lock = tmp_path / ".fastmae.lock"
+    stop = threading.Event()
+
+    def heartbeat():  # the other host's run, alive
+        while not stop.wait(0.2):
+            os.utime(lock, (time.time() + 1, time.time() + 1))
+
+    beat = threading.Thread(target=heartbeat)
+    beat.start()
+    try:
+        t0 = time.time()
+        with pytest.raises(runlock.RunFolderInUseError, match="in use by another fastmae run .pid 4242 on node-that"):
+            runlock.acquire(tmp_path)
+        assert time.time() - t0 < 2.0  # refused at the first touch, not after the stale time
+    finally:
+        stop.set()
+        beat.join()
+    assert json.loads(lock.read_text())["pid"] == 4242
