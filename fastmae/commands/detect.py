@@ -213,7 +213,7 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
     names = dict(zip(split.category_ids, split.classes))
     cells = []
     for i in range(min(rows, len(split.images))):
-        img = split.images.load(i).float() / 255
+        img = split.images.load_for_display(i).float() / 255  # in colour, whatever the encoder reads
         h, w = img.shape[-2:]
         scale = enlargement(h, w, 168)
         panels = []
@@ -228,10 +228,15 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
                           names[r["category_id"]], r["score"]) for r in by_image.get(split.image_ids[i], [])
                          if r["score"] >= min_score]
                 colour = (230, 40, 40)
+            taken: list[tuple[float, float]] = []  # label places so far: two labels at one place are stacked
             for b, name, score in items:
                 box = [v * scale for v in b]
                 draw.rectangle(box, outline=colour, width=2)
-                draw.text((box[0] + 2, box[1] + 1), name if score is None else f"{name} {score:.2f}", fill=colour)
+                x, y = box[0] + 2, box[1] + 1
+                while any(abs(x - tx) < 40 and abs(y - ty) < 11 for tx, ty in taken):
+                    y += 11
+                taken.append((x, y))
+                draw.text((x, y), name if score is None else f"{name} {score:.2f}", fill=colour)
             panels.append(pil)
         cells.append(panels)
     return save_grid(("ground truth", f"detections (score >= {min_score})"), cells, path)

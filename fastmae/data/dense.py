@@ -14,18 +14,22 @@ workers as uint8 and are normalised on the device the batch is delivered to (`Lo
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .decode import UnreadableImageError, decode_image_uint8, image_header, oriented_hw
 from .files import ignore_stop_signals, shutdown_workers
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +94,17 @@ class ImageStore:
             raise ValueError(f"image {file} is now {now_w}x{now_h} (WxH) but was {w}x{h} when the run started; do "
                              f"not change images during a run")
         return x
+
+    def load_for_display(self, i: int) -> torch.Tensor:
+        """Image i as (C, h, w) uint8 to draw: files in colour (3 channels) whatever the model reads."""
+        if self.memory is not None:
+            return self.memory[i]
+        keep = self.channels
+        try:
+            self.channels = 3 if keep in (1, 3) else keep
+            return self.load(i)
+        finally:
+            self.channels = keep
 
     def subset(self, indices: Sequence[int]) -> ImageStore:
         """The images at `indices`, in that order."""
@@ -200,6 +215,23 @@ class DenseLoader(SampledLoader):
             yield self.deliver(images), targets
 
 
+def warn_colour_dropped(files: Sequence[Path], channels: int, root: str | Path) -> bool:
+    """Say once when a 1-channel model will read colour images (the first file's mode, from its header): they are
+    read as grey. True when said."""
+    if channels != 1 or not files:
+        return False
+    try:
+        with Image.open(files[0]) as img:
+            mode = img.mode
+    except OSError:
+        return False
+    if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        log.warning("images under %s are colour (%s is %s) and the encoder takes 1 channel: they are read as grey; "
+                    "use a 3-channel encoder (--data.channels 3) to keep their colour", root, files[0], mode)
+        return True
+    return False
+
+
 def image_sizes(files: Sequence[Path], max_image_pixels: int, upright: bool) -> list[tuple[tuple[int, int], int]]:
     """(stored (h, w), EXIF orientation) of each file from its header alone (nothing decoded)."""
     out = []
@@ -211,4 +243,4 @@ def image_sizes(files: Sequence[Path], max_image_pixels: int, upright: bool) -> 
     return out
 
 
-__all__ = ["DenseLoader", "DenseSamples", "ImageStore", "image_sizes", "to_uint8"]
+__all__ = ["DenseLoader", "DenseSamples", "ImageStore", "image_sizes", "to_uint8", "warn_colour_dropped"]

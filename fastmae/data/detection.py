@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .coco_json import box_outside, check_images, coco_image_size, entry_hw, fail, read_coco_json
 from .decode import warn_exif_turned
-from .dense import DenseLoader, DenseSamples, ImageStore
+from .dense import DenseLoader, DenseSamples, ImageStore, warn_colour_dropped
 from .sampler import mix_seed
 from .segmentation import scene_layout
 from .sources import FASHION_MNIST_CLASSES, check_dir, load_fashion_mnist
@@ -206,6 +206,7 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
         ids.append(img_id)
         names.append(str(file))
     warn_exif_turned(turned, len(images), root, "boxes")
+    warn_colour_dropped(files, channels, root)
     store = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
     return DetSplit(store, boxes_of, labels_of, ids, names, [n for _, n in cats], [c for c, _ in cats], data)
 

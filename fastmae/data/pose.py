@@ -42,7 +42,7 @@ from .coco_json import (
     read_coco_json,
 )
 from .decode import warn_exif_turned
-from .dense import DenseLoader, DenseSamples, ImageStore, to_uint8
+from .dense import DenseLoader, DenseSamples, ImageStore, to_uint8, warn_colour_dropped
 from .sampler import mix_seed
 from .sources import check_dir, load_fashion_mnist
 
@@ -377,6 +377,7 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
         split.image_ids.append(img_id)
         split.names.append(str(file))
     split.images = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
+    warn_colour_dropped(files, channels, root)
     warn_exif_turned(turned, len(used), root, "keypoints")
     split.skipped = {k: v for k, v in skipped.items() if v}
     split.coco = pose_coco_dict(split)

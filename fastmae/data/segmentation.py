@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .decode import exif_frame_note, oriented_hw, pillow_pixel_check, warn_exif_turned
-from .dense import DenseLoader, DenseSamples, ImageStore, image_sizes
+from .dense import DenseLoader, DenseSamples, ImageStore, image_sizes, warn_colour_dropped
 from .sampler import mix_seed
 from .sources import FASHION_MNIST_CLASSES, check_dir, find_images, load_fashion_mnist
 
@@ -183,6 +183,7 @@ def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple
         hws.append(hw)
         notes.append(note)
     warn_exif_turned(turned, len(files), img_dir, "label maps")
+    warn_colour_dropped(files, channels, img_dir)
     store = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
     return SegSplit(store, None, [str(f) for f in files], label_files=labels, frame_notes=notes)
 

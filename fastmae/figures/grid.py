@@ -26,15 +26,18 @@ def enlargement(H: int, W: int, min_side: int) -> int:
 
 
 def save_grid(titles: Sequence[str], rows: Sequence[Sequence[Image.Image]], path: str | Path) -> Path:
-    """A PNG of equal-size cells under column titles, one row per sample; written atomically (figures of
-    `pretrain`, `visualize` and `segment`)."""
-    cw, ch = rows[0][0].size
+    """A PNG of cells under column titles, one row per sample: each column as wide as its widest cell, each row as
+    high as its tallest (images of several sizes neither overlap nor get cut); written atomically."""
     pad, head = 4, 18
-    grid = Image.new("RGB", (len(titles) * (cw + pad) + pad, head + len(rows) * (ch + pad) + pad), "white")
+    widths = [max(cells[j].size[0] for cells in rows if j < len(cells)) for j in range(len(titles))]
+    heights = [max(cell.size[1] for cell in cells) for cells in rows]
+    lefts = [pad + sum(w + pad for w in widths[:j]) for j in range(len(titles))]
+    tops = [head + sum(h + pad for h in heights[:i]) for i in range(len(rows))]
+    grid = Image.new("RGB", (lefts[-1] + widths[-1] + pad, tops[-1] + heights[-1] + 2 * pad), "white")
     draw = ImageDraw.Draw(grid)
     for j, title in enumerate(titles):
-        draw.text((pad + j * (cw + pad), 3), title, fill="black")
+        draw.text((lefts[j], 3), title, fill="black")
     for i, cells in enumerate(rows):
         for j, cell in enumerate(cells):
-            grid.paste(cell, (pad + j * (cw + pad), head + i * (ch + pad)))
+            grid.paste(cell, (lefts[j], tops[i]))
     return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

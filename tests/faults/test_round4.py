@@ -241,3 +241,26 @@ def test_a_live_holder_on_another_host_keeps_its_folder(tmp_path, monkeypatch):
         stop.set()
         beat.join()
     assert json.loads(lock.read_text())["pid"] == 4242
+
+
+def test_a_grid_of_images_of_several_sizes_neither_overlaps_nor_cuts(tmp_path):
+    from fastmae.figures.grid import save_grid
+
+    red, blue = Image.new("RGB", (30, 50), (255, 0, 0)), Image.new("RGB", (60, 20), (0, 0, 255))
+    path = save_grid(("a", "b"), [[red, blue], [blue, red]], tmp_path / "g.png")
+    grid = np.asarray(Image.open(path))
+    assert grid.shape[1] >= 4 + 60 + 4 + 60 + 4 and grid.shape[0] >= 18 + 50 + 4 + 50 + 4
+    assert (grid[..., 0] == 255).sum() + 0 >= 2 * 30 * 50  # both red cells whole, nothing drawn over
+    assert ((grid[..., 2] == 255) & (grid[..., 0] == 0)).sum() == 2 * 60 * 20  # both blue cells whole
+
+
+def test_colour_images_for_a_grey_encoder_are_said_once_and_drawn_in_colour(tmp_path, caplog):
+    import logging
+
+    from fastmae.data.detection import read_coco
+
+    d, ann = write_coco(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        split = read_coco(str(d), str(ann), 1, ("--data.path", "--det.annotations"))
+    assert caplog.text.count("are colour") == 1 and "read as grey" in caplog.text
+    assert split.images.load(0).shape[0] == 1 and split.images.load_for_display(0).shape[0] == 3
