@@ -96,6 +96,11 @@ class AnnotatedSourceConfig(SourceConfig):
 
     RULES: ClassVar[dict[str, Rule]] = {"num_workers": NON_NEGATIVE}
 
+    path: str = FASHION_MNIST_DIR
+    """Training images: the Fashion-MNIST IDX folder (the built-in scenes), or the folder the annotations name
+    their images in (--data.source coco: each image's file_name is relative to it; folder: the images)."""
+    eval_path: str = ""
+    """Evaluation images, as --data.path (the built-in scenes use the t10k files of --data.path)."""
     num_workers: int = 2
     """DataLoader worker processes that decode, place (letterbox, crop) and augment image files (0: in the main
     process); files are read when a batch needs them, never all held in memory. The generated built-in scenes are

@@ -61,11 +61,15 @@ def convert(src: str | Path, dst: str | Path, to: formats.Target = "fastmae", nu
         raise ValueError(f"{taken[0]} exists; fastmae convert does not overwrite files: pass another --output or "
                          f"remove it first")
     src = find_source(Path(src).expanduser())
-    pose = read_pose(src) if to == "hf" else None
+    pose = read_pose(src) if to in ("hf", "fastmae") else None  # a whole pose model stays whole
     if pose is None:
         sd, config = formats.read_file(src)
         kind, sd, kw, extra = formats.to_fastmae(sd, config, num_heads, decoder_num_heads, img_size)
     try:
+        if pose is not None and to == "fastmae":
+            meta = {"kind": "pose", "model_kwargs": pose.kwargs, "source": str(src), "mean": list(pose.mean),
+                    "std": list(pose.std)}
+            return formats.save_fastmae(dst, pose.state_dict, meta)
         if pose is not None:
             return _write_vitpose(dst, pose)
         return _write(dst, to, src, kind, sd, kw, extra)

@@ -121,6 +121,12 @@ def test_hf_vitpose_folder_loads_fine_tunes_and_exports(tmp_path, capsys):
     ours = fastmae.load(out)
     with torch.no_grad():
         torch.testing.assert_close(again(pixel_values=x).heatmaps, ours(x), atol=1e-4, rtol=0)
+    # --to fastmae keeps the whole pose model (head included), of the run and of the VitPose folder alike
+    for i, src in enumerate((out, tmp_path / "vp")):
+        assert main(["convert", "--init", str(src), "--output", str(tmp_path / f"whole{i}"), "--to", "fastmae"]) == 0
+        whole = fastmae.load(tmp_path / f"whole{i}.safetensors")
+        with torch.no_grad():
+            torch.testing.assert_close(whole(x), fastmae.load(src)(x), atol=1e-5, rtol=0)
 
 
 

@@ -134,9 +134,10 @@ def _save_text(path: Path, text: str) -> Path:
 
 def save_fastmae(path_without_ext: str | Path, sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
                  ) -> Path:
-    """Write X.safetensors and X.json (meta with 'kind' and 'model_kwargs'); returns the .safetensors path."""
-    if meta.get("kind") not in ("mae", "vit", "encoder") or not isinstance(meta.get("model_kwargs"), Mapping):
-        raise ValueError("meta needs 'kind' ('mae', 'vit' or 'encoder') and 'model_kwargs' (a dict)")
+    """Write X.safetensors and X.json (meta with 'kind' and 'model_kwargs'); returns the .safetensors path. Kinds:
+    'mae', 'vit', 'encoder', and 'pose' (a whole pose model: encoder and head)."""
+    if meta.get("kind") not in ("mae", "vit", "encoder", "pose") or not isinstance(meta.get("model_kwargs"), Mapping):
+        raise ValueError("meta needs 'kind' ('mae', 'vit', 'encoder' or 'pose') and 'model_kwargs' (a dict)")
     base = Path(path_without_ext)
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")
