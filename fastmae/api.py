@@ -97,7 +97,7 @@ def load(
         w = Weights("vit", None, variant_kwargs(name, VARIANTS), source=name)
     else:
         w = read_weights(p, num_heads=num_heads, decoder_num_heads=decoder_num_heads,
-                         variant_names=sorted(MAE_VARIANTS) + sorted(VARIANTS))
+                         variant_names=sorted(MAE_VARIANTS) + sorted(VARIANTS), norm_pix_loss=norm_pix_loss)
     if w.kind == "mae" and norm_pix_loss is not None:
         w.model_kwargs["norm_pix_loss"] = norm_pix_loss
     return _attach_stats(build_model(w).to(map_location).eval(), w)

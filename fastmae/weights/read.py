@@ -96,11 +96,12 @@ def _hf_stats(folder: Path) -> tuple[list[float], list[float]] | None:
 
 
 def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int = 0,
-                 variant_names: Sequence[str] = ()) -> Weights:
+                 variant_names: Sequence[str] = (), norm_pix_loss: bool | None = None) -> Weights:
     """Weights of any supported checkpoint (see `fastmae.load` for the list), checked against the fastmae model.
 
     num_heads / decoder_num_heads: attention heads when the checkpoint does not record them (0 = metadata or
-    config, else the standard widths).
+    config, else the standard widths). norm_pix_loss: the MAE decoder's pixel target as the caller says it (None:
+    the file's record, the release's, else raw pixels with a warning).
     """
     src = find_source(Path(path).expanduser(), variant_names)
     try:
@@ -113,7 +114,9 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
                          f"delete it (rm {src}) and it is downloaded again") from None
     kind, sd, kw, extra = to_fastmae(sd, config, num_heads, decoder_num_heads)
     release = hub.RELEASES.get(hub.release_name(src) or "")
-    if kind == "mae" and "norm_pix_loss" not in kw and release is not None and release.norm_pix_loss is not None:
+    if kind == "mae" and norm_pix_loss is not None:
+        kw["norm_pix_loss"] = norm_pix_loss  # said by the caller: nothing to guess or warn about
+    elif kind == "mae" and "norm_pix_loss" not in kw and release is not None and release.norm_pix_loss is not None:
         kw["norm_pix_loss"] = release.norm_pix_loss  # official files do not record their pixel target
     elif kind == "mae" and "norm_pix_loss" not in kw and not src.is_dir() and src.suffix not in (".pt", ".safetensors"):
         full = ", ".join(n for n in hub.RELEASES if n.endswith("_full"))
@@ -130,7 +133,10 @@ def read_weights(path: str | Path, *, num_heads: int = 0, decoder_num_heads: int
         mean, std = default_stats(channels)
         if src.suffix in (".pt", ".safetensors") and extra.get("source_format", "").startswith("fastmae"):
             # a fastmae checkpoint or export copied without its .json (official .pth files never record it)
-            warnings.warn(f"{src} has no metadata beside it (its .json): guessed data mean {mean}, std {std}"
+            beside = src.with_suffix(".json")
+            where = (f"{beside} records no data normalisation" if beside.is_file()
+                     else f"{src} has no metadata beside it (its .json)")
+            warnings.warn(f"{where}: guessed data mean {mean}, std {std}"
                           + (", norm_pix_loss False" if kind == "mae" and "norm_pix_loss" not in kw else "")
                           + "; pass --data.mean/--data.std (and --model.norm_pix_loss) if they differ",
                           RuntimeWarning, stacklevel=2)
