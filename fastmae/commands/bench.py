@@ -178,7 +178,15 @@ def time_transports(cfg: BenchConfig, loader, device: torch.device, workers: int
             rates[uint8].append(time_loader(loaders[uint8], cfg.bench.data_batches, workers, device))
     best = {k: max(v, key=lambda r: r["img_per_s"]) for k, v in rates.items()}
     return {**best[True], "float32_img_per_s": best[False]["img_per_s"], "float32_batch_bytes": best[True][
-        "batch_bytes"] * 4, "worker_time_saved": 1 - best[False]["img_per_s"] / best[True]["img_per_s"]}
+        "batch_bytes"] * 4, "uint8_speedup": best[True]["img_per_s"] / max(best[False]["img_per_s"], 1e-9)}
+
+
+def nbytes(n: float) -> str:
+    """A size in the unit that shows it: '9.2 MiB', '48.0 KiB', '512 B'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -234,10 +242,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         who = "in the main process" if n == 0 else f"{n} worker{'s' if n > 1 else ''}"
         line = f"# loader ({cfg.data.source}, {who}): {loader['img_per_s']:.0f} img/s"
         if "float32_img_per_s" in loader:
-            line += (f" sending uint8 batches of {loader['batch_bytes'] / 2**20:.1f} MiB, normalised on {device} "
-                     f"({loader['float32_img_per_s']:.0f} img/s normalising in the workers, "
-                     f"{loader['float32_batch_bytes'] / 2**20:.1f} MiB a batch: "
-                     f"{100 * loader['worker_time_saved']:.0f}% of the workers' time saved)")
+            line += (f" with uint8 batches of {nbytes(loader['batch_bytes'])} normalised on {device}, "
+                     f"{loader['float32_img_per_s']:.0f} img/s with float32 batches of "
+                     f"{nbytes(loader['float32_batch_bytes'])} normalised in the workers: uint8 at "
+                     f"{loader['uint8_speedup']:.2f}x the rate")
         if model_ips:
             limit = "the loader" if loader["img_per_s"] < model_ips else "the model"
             line += f" vs pretraining step {model_ips:.0f} img/s: {limit} is the limit"

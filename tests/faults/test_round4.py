@@ -264,3 +264,9 @@ def test_colour_images_for_a_grey_encoder_are_said_once_and_drawn_in_colour(tmp_
         split = read_coco(str(d), str(ann), 1, ("--data.path", "--det.annotations"))
     assert caplog.text.count("are colour") == 1 and "read as grey" in caplog.text
     assert split.images.load(0).shape[0] == 1 and split.images.load_for_display(0).shape[0] == 3
+
+
+def test_bench_says_what_it_measured_of_the_transports():
+    from fastmae.commands.bench import nbytes
+
+    assert (nbytes(9.2 * 2**20), nbytes(48 * 2**10), nbytes(512)) == ("9.2 MiB", "48.0 KiB", "512 B")
