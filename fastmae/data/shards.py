@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,16 +190,37 @@ def read_json_beside(path: Path, kind: type, fix: str = "delete it and the count
     return value
 
 
+MAX_MEMBER_BYTES = 2**30  # a tar member declaring more is refused before it is read (members are read into memory)
+
+
+def tar_members(fileobj, url: str):
+    """{'fname', 'data'} of each regular member of a tar stream, as webdataset's tar_file_iterator gives them
+    (webdataset's `__*__` metadata members skipped), each refused by its declared size before it is read: a sparse
+    member (a 10 GB hole in a few KB) or one over MAX_MEMBER_BYTES is a ValueError naming it."""
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            if info.issparse() or info.size > MAX_MEMBER_BYTES:
+                kind = "a sparse member" if info.issparse() else "a member"
+                raise ValueError(f"shard {url}: {info.name} is {kind} of {info.size} bytes once read, more than an "
+                                 f"image of a shard may take ({MAX_MEMBER_BYTES // 2**20} MiB); rewrite the shard "
+                                 f"without it")
+            yield {"fname": info.name, "data": tar.extractfile(info).read()}
+            tar.members = []  # a stream's members are not kept
+
+
 def iterate_samples(url: str, open_stream=None, handler=None):
-    """The grouped samples ({'__key__', suffix: bytes, ...}) of one shard, in stored order, read by webdataset."""
+    """The grouped samples ({'__key__', suffix: bytes, ...}) of one shard, in stored order: webdataset's stream
+    opener and key grouping over `tar_members`."""
     from webdataset.gopen import gopen
     from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    from webdataset.tariterators import group_by_keys
 
     handler = handler or reraise_exception
     stream = (open_stream or gopen)(url)
     try:
-        files = tar_file_iterator(stream, handler=handler)
+        files = tar_members(stream, url)
         tagged = ({**f, "__url__": url} for f in files)
         yield from group_by_keys(tagged, handler=handler)  # KEY.SUFFIX: webdataset's own keys, suffix lower-cased
     finally:

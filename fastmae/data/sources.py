@@ -36,6 +36,19 @@ MAX_IDX_BYTES = 16 * 2**30  # an IDX header declaring more is refused before any
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+def read_at_most(f, n: int, chunk: int = 16 * 2**20) -> bytes:
+    """Up to n bytes of a file object, read a chunk at a time: memory follows what the file holds, not what its header
+    claims (a single read(n) of a gzip stream reserves n bytes first)."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(min(chunk, n - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
     """An IDX file (.gz or raw) as a numpy array; ValueError on a bad magic number or truncated data.
 
@@ -61,7 +74,7 @@ def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
             if expected > MAX_IDX_BYTES:
                 raise ValueError(f"{path}: the IDX header declares {dims} ({expected / 2**30:.1f} GiB), more than "
                                  f"{MAX_IDX_BYTES / 2**30:.0f} GiB; is it the right file?")
-            body = f.read(expected + 1)
+            body = read_at_most(f, expected + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt, download it again") from e
     if len(body) != expected:

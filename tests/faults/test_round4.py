@@ -270,3 +270,38 @@ def test_bench_says_what_it_measured_of_the_transports():
     from fastmae.commands.bench import nbytes
 
     assert (nbytes(9.2 * 2**20), nbytes(48 * 2**10), nbytes(512)) == ("9.2 MiB", "48.0 KiB", "512 B")
+
+
+def test_a_sparse_tar_member_is_refused_by_its_declared_size_before_it_is_read(tmp_path):
+    import shutil
+    import subprocess
+
+    from fastmae.data.shards import index_shards
+
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar writes the sparse member")
+    hole = tmp_path / "k0.png"
+    with open(hole, "wb") as f:
+        f.truncate(3 * 2**30)  # 3 GiB, a few KB on disk and in the tar
+    subprocess.run(["tar", "-S", "-cf", str(tmp_path / "s.tar"), "-C", str(tmp_path), "k0.png"], check=True)
+    assert (tmp_path / "s.tar").stat().st_size < 2**20
+    with pytest.raises(ValueError, match=r"s.tar: k0.png is a sparse member of 3221225472 bytes once read"):
+        index_shards([str(tmp_path / "s.tar")])
+
+
+def test_an_idx_header_claiming_more_than_its_data_reserves_nothing_up_front(tmp_path):
+    import gzip
+    import struct
+    import tracemalloc
+
+    from fastmae.data.sources import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:  # a header for 20,000 x 100 x 100 bytes (200 MB), 10 bytes of data
+        f.write(struct.pack(">I", 2051) + struct.pack(">3I", 20000, 100, 100) + b"\0" * 10)
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(path, 2051)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20  # a 16 MiB read at a time, not the 200 MB the header claims
