@@ -45,6 +45,19 @@ def check_images(path: Path, images: list[tuple[int, str]]) -> None:
         seen_ids[img_id], seen_files[name] = name, img_id
 
 
+def check_ids(path: Path, entries: list, what: str) -> None:
+    """ValueError naming the first id that two entries of a list share ('annotations', 'categories'):
+    pycocotools indexes them by id, so one of the two would be dropped without a word."""
+    seen: set = set()
+    for e in entries:
+        i = e.get("id") if isinstance(e, dict) else None
+        if i is None:
+            continue
+        if i in seen:
+            raise fail(path, f"two {what} have the id {i!r}", f"give each of the {what} its own id")
+        seen.add(i)
+
+
 def field_int(path: Path, ann: dict, key: str) -> int:
     """An annotation's integer field (image_id, category_id), or a one-line ValueError naming the annotation."""
     try:

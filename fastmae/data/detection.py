@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .coco_json import box_outside, check_images, coco_image_size, entry_hw, fail, read_coco_json
+from .coco_json import box_outside, check_ids, check_images, coco_image_size, entry_hw, fail, read_coco_json
 from .decode import warn_exif_turned
 from .dense import DenseLoader, DenseSamples, ImageStore, warn_colour_dropped
 from .sampler import mix_seed
@@ -163,6 +163,8 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
         raise fail(path, f"an image or category lacks its id or file_name ({e!r})",
                     "every image needs 'id' and 'file_name', every category 'id' and 'name'") from None
     check_images(path, images)
+    check_ids(path, data["annotations"], "annotations")
+    check_ids(path, data["categories"], "categories")
     cats = list(categories) or sorted(cats)
     index = {cid: k for k, (cid, _) in enumerate(cats)}
     own = {int(c["id"]) for c in data["categories"]}

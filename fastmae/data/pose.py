@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .coco_json import (
     box_outside,
+    check_ids,
     check_images,
     coco_image_size,
     entry_hw,
@@ -316,13 +317,20 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
     if any(not (0 <= a < K and 0 <= b < K) for a, b in skeleton):
         raise fail(path, f"the skeleton {cat['skeleton']} names keypoints outside 1..{K}")
     check_images(path, images)
+    check_ids(path, data["annotations"], "annotations")
+    check_ids(path, data["categories"], "categories")
+    known = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
     index = {i: n for n, (i, _) in enumerate(images)}
     owner, boxes, kps, areas = [], [], [], []
     skipped = {"crowd": 0, "box of zero size": 0, "no labelled keypoint": 0}
     for a in data["annotations"]:
         if not isinstance(a, dict):
             raise fail(path, f"an annotation is {a!r}, not an object", "see the COCO keypoints format")
-        if field_int(path, a, "category_id") != cid:
+        category = field_int(path, a, "category_id")
+        if category not in known:
+            raise fail(path, f"annotation {a.get('id', '?')} has category_id {category}, which is not in 'categories'",
+                       f"known ids: {sorted(k for k in known if k is not None)[:10]}")
+        if category != cid:
             continue
         aid = a.get("id", "?")
         try:

@@ -41,7 +41,7 @@ SHUFFLE_STREAM = 2  # random stream of the in-worker shuffle buffer (0 and 1: or
 
 def shard_urls(path: str, flag: str = "--data.path") -> list[str]:
     """The shard URLs a --data.path means: a brace pattern (`train-{000000..000099}.tar`, '::' joins several), a
-    list file (one shard per line; relative paths are relative to the list's folder), or `pipe:CMD` URLs.
+    list file (one shard per line: a path inside the list's folder, relative to it, or a URL), or `pipe:CMD` URLs.
 
     Local shards must exist: a missing one is one line naming it.
     """
@@ -56,7 +56,15 @@ def shard_urls(path: str, flag: str = "--data.path") -> list[str]:
         for line in p.read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
-                urls.append(line if _has_scheme(line) or os.path.isabs(line) else str(base / line))
+                if _has_scheme(line):
+                    urls.append(line)
+                    continue
+                inside = Path(os.path.normpath(base / line))  # an absolute line stays itself
+                if not inside.is_relative_to(Path(os.path.normpath(base))):
+                    raise ValueError(f"{flag} {path}: the list names {line}, outside the list's folder {base}; a "
+                                     f"shard list names shards in its own folder (or URLs): put the list beside the "
+                                     f"shards")
+                urls.append(str(inside))
         if not urls:
             raise ValueError(f"{flag} {path}: the list file names no shards; put one shard path or URL a line")
     else:

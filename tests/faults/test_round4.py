@@ -305,3 +305,35 @@ def test_an_idx_header_claiming_more_than_its_data_reserves_nothing_up_front(tmp
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 64 * 2**20  # a 16 MiB read at a time, not the 200 MB the header claims
+
+
+def test_a_shard_list_names_shards_in_its_own_folder(tmp_path):
+    from fastmae.data.shards import shard_urls
+
+    write_shard(tmp_path / "sh", {"k0": 0})
+    (tmp_path / "sh" / "ok.txt").write_text("s-000000.tar\n./s-000000.tar\n")
+    assert shard_urls(str(tmp_path / "sh" / "ok.txt")) == [str(tmp_path / "sh" / "s-000000.tar")] * 2
+    for line in ("../s-000000.tar", str(tmp_path / "elsewhere.tar"), "sub/../../x.tar"):
+        (tmp_path / "sh" / "bad.txt").write_text(line + "\n")
+        with pytest.raises(ValueError, match=r"outside the list's folder"):
+            shard_urls(str(tmp_path / "sh" / "bad.txt"))
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ("annotations", r"two annotations have the id 1"),
+    ("categories", r"two categories have the id 42"),
+])
+def test_ids_pycocotools_would_collapse_are_refused(tmp_path, where, message):
+    from fastmae.data.detection import read_coco
+
+    d, ann = write_coco(tmp_path)
+    edit(ann, lambda c: c[where].append(dict(c[where][0])))
+    with pytest.raises(ValueError, match=message):
+        read_coco(str(d), str(ann), 3, ("--data.path", "--det.annotations"))
+
+
+def test_a_pose_annotation_of_an_unknown_category_is_refused(tmp_path, capsys):
+    d, ann = write_coco_kp(tmp_path)
+    edit(ann, lambda c: c["annotations"][0].update(category_id=77))
+    assert main(pose_args(d, ann, tmp_path / "o")) == 2
+    assert "annotation 10 has category_id 77, which is not in 'categories'" in one_line(capsys)
