@@ -54,6 +54,7 @@ ROTATE_PROB = 0.6  # mmpose's RandomBBoxTransform: the share of crops rotated in
 FASHION_KEYPOINTS = ("top", "bottom", "left_top", "right_top", "left_bottom", "right_bottom", "centre")
 FASHION_SKELETON = ((0, 2), (0, 3), (2, 4), (3, 5), (4, 1), (5, 1), (6, 0), (6, 1))
 SILHOUETTE = 32  # uint8 intensity above which a garment pixel is part of its silhouette
+LANDMARK_CHUNK = 4096  # items whose landmarks are computed at once
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle")
@@ -201,6 +202,9 @@ def silhouette_landmarks(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     a silhouette (M,). A landmark is the mean of the silhouette's pixel centres that come within a pixel of the
     extreme of its score (top: y, bottom: -y, left_top: x + y, right_top: -x + y, ...; centre: all pixels)."""
     M, _, h, w = items.shape
+    if M > LANDMARK_CHUNK:  # a chunk at a time: the (M, 7, h, w) intermediates of 60,000 items take gigabytes
+        parts = [silhouette_landmarks(items[i : i + LANDMARK_CHUNK]) for i in range(0, M, LANDMARK_CHUNK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     fg = items[:, 0] > SILHOUETTE  # (M, h, w)
     ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")  # (h, w)
     scores = torch.stack([ys, -ys, xs + ys, -xs + ys, xs - ys, -xs - ys])  # (6, h, w)
