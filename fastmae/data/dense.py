@@ -77,14 +77,16 @@ class ImageStore:
         h, w = self.sizes[i]
         return next((s for s in (8, 4, 2) if s <= most and h % s == 0 and w % s == 0), 1)
 
-    def load(self, i: int, reduce: int = 1) -> torch.Tensor:
-        """Image i as (C0, h, w) uint8 (C0 = the store's channels for files). reduce: decode a JPEG at 1/reduce of
-        its size (`reduction`); other files come at full size: the caller reads which from the result's size."""
+    def load(self, i: int, reduce: int = 1, channels: int = 0) -> torch.Tensor:
+        """Image i as (C0, h, w) uint8 (C0 = `channels`, else the store's, for files). reduce: decode a JPEG at
+        1/reduce of its size (`reduction`); other files come at full size: the caller reads which from the result's
+        size."""
         if self.memory is not None:
             return self.memory[i]
         file = self.files[i]
         try:
-            x = decode_image_uint8(file, self.channels, self.max_image_pixels, self.upright, reduce)  # (C, h', w')
+            x = decode_image_uint8(file, channels or self.channels, self.max_image_pixels, self.upright,
+                                   reduce)  # (C, h', w')
         except UnreadableImageError as e:
             raise e.without_skip_hint() from None
         h, w = self.sizes[i]
@@ -97,14 +99,7 @@ class ImageStore:
 
     def load_for_display(self, i: int) -> torch.Tensor:
         """Image i as (C, h, w) uint8 to draw: files in colour (3 channels) whatever the model reads."""
-        if self.memory is not None:
-            return self.memory[i]
-        keep = self.channels
-        try:
-            self.channels = 3 if keep in (1, 3) else keep
-            return self.load(i)
-        finally:
-            self.channels = keep
+        return self.load(i, channels=3 if self.channels in (1, 3) else self.channels)
 
     def subset(self, indices: Sequence[int]) -> ImageStore:
         """The images at `indices`, in that order."""
