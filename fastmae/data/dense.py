@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .decode import UnreadableImageError, decode_image_uint8, image_header, oriented_hw
-from .files import ignore_stop_signals, shutdown_workers
+from .files import worker_loader
 from .loader import SampledLoader
 from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
 
@@ -196,14 +195,8 @@ class DenseLoader(SampledLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         if self._loader is None:
-            self._loader = DataLoader(
-                self.samples, batch_sampler=self._batches, num_workers=self.num_workers,
-                collate_fn=functools.partial(_collate, targets=type(self.samples).collate),
-                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-                worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-                generator=torch.Generator().manual_seed(self.seed),  # not the global RNG (see files.FileLoader)
-            )
-            self._finalizer = weakref.finalize(self, shutdown_workers, self._loader)
+            self._loader = worker_loader(self, self.samples, self._batches, self.num_workers,
+                                         functools.partial(_collate, targets=type(self.samples).collate))
         for images, targets, error in self._loader:
             if error is not None:
                 raise error

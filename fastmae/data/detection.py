@@ -303,6 +303,3 @@ class DetLoader(DenseLoader):
         samples = DetSamples(split, tuple(img_size), tuple(scale_range), kw.get("hflip", True), fill)
         super().__init__(samples, img_size=img_size, num_workers=num_workers, **kw)
         self.split = split
-
-    def placement(self, i: int, g: torch.Generator | None) -> tuple[float, int, int, bool]:
-        return self.samples.placement(i, g)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .decode import UnreadableImageError, load_image
-from .loader import SampledLoader, stack_images
+from .loader import Loader, SampledLoader, stack_images
 from .sampler import AUGMENT_STREAM, EpochSampler, mix_seed
 
 _Item = tuple[torch.Tensor | None, int, tuple[tuple[str, str], ...], ValueError | None]  # image, label, skipped, error
@@ -148,28 +148,38 @@ class FileLoader(SampledLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
-            self._loader = DataLoader(
-                self.dataset,
-                batch_sampler=self._batches,
-                num_workers=self.num_workers,
-                collate_fn=functools.partial(_collate, mean=self.mean, std=self.std),
-                pin_memory=torch.cuda.is_available(),
-                persistent_workers=self.num_workers > 0,
-                worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-                # iter(DataLoader) draws its workers' base seed from this generator, not the global RNG that masks
-                # and drop-path use (saved in checkpoints): otherwise a resumed epoch draws once more from that
-                # stream than the uninterrupted run did, and trains on other masks. Augmentation has its own seeds.
-                generator=torch.Generator().manual_seed(self.seed),
-            )
-            # Holds the DataLoader (and its queues) alive until this loader is collected or the program exits,
-            # so the workers are always asked to stop: they ignore SIGTERM, and a DataLoader collected
-            # in a reference cycle may lose its queues before it can tell them.
-            self._finalizer = weakref.finalize(self, shutdown_workers, self._loader)
+            self._loader = worker_loader(self, self.dataset, self._batches, self.num_workers,
+                                         functools.partial(_collate, mean=self.mean, std=self.std))
         for images, labels, skipped, error in self._loader:
             self._note_skipped(skipped)
             if error is not None:
                 raise error
             yield self.deliver(images), labels
+
+
+def worker_loader(owner: Loader, dataset, batch_sampler, num_workers: int, collate_fn=None) -> DataLoader:
+    """The DataLoader of a loader whose `num_workers` workers (persistent, pinned on CUDA, leaving stop signals to the
+    main process) make its batches from `batch_sampler` (None: an iterable dataset that yields whole batches);
+    shut down when `owner` is collected or the program exits."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": None}
+    loader = DataLoader(
+        dataset,
+        **batching,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        # iter(DataLoader) draws its workers' base seed from this generator, not the global RNG that masks
+        # and drop-path use (saved in checkpoints): otherwise a resumed epoch draws once more from that
+        # stream than the uninterrupted run did, and trains on other masks. Augmentation has its own seeds.
+        generator=torch.Generator().manual_seed(owner.seed),
+    )
+    # Holds the DataLoader (and its queues) alive until the owner is collected or the program exits, so the workers
+    # are always asked to stop: they ignore SIGTERM, and a DataLoader collected in a reference cycle may lose its
+    # queues before it can tell them.
+    owner._finalizer = weakref.finalize(owner, shutdown_workers, loader)
+    return loader
 
 
 def shutdown_workers(loader: DataLoader) -> None:

@@ -470,10 +470,7 @@ class PoseLoader(DenseLoader):
         samples = PoseSamples(split, tuple(img_size), flip, tuple(scale_range), rotation, kw.get("hflip", True),
                               kw["channels"])
         super().__init__(samples, img_size=img_size, num_workers=num_workers, **kw)
-        self.split, self.flip = split, list(flip)
-
-    def transform(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, bool]:
-        return self.samples.transform(i, g)
+        self.split = split
 
 
 def unmap_keypoints(xy: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import SKIP_HINT, UnreadableImageError, load_image
-from .files import ignore_stop_signals, shutdown_workers
+from .files import worker_loader
 from .loader import Loader, stack_images
 from .sampler import AUGMENT_STREAM, mix_seed
 from .shards import ShardIndex, WorkerPlan, image_member, iterate_samples, plan_epoch, read_label
@@ -229,13 +229,7 @@ class ShardLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
-            self._loader = DataLoader(
-                self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                persistent_workers=self.num_workers > 0,
-                worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-                generator=torch.Generator().manual_seed(self.seed),  # not the global RNG (see FileLoader)
-            )
-            self._finalizer = weakref.finalize(self, shutdown_workers, self._loader)  # as FileLoader's
+            self._loader = worker_loader(self, self.stream, None, self.num_workers)  # each item a whole batch
         pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         nxt = self.start_batch
         for b, images, labels, skipped, error in self._loader:  # in worker round-robin order; yielded in the plan's
