@@ -97,11 +97,15 @@ def entry_hw(entry: dict) -> tuple[int, int] | None:
     return (h, w) if h > 0 and w > 0 else None
 
 
-def coco_image_size(file: Path, img_id: int, stated_hw: tuple[int, int] | None, path: Path,
+def coco_image_size(file: Path, img_id: int, stated_hw: tuple[int, int] | None, path: Path, where: str,
                     max_image_pixels: int = 0, upright: bool = True) -> tuple[tuple[int, int], int]:
     """(h, w) of an 'images' entry's file as it will be decoded, and its EXIF orientation, from the header alone
-    (nothing decoded: a split of any size costs no memory). The size must be the entry's width and height where
-    it states them: annotations in another frame would be silently misplaced (detectron2 checks the same)."""
+    (nothing decoded: a split of any size costs no memory). The file must exist (where: the flag and folder it is
+    looked for under, for the error) and its size be the entry's width and height where it states them:
+    annotations in another frame would be silently misplaced (detectron2 checks the same)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under {where} "
+                                f"or remove it from the annotations")
     try:
         stored, orientation = image_header(file, max_image_pixels)
     except UnreadableImageError as e:

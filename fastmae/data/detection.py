@@ -138,7 +138,8 @@ def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tu
     items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
     images, boxes, classes = scene_instances(items, labels, num, size, num_items,
                                              mix_seed(seed, {"train": 0, "eval": 1}[split], 11))
-    out = DetSplit(ImageStore(memory=list(images)), boxes, classes, list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)],
+    out = DetSplit(ImageStore(memory=list(images)), boxes, classes, list(range(1, num + 1)),
+                   [f"{split} scene {i}" for i in range(num)],
                    list(FASHION_MNIST_CLASSES), list(range(1, len(FASHION_MNIST_CLASSES) + 1)))
     out.coco = coco_dict(out)
     return out
@@ -191,10 +192,8 @@ def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[st
     turned = 0
     for (img_id, name), stated_hw in zip(images, sizes):
         file = root / name
-        if not file.is_file():
-            raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
-                                    f"{flags[0]} {root} or remove it from the annotations")
-        (h, w), orientation = coco_image_size(file, img_id, stated_hw, path, max_image_pixels, upright)
+        (h, w), orientation = coco_image_size(file, img_id, stated_hw, path, f"{flags[0]} {root}", max_image_pixels,
+                                              upright)
         turned += upright and orientation != 1
         boxes = torch.tensor([b for b, _ in per_image[img_id]], dtype=torch.float32).view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy

@@ -166,7 +166,8 @@ def warp(img: torch.Tensor, A: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return F.grid_sample(img, grid.to(img.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def crop_region(A: torch.Tensor, size: tuple[int, int], hw: tuple[int, int], margin: int = 2) -> tuple[int, int, int, int]:
+def crop_region(A: torch.Tensor, size: tuple[int, int], hw: tuple[int, int],
+                margin: int = 2) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1): the part of an h x w image that the crop of matrix A samples (the inverse map of the crop's
     corners, `margin` pixels wider for the bilinear neighbours), clipped to the image; empty when the crop lies
     outside it. Warping only this part gives the same crop at a fraction of the cost on large images."""
@@ -278,7 +279,8 @@ def fashion_pose_scenes(path: str, split: str, num: int, size: int = 64, slots: 
     labelled = (sc["keypoints"][..., 2] > 0).any(-1)  # (S, T)
     keep = sc["exists"] & labelled
     s_idx, t_idx = keep.nonzero(as_tuple=True)
-    out = PoseSplit(ImageStore(memory=list(sc["images"])), list(range(1, num + 1)), [f"{split} scene {i}" for i in range(num)], s_idx,
+    out = PoseSplit(ImageStore(memory=list(sc["images"])), list(range(1, num + 1)),
+                    [f"{split} scene {i}" for i in range(num)], s_idx,
                     sc["boxes"][s_idx, t_idx], sc["keypoints"][s_idx, t_idx], list(FASHION_KEYPOINTS),
                     list(FASHION_SKELETON), 1, "garment", sc["areas"][s_idx, t_idx])
     hidden = int((sc["exists"] & ~labelled).sum())
@@ -375,19 +377,18 @@ def read_coco_keypoints(images_root: str, annotations: str, channels: int, flags
     for n in used:  # only the images with an instance
         img_id, name = images[n]
         file = root / name
-        if not file.is_file():
-            raise FileNotFoundError(f"image {file} (image id {img_id} in {path}) does not exist; put it under "
-                                    f"{flags[0]} {root} or remove it from the annotations")
-        hw, orientation = coco_image_size(file, img_id, sizes[n], path, max_image_pixels, upright)
+        hw, orientation = coco_image_size(file, img_id, sizes[n], path, f"{flags[0]} {root}", max_image_pixels,
+                                          upright)
         turned += upright and orientation != 1
-        for j in (split.owner == len(files)).nonzero().flatten().tolist():  # this image's instances
-            if box_outside(split.boxes[j].tolist(), *hw):
-                raise fail(path, f"a box {split.boxes[j].tolist()} of image {name} (id {img_id}) lies outside the "
-                                 f"{hw[1]}x{hw[0]} (WxH) image", "boxes are [x, y, w, h] in the image's pixels")
         files.append(file)
         hws.append(hw)
         split.image_ids.append(img_id)
         split.names.append(str(file))
+    for box, owner_n in zip(split.boxes.tolist(), split.owner.tolist()):  # each box against its image, once
+        if box_outside(box, *hws[owner_n]):
+            img_id, name = split.image_ids[owner_n], images[used[owner_n]][1]
+            raise fail(path, f"a box {box} of image {name} (id {img_id}) lies outside the {hws[owner_n][1]}x"
+                             f"{hws[owner_n][0]} (WxH) image", "boxes are [x, y, w, h] in the image's pixels")
     split.images = ImageStore(files, hws, channels=channels, max_image_pixels=max_image_pixels, upright=upright)
     warn_colour_dropped(files, channels, root)
     warn_exif_turned(turned, len(used), root, "keypoints")
@@ -438,7 +439,7 @@ class PoseSamples(DenseSamples):
         A, flip = self.transform(i, g)
         n, images = int(self.split.owner[i]), self.split.images
         k = float(torch.linalg.det(A[:, :2].float()).abs().sqrt())  # crop pixels per image pixel
-        img = images.load(n, images.reduction(n, 1 / k))  # (C0, h', w') uint8: a large JPEG decoded near the crop's scale
+        img = images.load(n, images.reduction(n, 1 / k))  # (C0, h', w') uint8: a large JPEG near the crop's scale
         r = images.hw(n)[0] / img.shape[-2]  # the reduction libjpeg applied (1 for other files)
         A_img = A.clone()
         A_img[:, :2] *= r  # reduced pixels -> crop (pixel j of the reduced image covers [j r, (j + 1) r))

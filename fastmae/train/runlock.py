@@ -124,8 +124,8 @@ def _wait_for_stale(folder: str | Path, path: Path, owner: dict) -> None:
         return
     left = STALE_AFTER_S - (time.time() - touched)
     print(f"fastmae: {folder} is locked by pid {owner['pid']} on {owner['host']}, last touched {owner['age']:.0f} s "
-          f"ago (a requeued job's killed run?); waiting up to {max(left, 0):.0f} s for the lock to go stale: a live run "
-          f"touches it every {HEARTBEAT_S:.0f} s and keeps the folder", flush=True)
+          f"ago (a requeued job's killed run?); waiting up to {max(left, 0):.0f} s for the lock to go stale: a live "
+          f"run touches it every {HEARTBEAT_S:.0f} s and keeps the folder", flush=True)
     while time.time() - touched <= STALE_AFTER_S:
         time.sleep(min(POLL_S, max(STALE_AFTER_S - (time.time() - touched), 0) + 0.01))
         try:
