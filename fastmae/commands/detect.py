@@ -43,7 +43,8 @@ from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
 from ..models.detection import CenterNetHead
 from ..tasks import dense_task_row
-from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, percent, run_dense
+from ..train.dense import (DatasetEvaluator, DenseParts, DenseTask, check_multiple, encoder_mode, percent,
+                           run_dense)
 from ..train.dist import gather_objects
 from ..train.runtime import Runtime
 from ..weights.backbone import dense_encoder, encoder_kwargs
@@ -265,7 +266,7 @@ class DetectTask(DenseTask):
                       scale_range=tuple(cfg.det.scale_range), num_workers=data_cfg.num_workers)
         encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
         head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
-        mode = "fine-tuned" if cfg.finetune else "frozen"
+        mode = encoder_mode(cfg)
         describe = (f"CenterNet head (stride {cfg.det.stride}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
                     f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | "
                     f"{len(train.images)} train / {len(val.images)} eval images on a {size[0]}x{size[1]} canvas, "
@@ -293,7 +294,7 @@ class DetectTask(DenseTask):
                                 cfg.det.figure_score)]
 
     def summary(self, cfg: DetectConfig, result: dict) -> str:
-        mode = "fine-tuned" if cfg.finetune else "frozen"
+        mode = encoder_mode(cfg)
         return (f"detection ({mode} {cfg.init}, {cfg.optim.epochs} epochs): box mAP {percent(result['map'])}  AP50 "
                 f"{percent(result['map50'])}  AP75 {percent(result['map75'])}")
 

@@ -48,7 +48,8 @@ from ..metrics.pose import coco_keypoint_metrics, pck
 from ..models.pose import PoseModel, build_head, flip_index, set_norm_eps, vitpose_padding
 from ..models.vit import LN_EPS
 from ..tasks import dense_task_row
-from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, check_multiple, percent, run_dense
+from ..train.dense import (DatasetEvaluator, DenseParts, DenseTask, check_multiple, encoder_mode, percent,
+                           run_dense)
 from ..train.dist import gather_objects, print0
 from ..train.runtime import Runtime
 from ..weights.backbone import dense_encoder, encoder_kwargs
@@ -327,7 +328,7 @@ class PoseTask(DenseTask):
                 head_from = f"from {cfg.init}"
         padding = int(whole.kwargs.get("patch_padding", 0)) if whole else vitpose_padding(patch)
         model = PoseModel(encoder, head, cfg.finetune, padding, names, flip, train.skeleton, sigmas)
-        mode = "fine-tuned" if cfg.finetune else "frozen"
+        mode = encoder_mode(cfg)
         describe = (f"{cfg.pose.head} head ({head_from}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
                     f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | "
                     f"{len(train.boxes)} train / {len(val.boxes)} eval instances, {K} keypoints, {size[0]}x{size[1]} "
@@ -361,7 +362,7 @@ class PoseTask(DenseTask):
                                  cfg.pose.figure_score)]
 
     def summary(self, cfg: PoseConfig, result: dict) -> str:
-        mode = "fine-tuned" if cfg.finetune else "frozen"
+        mode = encoder_mode(cfg)
         return (f"pose ({mode} {cfg.init}, {cfg.optim.epochs} epochs): OKS AP {percent(result['ap'])}  AP50 "
                 f"{percent(result['ap50'])}  AR {percent(result['ar'])}  PCK@0.1 {percent(result['pck']['0.1'])}")
 

@@ -43,7 +43,7 @@ from ..metrics.segmentation import confusion_counts, seg_metrics
 from ..models.dense import DenseModel
 from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
 from ..tasks import dense_task_row
-from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, percent, run_dense
+from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, encoder_mode, percent, run_dense
 from ..train.dist import all_reduce_mean
 from ..train.runtime import Runtime
 from ..weights.backbone import dense_encoder, encoder_kwargs
@@ -165,7 +165,8 @@ def seg_splits(data: SegDataConfig, seg: SegParams, channels: int, seed: int) ->
     if data.limit > 0:
         train, val = (s.subset(data.limit) for s in (train, val))
     K = seg.num_classes or max(len(classes), infer_num_classes(train, seg.ignore_index))
-    for split in (train, val):
+    # K inferred from the training maps holds all of them: only given classes need the training maps read again
+    for split in (train, val) if seg.num_classes else (val,):
         check_labels(split, K, seg.ignore_index)
     classes = (classes + [str(i) for i in range(len(classes), K)])[:K]
     return train, val, classes, K
@@ -245,7 +246,7 @@ class SegmentTask(DenseTask):
                       num_workers=data_cfg.num_workers)
         encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
         head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
-        mode = "fine-tuned" if cfg.finetune else "frozen"
+        mode = encoder_mode(cfg)
         describe = (f"{cfg.head} head on {mode} {bb.source} (ViT {encoder.embed_dim}x{len(encoder.blocks)}, patch "
                     f"grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train)} train / {len(val)} eval "
                     f"images of {size[0]}x{size[1]}, {K} classes")
@@ -272,7 +273,7 @@ class SegmentTask(DenseTask):
                                 cfg.seg.ignore_index)]
 
     def summary(self, cfg: SegmentConfig, result: dict) -> str:
-        mode = "fine-tuned" if cfg.finetune else "frozen"
+        mode = encoder_mode(cfg)
         return (f"segmentation ({cfg.head} head, {mode} {cfg.init}, {cfg.optim.epochs} epochs): mIoU "
                 f"{percent(result['miou'])}  pixel accuracy {percent(result['pixel_acc'])}")
 

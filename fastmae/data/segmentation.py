@@ -188,26 +188,19 @@ def folder_split(images_root: str, labels_root: str, channels: int, flags: tuple
     return SegSplit(store, None, [str(f) for f in files], label_files=labels, frame_notes=notes)
 
 
-def label_error(name: str, value: int, num_classes: int, ignore_index: int) -> ValueError:
-    """The error for a label map with a value outside the classes, naming the fix."""
-    return ValueError(f"label map of {name} has value {value} outside the {num_classes} classes 0..{num_classes - 1}; "
-                      f"pass --seg.num_classes {value + 1} (or more), or give such pixels the value of "
-                      f"--seg.ignore_index ({ignore_index})")
-
-
-def bad_label(mask: torch.Tensor, num_classes: int, ignore_index: int) -> int | None:
-    """The largest value of a label map outside 0..num_classes-1 other than ignore_index, or None."""
-    bad = mask[(mask >= num_classes) & (mask != ignore_index)]
-    return int(bad.max()) if bad.numel() else None
-
-
 def check_labels(split: SegSplit, num_classes: int, ignore_index: int) -> None:
     """ValueError naming the first label map with a value outside 0..num_classes-1 other than ignore_index (each
     map read once, none kept)."""
     for i in range(len(split)):
-        v = bad_label(split.mask(i), num_classes, ignore_index)
-        if v is not None:
-            raise label_error(split.names[i], v, num_classes, ignore_index)
+        mask = split.mask(i)
+        bad = mask[(mask >= num_classes) & (mask != ignore_index)]
+        if bad.numel():
+            v = int(bad.max())
+            raise ValueError(
+                f"label map of {split.names[i]} has value {v} outside the {num_classes} classes 0..{num_classes - 1}; "
+                f"pass --seg.num_classes {v + 1} (or more), or give such pixels the value of --seg.ignore_index "
+                f"({ignore_index})"
+            )
 
 
 def infer_num_classes(split: SegSplit, ignore_index: int) -> int:

@@ -136,6 +136,11 @@ class DenseTask:
         raise NotImplementedError
 
 
+def encoder_mode(cfg) -> str:
+    """How the run trains its encoder, for the start and summary lines: 'fine-tuned' or 'frozen'."""
+    return "fine-tuned" if cfg.finetune else "frozen"
+
+
 def percent(value: float | None) -> str:
     """A score for a summary line: '12.34%', or 'n/a' where the metric is undefined (null in the result JSON)."""
     return "n/a" if value is None else f"{value:.2f}%"
@@ -212,4 +217,5 @@ def run_dense(cfg, task: DenseTask) -> dict:
     return result
 
 
-__all__ = ["DatasetEvaluator", "DenseParts", "DenseTask", "check_multiple", "inference", "percent", "run_dense"]
+__all__ = ["DatasetEvaluator", "DenseParts", "DenseTask", "check_multiple", "encoder_mode", "inference", "percent",
+           "run_dense"]

@@ -86,8 +86,8 @@ def setup(run: RunConfig, cfg, write_config: bool = True) -> Runtime:
     if dist.is_main:
         prepare_output_dir(out)
         lock = acquire_lock(out)
-        if command_of(cfg):
-            claim(out, command_of(cfg))
+        if command:
+            claim(out, command)
     logger = RunLogger(out, enabled=dist.is_main)  # checks its paths: a refused run writes nothing
     if dist.is_main and write_config and not (run.resume or find_latest(out)):
         save_json(cfg, out / "config.json")
