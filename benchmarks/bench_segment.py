@@ -68,7 +68,7 @@ def pixel_baseline(args: list[str], out: Path) -> dict:
                 lr=lr, meta=model_meta("pixelnet", {}, cfg))
     fit(rt, task, loader, cfg.optim.epochs)
     scorer = SimpleNamespace(predict=lambda logits: logits.argmax(1), ignore_index=cfg.seg.ignore_index)
-    return inference(model, model, val_loader, SegEvaluator(scorer, classes, rt), rt)[1]
+    return inference(model, model, val_loader, SegEvaluator(scorer, classes, rt), rt.device, rt.precision)[1]
 
 
 def cli(args: list[str]) -> dict:

@@ -3,6 +3,7 @@
 from ._version import __version__ as __version__
 from .api import encode, load, require_decoder
 from .figures.reconstruction import reconstruct
+from .infer.api import predict
 from .models.mae import MAE_VARIANTS, MaskedAutoencoderViT, build_mae
 from .models.masking import random_masking
 from .models.patches import patchify, unpatchify
@@ -19,6 +20,7 @@ __all__ = [
     "encode",
     "load",
     "patchify",
+    "predict",
     "random_masking",
     "reconstruct",
     "require_decoder",

@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose, shard}`: one
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose, shard, predict}`: one
 subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro), so every command's config class is imported here; its run
@@ -20,6 +20,7 @@ from .commands.embed import EmbedConfig
 from .commands.finetune import FinetuneConfig
 from .commands.knn import KnnConfig
 from .commands.linprobe import LinprobeConfig
+from .commands.predict import PredictConfig
 from .commands.pretrain import PretrainConfig
 from .commands.shard import ShardConfig
 from .commands.visualize import VisualizeConfig
@@ -43,6 +44,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     **{row.command: (getattr(importlib.import_module(row.module), row.config), f"{row.module}:{row.runner}")
        for row in DENSE_TASKS},
     "shard": (ShardConfig, "fastmae.commands.shard:run_shard"),
+    "predict": (PredictConfig, "fastmae.commands.predict:run_predict"),
 }
 
 

@@ -16,7 +16,7 @@ PKG = ROOT / "fastmae"
 # Lower layers never import upper ones; a package may import its own modules (without a circle).
 RANK = {
     "_version": 0, "tasks": 0, "models": 1, "metrics": 1, "config": 2, "data": 3, "weights": 4, "api": 5, "figures": 5,
-    "train": 6, "bench": 7, "commands": 8, "recipes": 9, "flags": 9, "cli": 10,
+    "train": 6, "bench": 7, "infer": 7, "commands": 8, "recipes": 9, "flags": 9, "cli": 10,
 }
 ALIASES = {"visualize", "hub", "pyramid", "__init__", "__main__"}  # the package's front door and old import paths
 

@@ -32,11 +32,10 @@ from ..config import (
 from ..data.detection import (
     DetLoader,
     DetSplit,
+    detection_records,
     fashion_det_scenes,
     read_coco,
-    unmap_boxes,
     warn_empty_classes,
-    xywh,
 )
 from ..figures.grid import enlargement, save_grid, to_pil
 from ..metrics.detection import coco_box_metrics
@@ -193,12 +192,8 @@ class DetEvaluator(DatasetEvaluator):
     def process(self, targets: dict, outputs: dict) -> None:
         split = self.split
         for (boxes, scores, labels), s, i in zip(self.head.predict(outputs), targets["scale"], targets["index"]):
-            h, w = split.images.hw(i)
-            b = xywh(unmap_boxes(boxes.cpu(), s, h, w))
-            keep = (b[:, 2] > 0) & (b[:, 3] > 0)
-            self.per_image[i] = [{"image_id": split.image_ids[i], "category_id": split.category_ids[c], "bbox": bb,
-                                  "score": sc} for bb, sc, c in zip(b[keep].tolist(), scores.cpu()[keep].tolist(),
-                                                                   labels.cpu()[keep].tolist())]
+            self.per_image[i] = [{"image_id": split.image_ids[i], **r} for r in
+                                 detection_records(boxes, scores, labels, s, split.images.hw(i), split.category_ids)]
 
     def evaluate(self) -> tuple[list[dict], dict]:
         merged = {i: dets for part in gather_objects(self.per_image, self.rt.dist) for i, dets in part.items()}

@@ -124,7 +124,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         m.train()
         return out
 
-    meta = model_meta("vit", _vit_kwargs(model), cfg, mean=list(train.mean), std=list(train.std), init=cfg.init)
+    meta = model_meta("vit", _vit_kwargs(model), cfg, mean=list(train.mean), std=list(train.std), init=cfg.init,
+                      classes=list(train.classes))
     t0 = time.perf_counter()
     task = Task(model, optimizer, loss=loss_fn, lr=lr, meta=meta, accum_iter=cfg.optim.accum_iter,
                 clip_grad=cfg.optim.clip_grad, on_epoch_end=on_epoch_end, shardable=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import feature_pool
-from ..config import DataConfig, OptimConfig, ProbeModelConfig, RunConfig, validate
+from ..config import DataConfig, OptimConfig, ProbeModelConfig, RunConfig, to_dict, validate
 from ..data import build_loader
 from ..metrics.classification import topk_correct
 from ..models.dense import DenseModel
@@ -113,7 +113,8 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
             save_checkpoint(rt.out_dir, {"model": head.state_dict(), "epoch": cfg.optim.epochs, "batch": 0,
                                          "step": cfg.optim.epochs, "rng": {}},
                             {"kind": "linear_head", "dim": dim, "num_classes": K, "pool": pool,
-                             "init": cfg.init})
+                             "init": cfg.init, "mean": list(train.mean), "std": list(train.std),
+                             "classes": list(train.classes), "config": to_dict(cfg)})
     else:
         train_aug = build_loader(data_cfg, "train", tuple(encoder.patch_embed.img_size), cfg.optim.batch_size,
                                  train=True, seed=cfg.run.seed, rank=rt.dist.rank, world_size=rt.dist.world_size)
@@ -122,7 +123,8 @@ def run_linprobe(cfg: LinprobeConfig) -> dict:
         lr = sched.peak
         opt = LARS(head.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay)
         task = Task(model, opt, loss=lambda m, x, y: head.loss(m(x), y), lr=sched,
-                    meta=model_meta("linprobe", {"dim": dim, "num_classes": K}, cfg))
+                    meta=model_meta("linprobe", {"dim": dim, "num_classes": K}, cfg, pool=pool, init=cfg.init,
+                                    mean=list(train.mean), std=list(train.std), classes=list(train.classes)))
         fit(rt, task, train_aug, cfg.optim.epochs)
         result = {k: v for k, v in evaluate(model, val, rt.device, rt.precision, rt.dist).items() if k != "loss"}
     result.update(init=cfg.init, pool=pool, epochs=cfg.optim.epochs, lr=lr, augment=cfg.augment,

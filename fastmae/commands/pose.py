@@ -37,6 +37,8 @@ from ..data.pose import (
     PoseSplit,
     apply_matrix,
     fashion_pose_scenes,
+    instance_score,
+    keypoint_list,
     pose_coco_dict,
     read_coco_keypoints,
     report_skipped,
@@ -56,7 +58,6 @@ from ..weights.backbone import dense_encoder, encoder_kwargs
 from ..weights.checkpoint import atomic_write_text
 from ..weights.read import read_pose
 
-KEYPOINT_SCORE = 0.2  # mmpose: an instance's score is the mean of its keypoint scores above this
 FASHION_CROP = (32, 32)  # the crop of the built-in task when --model.img_size is unset
 COCO_CROP = (256, 192)  # ViTPose's crop for COCO files
 
@@ -243,17 +244,9 @@ class PoseEvaluator(DatasetEvaluator):
 
 
 def coco_results(split: PoseSplit, preds: dict[int, torch.Tensor]) -> list[dict]:
-    """COCO keypoint results: one per instance, its score the mean of its keypoint scores above KEYPOINT_SCORE
-    (mmpose's), or of all of them when none is above (mmpose gives those 0, which ties every such instance and
-    ranks them at random in COCOeval; heatmap peaks of a well-trained small model can all lie below 0.2)."""
-    out = []
-    for i in sorted(preds):
-        k = preds[i]
-        good = k[:, 2] > KEYPOINT_SCORE
-        score = float(k[good, 2].mean()) if good.any() else float(k[:, 2].mean())
-        out.append({"image_id": split.image_ids[int(split.owner[i])], "category_id": split.category_id,
-                    "keypoints": [round(v, 3) for v in k.flatten().tolist()], "score": score})
-    return out
+    """COCO keypoint results: one per instance, scored by `instance_score` (mmpose's rule)."""
+    return [{"image_id": split.image_ids[int(split.owner[i])], "category_id": split.category_id,
+             "keypoints": keypoint_list(preds[i]), "score": instance_score(preds[i])} for i in sorted(preds)]
 
 
 def save_pose_figure(loader: PoseLoader, preds: dict[int, torch.Tensor], path: Path, rows: int,
@@ -342,7 +335,8 @@ class PoseTask(DenseTask):
                   "flip_test": cfg.pose.flip_test}
         return DenseParts(PoseLoader(train, size, train=True, **common),
                           PoseLoader(val, size, train=False, drop_last=False, **common), model, kwargs, size,
-                          (len(train.boxes), len(val.boxes)), describe, result=result,
+                          (len(train.boxes), len(val.boxes)), describe,
+                          meta={"category_id": train.category_id, "category": train.category}, result=result,
                           state={"val": val, "sigmas": sigmas})
 
     def evaluator(self, cfg: PoseConfig, parts: DenseParts, rt: Runtime) -> PoseEvaluator:

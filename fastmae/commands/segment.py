@@ -41,7 +41,7 @@ from ..data.segmentation import (
 from ..figures.segmentation import save_seg_figure
 from ..metrics.segmentation import confusion_counts, seg_metrics
 from ..models.dense import DenseModel
-from ..models.heads import FPNSegHead, LinearSegHead, SegmentationHead
+from ..models.heads import SegmentationHead, build_seg_head
 from ..tasks import dense_task_row
 from ..train.dense import DatasetEvaluator, DenseParts, DenseTask, encoder_mode, percent, run_dense
 from ..train.dist import all_reduce_mean
@@ -124,17 +124,6 @@ class SegmentConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         epochs=5, warmup_epochs=0.5, batch_size=64, blr=4e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999)))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/segment"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The head.
-
-
-def build_head(kind: str, dim: int, num_classes: int, patch_size: int, seg: SegParams) -> SegmentationHead:
-    """The --head module for a D-wide patch map of stride `patch_size`."""
-    if kind == "linear":
-        return LinearSegHead(dim, num_classes, patch_size, seg.ignore_index)
-    return FPNSegHead(dim, num_classes, patch_size, seg.ignore_index, seg.fpn_channels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +234,8 @@ class SegmentTask(DenseTask):
                       world_size=d.world_size, num_classes=K, classes=classes, batch_size=cfg.optim.batch_size,
                       num_workers=data_cfg.num_workers)
         encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
-        head = build_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg)
+        head = build_seg_head(cfg.head, encoder.embed_dim, K, encoder.patch_embed.patch_size[0], cfg.seg.ignore_index,
+                              cfg.seg.fpn_channels)
         mode = encoder_mode(cfg)
         describe = (f"{cfg.head} head on {mode} {bb.source} (ViT {encoder.embed_dim}x{len(encoder.blocks)}, patch "
                     f"grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | {len(train)} train / {len(val)} eval "
@@ -254,7 +244,7 @@ class SegmentTask(DenseTask):
             SegLoader(train, train=True, **common), SegLoader(val, train=False, drop_last=False, **common),
             DenseModel(encoder, head, cfg.finetune),
             {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "head": cfg.head, "num_classes": K,
-             "fpn_channels": cfg.seg.fpn_channels},
+             "fpn_channels": cfg.seg.fpn_channels, "ignore_index": cfg.seg.ignore_index},
             size, (len(train), len(val)), describe, meta={"classes": classes},
             result={"head": cfg.head, "num_classes": K, "classes": classes},
             state={"classes": classes, "mean": mean, "std": std})

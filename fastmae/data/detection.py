@@ -81,6 +81,17 @@ def xywh(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
 
 
+def detection_records(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, scale: float,
+                      hw: tuple[int, int], category_ids: Sequence[int]) -> list[dict]:
+    """One image's decoded detections on the canvas (n, 4) xyxy, (n,), (n,) class indices -> COCO results fields
+    in the image's own pixels: {'category_id', 'bbox' [x, y, w, h], 'score'}; boxes left empty by the clip to the
+    image are dropped. What evaluation scores and `fastmae predict` writes, so the two cannot differ."""
+    b = xywh(unmap_boxes(boxes.float().cpu(), scale, *hw))
+    keep = (b[:, 2] > 0) & (b[:, 3] > 0)
+    return [{"category_id": category_ids[c], "bbox": bb, "score": sc}
+            for bb, sc, c in zip(b[keep].tolist(), scores.float().cpu()[keep].tolist(), labels.cpu()[keep].tolist())]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sources.
 

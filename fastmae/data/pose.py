@@ -60,6 +60,7 @@ COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "lef
                   "right_knee", "left_ankle", "right_ankle")
 COCO_SIGMAS = (0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
                0.087, 0.089, 0.089)  # COCO's per-keypoint OKS sigmas (pycocotools' defaults)
+KEYPOINT_SCORE = 0.2  # mmpose: an instance's score is the mean of its keypoint scores above this
 DEFAULT_SIGMA = 0.067  # the OKS sigma of every keypoint of another layout: the mean of COCO's 17
 
 
@@ -478,3 +479,15 @@ def unmap_keypoints(xy: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """Crop keypoints (B, K, 2) -> image pixels through the inverse of each crop's matrix (B, 2, 3)."""
     return torch.stack([apply_matrix(invert_matrix(A), p) for A, p in zip(matrices, xy)])
 
+
+def instance_score(keypoints: torch.Tensor) -> float:
+    """An instance's score from its keypoints (K, 3) x y score: the mean of the scores above KEYPOINT_SCORE
+    (mmpose's), or of all of them when none is above (mmpose gives those 0, which ties every such instance and
+    ranks them at random in COCOeval; heatmap peaks of a well-trained small model can all lie below 0.2)."""
+    good = keypoints[:, 2] > KEYPOINT_SCORE
+    return float(keypoints[good, 2].mean()) if good.any() else float(keypoints[:, 2].mean())
+
+
+def keypoint_list(keypoints: torch.Tensor) -> list[float]:
+    """Keypoints (K, 3) -> COCO's flat [x1, y1, s1, ...], rounded to 1/1000 pixel."""
+    return [round(v, 3) for v in keypoints.flatten().tolist()]

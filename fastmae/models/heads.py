@@ -106,3 +106,14 @@ class FPNSegHead(SegmentationHead):
         fused = sum(F.interpolate(lv, size=size, mode="bilinear", align_corners=False) if lv.shape[-2:] != size else lv
                     for lv in levels)  # (B, c, h*s_max, w*s_max)
         return self.cls(self.fuse(fused))  # (B, K, h*s_max, w*s_max)
+
+def build_seg_head(kind: str, dim: int, num_classes: int, patch_size: int, ignore_index: int = 255,
+                   fpn_channels: int = 64) -> SegmentationHead:
+    """`fastmae segment`'s head by name ('linear' or 'fpn') for a D-wide patch map of stride `patch_size`: what
+    training builds and what reading a segmenter run builds again."""
+    if kind == "linear":
+        return LinearSegHead(dim, num_classes, patch_size, ignore_index)
+    if kind == "fpn":
+        return FPNSegHead(dim, num_classes, patch_size, ignore_index, fpn_channels)
+    raise ValueError(f"unknown segmentation head {kind!r}; choose linear or fpn")
+

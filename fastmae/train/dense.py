@@ -53,17 +53,17 @@ class DatasetEvaluator:
 
 @torch.no_grad()
 def inference(forward: Callable[[torch.Tensor], Any], model: nn.Module, loader, evaluator: DatasetEvaluator,
-              rt: Runtime) -> tuple[Any, dict]:
-    """Run `forward` (the model's, or a flip test) over every batch of an evaluation loader in eval mode, feeding
-    the evaluator; its (predictions, metrics). Batches stream: nothing of the split is held but the evaluator's
-    per-image results."""
+              device: torch.device, precision: str) -> tuple[Any, dict]:
+    """Run `forward` (the model's, or a flip test) over every batch of an evaluation loader in eval mode on `device`
+    at `precision`, feeding the evaluator; its (predictions, metrics). Batches stream: nothing of the split is held
+    but the evaluator's per-image results. Training's evaluation and `fastmae predict` both run through here."""
     model.eval()
-    deliver_on(loader, rt.device)
+    deliver_on(loader, device)
     loader.set_epoch(0)
     evaluator.reset()
     for imgs, targets in loader:
-        with autocast(rt.device, rt.precision):
-            out = forward(imgs.to(rt.device, non_blocking=True))
+        with autocast(device, precision):
+            out = forward(imgs.to(device, non_blocking=True))
         evaluator.process(targets, out)
     return evaluator.evaluate()
 
@@ -186,7 +186,7 @@ def run_dense(cfg, task: DenseTask) -> dict:
 
     def score(epoch: int) -> tuple[Any, dict]:
         if epoch not in scored:
-            result = inference(task.forward(cfg, model), model, parts.val_loader, evaluator, rt)
+            result = inference(task.forward(cfg, model), model, parts.val_loader, evaluator, rt.device, rt.precision)
             scored.clear()
             scored[epoch] = result
         return scored[epoch]

@@ -25,7 +25,8 @@ COMMAND_OF_KIND = {"mae": "fastmae pretrain", "vit": "fastmae finetune", "linpro
                    **{row.kind: f"fastmae {row.command}" for row in DENSE_TASKS}}
 IGNORED = {OWNER_NAME, ".fastmae.lock"}
 # the files a dense task writes: in a folder that no fastmae run owns, they are the user's and are not replaced
-OUTPUTS_OF = {row.command: (row.result, *row.outputs) for row in DENSE_TASKS}
+OUTPUTS_OF = {**{row.command: (row.result, *row.outputs) for row in DENSE_TASKS},
+              "predict": ("predictions.json", "masks", "vis")}
 
 
 def command_of(cfg) -> str | None:
@@ -65,9 +66,11 @@ def _holds_outputs(out: Path) -> bool:
     return False
 
 
-def claim(out: Path, command: str) -> None:
-    """Make `command` the owner of the (locked) folder, or a one-line ValueError when another command's run is
-    there."""
+def refuse_foreign(out: Path, command: str) -> str | None:
+    """A one-line ValueError when the folder holds another command's run, or files `command` writes that no fastmae
+    run wrote; else its owner (None: nobody's yet). Writes nothing: commands call it before any work too."""
+    if not out.is_dir():
+        return None
     owner = folder_command(out)
     theirs = [n for n in OUTPUTS_OF.get(command, ()) if (out / n).exists()] if owner is None else []
     if theirs:
@@ -76,5 +79,12 @@ def claim(out: Path, command: str) -> None:
     if owner is not None and owner != command and _holds_outputs(out):
         raise ValueError(f"--run.output_dir {out} holds a `fastmae {owner}` run (a folder holds one command's run, so "
                          f"none overwrites another's files); pass another --run.output_dir for `fastmae {command}`")
+    return owner
+
+
+def claim(out: Path, command: str) -> None:
+    """Make `command` the owner of the (locked) folder, or a one-line ValueError when another command's run is
+    there."""
+    owner = refuse_foreign(out, command)
     if owner != command or not (out / OWNER_NAME).exists():
         atomic_write_text(json.dumps({"command": command}) + "\n", out / OWNER_NAME)

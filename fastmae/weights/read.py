@@ -154,6 +154,7 @@ class PoseWeights:
     std: tuple[float, ...]
     stats_known: bool
     source: str
+    extra: dict = field(default_factory=dict)  # what the run recorded besides: category_id, category
 
 
 def read_pose(path: str | Path) -> PoseWeights | None:
@@ -175,4 +176,5 @@ def read_pose(path: str | Path) -> PoseWeights | None:
     channels = int(kw["encoder"]["in_chans"])
     known = stats is not None and len(stats[0]) == channels and len(stats[1]) == channels
     mean, std = stats if known else default_stats(channels)
-    return PoseWeights(dict(sd), kw, tuple(map(float, mean)), tuple(map(float, std)), known, str(src))
+    extra = {k: config[k] for k in ("category_id", "category") if k in config}
+    return PoseWeights(dict(sd), kw, tuple(map(float, mean)), tuple(map(float, std)), known, str(src), extra)

@@ -133,6 +133,6 @@ def test_repeated_images_of_padded_shards_are_scored_once(tmp_path, monkeypatch)
     rt = Runtime(device=torch.device("cpu"), precision="fp32", precision_label="fp32", dist=DistInfo(), out_dir=tmp_path,
                  logger=None, run=None)
     monkeypatch.setattr(detect, "gather_objects", lambda obj, info: [obj, {k: v for k, v in obj.items() if k < 2}])
-    dets, _ = inference(model, model, loader, detect.DetEvaluator(model.head, split, rt), rt)
+    dets, _ = inference(model, model, loader, detect.DetEvaluator(model.head, split, rt), rt.device, rt.precision)
     assert len(dets) == 5 * 3 and len({(d["image_id"], tuple(d["bbox"]), d["score"]) for d in dets}) == 15
 
