@@ -1,4 +1,4 @@
-"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose, shard, predict}`: one
+"""`fastmae {pretrain, finetune, linprobe, knn, visualize, convert, bench, embed, segment, detect, pose, shard, predict, export}`: one
 subcommand per config dataclass.
 
 Flags and --help come from the dataclass fields (tyro), so every command's config class is imported here; its run
@@ -17,6 +17,7 @@ import tyro
 from .commands.bench import BenchConfig
 from .commands.convert import ConvertConfig
 from .commands.embed import EmbedConfig
+from .commands.export import ExportConfig
 from .commands.finetune import FinetuneConfig
 from .commands.knn import KnnConfig
 from .commands.linprobe import LinprobeConfig
@@ -45,6 +46,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
        for row in DENSE_TASKS},
     "shard": (ShardConfig, "fastmae.commands.shard:run_shard"),
     "predict": (PredictConfig, "fastmae.commands.predict:run_predict"),
+    "export": (ExportConfig, "fastmae.commands.export:run_export"),
 }
 
 
