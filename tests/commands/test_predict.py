@@ -221,16 +221,9 @@ def test_classifier_predictions_score_as_finetune_and_api(tmp_path):
     assert main(["finetune", "--init", str(pre), "--data.path", str(data), "--optim.epochs", "1",
                  "--optim.warmup_epochs", "1", "--optim.batch_size", "8", "--run.output_dir", str(run),
                  "--run.no_progress", "--run.precision", "fp32"]) == 0
-    from fastmae.data.sources import load_fashion_mnist
-
-    images, labels = load_fashion_mnist(str(data), "eval")  # the 40 evaluation images, as PNG files
     folder = tmp_path / "eval"
-    folder.mkdir()
-    lines = []
-    for i, (x, y) in enumerate(zip(images, labels)):
-        Image.fromarray(x[0].numpy()).save(folder / f"{i:03d}.png")
-        lines.append(f"{i:03d}.png {int(y)}")
-    (folder / "list.txt").write_text("\n".join(lines))
+    write_fmnist_pngs(data, folder)  # the 40 evaluation images, as PNG files
+    image0 = np.array(Image.open(folder / "000.png"))
     out = tmp_path / "p"
     assert main(["predict", "--init", str(run), "--data.source", "list", "--data.path", str(folder / "list.txt"),
                  "--run.output_dir", str(out), "--predict.batch_size", "8", "--run.precision", "fp32"]) == 0
@@ -239,9 +232,59 @@ def test_classifier_predictions_score_as_finetune_and_api(tmp_path):
     preds = json.loads((out / "predictions.json").read_text())
     assert preds[0]["file_name"] == "000.png" and len(preds[0]["topk"]) == 5
     assert preds[0]["class_name"] in fastmae.data.sources.FASHION_MNIST_CLASSES
-    api = fastmae.predict(run, [images[0, 0].numpy(), folder / "001.png"])
+    api = fastmae.predict(run, [image0, folder / "001.png"])
     assert api[0]["label"] == preds[0]["label"] and api[0]["score"] == pytest.approx(preds[0]["score"], abs=1e-5)
     assert api[1]["label"] == preds[1]["label"]
     feats = fastmae.predict(pre, folder / "000.png")  # a pretraining run gives features, deterministic
     assert feats[0]["features"].shape == (32,)
     assert torch.equal(feats[0]["features"], fastmae.predict(pre, folder / "000.png")[0]["features"])
+
+
+def write_fmnist_pngs(data, folder) -> list[str]:
+    """The tiny set's evaluation images as PNGs with a labelled list file; the list's lines."""
+    from fastmae.data.sources import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(str(data), "eval")
+    folder.mkdir()
+    lines = []
+    for i, (x, y) in enumerate(zip(images, labels)):
+        Image.fromarray(x[0].numpy()).save(folder / f"{i:03d}.png")
+        lines.append(f"{i:03d}.png {int(y)}")
+    (folder / "list.txt").write_text("\n".join(lines))
+    return lines
+
+
+def test_a_linear_probe_predicts_as_it_scored(tmp_path):
+    data, pre = pretrain_tiny(tmp_path)
+    run = tmp_path / "lp"
+    assert main(["linprobe", "--init", str(pre), "--data.path", str(data), "--optim.epochs", "3",
+                 "--optim.warmup_epochs", "1", "--optim.batch_size", "32", "--run.output_dir", str(run),
+                 "--run.no_progress", "--run.precision", "fp32"]) == 0
+    write_fmnist_pngs(data, tmp_path / "eval")
+    out = tmp_path / "p"
+    assert main(["predict", "--init", str(run), "--data.source", "list", "--data.path",
+                 str(tmp_path / "eval" / "list.txt"), "--run.output_dir", str(out), *PRED]) == 0
+    res, trained = (json.loads(p.read_text()) for p in (out / "linprobe.json", run / "linprobe.json"))
+    assert res["top1"] == pytest.approx(trained["top1"]) and res["top5"] == pytest.approx(trained["top5"])
+
+
+def test_a_hugging_face_vitpose_folder_predicts_in_its_boxes(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.models.test_pose import hf_vitpose
+
+    hf = hf_vitpose(True, (32, 24), patch=8)
+    hf.save_pretrained(tmp_path / "vp")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(folder / "a.png")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"file_name": "a.png", "bbox": [10, 12, 20, 30], "score": 0.9}]))
+    out = tmp_path / "p"
+    assert main(["predict", "--init", str(tmp_path / "vp"), "--data.path", str(folder), "--predict.boxes",
+                 str(boxes), "--run.output_dir", str(out), *PRED]) == 0
+    (rec,) = json.loads((out / "predictions.json").read_text())
+    xy = np.array(rec["keypoints"]).reshape(5, 3)[:, :2]
+    # inside the crop: the box widened to 24:32 and by 1.25 about its centre (25, 27)
+    assert rec["bbox"] == [10, 12, 20, 30] and (np.abs(xy - [25, 27]) <= [20 * 1.25 / 2 + 1, 30 * 1.25 / 2 + 1]).all()
+    api = fastmae.predict(tmp_path / "vp", folder / "a.png", boxes=[[[10, 12, 20, 30]]], batch_size=2)
+    assert api[0][0]["keypoints"] == rec["keypoints"] and rec["score"] == pytest.approx(api[0][0]["score"] * 0.9)
