@@ -141,6 +141,27 @@ def crop_matrix(cx: float, cy: float, sw: float, size: tuple[int, int], rotation
     return torch.tensor([[c, -s, W / 2 - c * cx + s * cy], [s, c, H / 2 - s * cx - c * cy]], dtype=torch.float64)
 
 
+def udp_crop_matrix(cx: float, cy: float, sw: float, sh: float, size: tuple[int, int]) -> torch.Tensor:
+    """ViTPose's crop (UDP, Huang et al., 2020, as mmpose's and transformers' VitPose image processors make it) as a
+    fastmae matrix: in pixel-index coordinates the region [cx - sw/2, cx + sw/2] x [cy - sh/2, cy + sh/2] goes onto
+    crop pixels 0..W-1 x 0..H-1; returned for continuous coordinates (pixel centres at +0.5), u = A [x, y, 1]."""
+    H, W = size
+    ax, ay = (W - 1) / sw, (H - 1) / sh
+    return torch.tensor([[ax, 0.0, ax * (sw / 2 - cx - 0.5) + 0.5], [0.0, ay, ay * (sh / 2 - cy - 0.5) + 0.5]],
+                        dtype=torch.float64)
+
+
+def udp_keypoints(xy: torch.Tensor, matrices: torch.Tensor, crop: tuple[int, int],
+                  heat: tuple[int, int]) -> torch.Tensor:
+    """Keypoints decoded on heatmaps (B, K, 2), continuous heatmap pixels, of UDP crops (`udp_crop_matrix`) -> image
+    pixel-index coordinates as transformers' VitPose post-processing gives them: heatmap index i is crop index
+    i (W-1)/(W'-1)."""
+    (H, W), (Hh, Wh) = crop, heat
+    grid = torch.tensor([(W - 1) / max(Wh - 1, 1), (H - 1) / max(Hh - 1, 1)], dtype=torch.float64)
+    crop_xy = (xy.double() - 0.5) * grid + 0.5  # continuous crop pixels
+    return (unmap_keypoints(crop_xy, matrices) - 0.5).to(xy.dtype)
+
+
 def invert_matrix(A: torch.Tensor) -> torch.Tensor:
     """The inverse of a 2x3 affine matrix (crop pixels back to image pixels)."""
     full = torch.cat([A.double(), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
@@ -414,8 +435,9 @@ class PoseSamples(DenseSamples):
     """Instances of a PoseSplit cropped from their boxes (uint8), with their keypoints in the crop."""
 
     def __init__(self, split: PoseSplit, img_size: tuple[int, int], flip: Sequence[int],
-                 scale_range: tuple[float, float], rotation: float, hflip: bool, channels: int):
-        self.split, self.img_size, self.flip = split, img_size, list(flip)
+                 scale_range: tuple[float, float], rotation: float, hflip: bool, channels: int,
+                 codec: str = "continuous"):
+        self.split, self.img_size, self.flip, self.codec = split, img_size, list(flip), codec
         self.images = split.images
         self.scale_range, self.rotation, self.hflip, self.channels = scale_range, rotation, hflip, channels
 
@@ -425,7 +447,9 @@ class PoseSamples(DenseSamples):
     def transform(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, bool]:
         """(A, flip) of instance i: its box to the crop; in training a random scale and rotation and a coin flip."""
         H, W = self.img_size
-        cx, cy, sw, _ = box_centre_scale(self.split.boxes[i].tolist(), W / H)
+        cx, cy, sw, sh = box_centre_scale(self.split.boxes[i].tolist(), W / H)
+        if self.codec == "udp":  # a ViTPose model's evaluation crop (it is not trained here)
+            return udp_crop_matrix(cx, cy, sw, sh, self.img_size), False
         rot, flip = 0.0, False
         if g is not None:
             lo, hi = self.scale_range
@@ -468,9 +492,12 @@ class PoseLoader(DenseLoader):
 
     def __init__(self, split: PoseSplit, img_size: tuple[int, int], *, flip: Sequence[int],
                  scale_range: tuple[float, float] = (0.75, 1.25), rotation: float = 30.0, num_workers: int = 0,
-                 **kw):
+                 codec: str = "continuous", **kw):
+        """codec: 'continuous' (fastmae's crops) or 'udp' (ViTPose's evaluation crops, for its models)."""
+        if codec == "udp" and kw.get("train"):
+            raise ValueError("UDP crops are for evaluating a ViTPose model; fastmae trains on its own crops")
         samples = PoseSamples(split, tuple(img_size), flip, tuple(scale_range), rotation, kw.get("hflip", True),
-                              kw["channels"])
+                              kw["channels"], codec)
         super().__init__(samples, img_size=img_size, num_workers=num_workers, **kw)
         self.split = split
 

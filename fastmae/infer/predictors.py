@@ -24,10 +24,14 @@ import torch.nn.functional as F
 from ..data.decode import load_image
 from ..data.dense import DenseLoader, DenseSamples, to_uint8
 from ..data.detection import DetLoader, DetSplit, detection_records, placed_size
-from ..data.pose import PoseLoader, PoseSplit, instance_score, keypoint_list, unmap_keypoints
+from ..data.pose import PoseLoader, PoseSplit, instance_score, keypoint_list, udp_keypoints, unmap_keypoints
+from ..models.pose import DARK_KERNEL, dark_decode
 from ..train.dense import DatasetEvaluator, inference
 from .images import ImageSet
 from .models import TaskModel
+
+
+HF_DARK_SIGMA = 0.8  # transformers' VitPose post-processing blurs with scipy's gaussian_filter(sigma=0.8), radius 5
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,16 @@ def pose(tm: TaskModel, images: ImageSet, boxes: Sequence[Sequence[tuple[list[fl
                       torch.tensor([b for b, _ in flat], dtype=torch.float32).view(-1, 4),
                       torch.zeros(len(flat), K, 3), list(model.names), list(model.skeleton), cid,
                       str(tm.extra.get("category", "object")))
-    loader = PoseLoader(split, tm.size, flip=model.flip, **loader_kw(tm, s))
+    codec = getattr(model, "codec", "continuous")
+    loader = PoseLoader(split, tm.size, flip=model.flip, codec=codec, **loader_kw(tm, s))
 
     def per_batch(targets: dict, heatmaps: torch.Tensor) -> dict:
-        xy, scores = model.head.predict(heatmaps.float())
-        xy = unmap_keypoints(xy.cpu(), targets["matrix"])  # (B, K, 2) image pixels
+        if codec == "udp":  # a ViTPose model: decoded as transformers' VitPose post-processing decodes
+            xy, scores = dark_decode(heatmaps.float(), DARK_KERNEL, sigma=HF_DARK_SIGMA, keep_max=False)
+            xy = udp_keypoints(xy.cpu(), targets["matrix"], tm.size, tuple(heatmaps.shape[-2:]))
+        else:  # as `fastmae pose` evaluates
+            xy, scores = model.head.predict(heatmaps.float())
+            xy = unmap_keypoints(xy.cpu(), targets["matrix"])  # (B, K, 2) image pixels
         return {j: torch.cat([p, sc[:, None]], 1) for j, p, sc in zip(targets["index"].tolist(), xy, scores.cpu())}
 
     forward = model.flip_test if flip_test else model

@@ -80,30 +80,34 @@ def encode_heatmaps(keypoints: torch.Tensor, weights: torch.Tensor, size: tuple[
     return heat, weights.float() * inside
 
 
-def gaussian_kernel(size: int) -> torch.Tensor:
-    """A normalised 1-D Gaussian of `size` taps with OpenCV's sigma for that size (0.3 (size/2 - 1) + 0.8)."""
-    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+def gaussian_kernel(size: int, sigma: float | None = None) -> torch.Tensor:
+    """A normalised 1-D Gaussian of `size` taps; sigma None: OpenCV's for that size (0.3 (size/2 - 1) + 0.8)."""
+    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8 if sigma is None else sigma
     x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
-def dark_decode(heat: torch.Tensor, kernel: int = DARK_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
+def dark_decode(heat: torch.Tensor, kernel: int = DARK_KERNEL, sigma: float | None = None,
+                keep_max: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmaps (B, K, H', W') -> keypoints (B, K, 2) in heatmap pixels and scores (B, K) (the maxima).
 
     DARK (Zhang et al., 2020): blur each map (its maximum kept), take the log, and move from the arg-max by one
     Newton step on the log's second-order Taylor expansion; exact for a Gaussian peak away from the border.
+    sigma / keep_max: the blur's (None: OpenCV's for the kernel, as mmpose) and whether it is rescaled to keep the
+    maximum (transformers' VitPose post-processing: sigma 0.8, not rescaled).
     """
     B, K, H, W = heat.shape
     heat = heat.float()
     scores, idx = heat.flatten(2).max(-1)  # (B, K)
     x0, y0 = idx % W, idx // W  # (B, K)
-    g = gaussian_kernel(kernel).to(heat.device)
+    g = gaussian_kernel(kernel, sigma).to(heat.device)
     m = heat.reshape(B * K, 1, H, W)
     m = F.conv2d(F.conv2d(m, g.view(1, 1, 1, -1), padding=(0, kernel // 2)), g.view(1, 1, -1, 1),
                  padding=(kernel // 2, 0))  # (BK, 1, H', W'): zero-padded blur
     peak = m.flatten(1).amax(1).clamp(min=1e-12)  # (BK,)
-    m = m * (scores.reshape(-1) / peak).view(-1, 1, 1, 1)
+    if keep_max:
+        m = m * (scores.reshape(-1) / peak).view(-1, 1, 1, 1)
     logm = F.pad(m.clamp(1e-3, 50.0).log(), (1, 1, 1, 1), mode="replicate").view(B, K, H + 2, W + 2)
 
     def at(dx: int, dy: int) -> torch.Tensor:
@@ -239,8 +243,10 @@ class PoseModel(DenseModel):
 
     def __init__(self, encoder: nn.Module, head: PoseHead, finetune: bool = False, patch_padding: int = 0,
                  names: list[str] | None = None, flip: list[int] | None = None,
-                 skeleton: list[tuple[int, int]] | None = None, sigmas: list[float] | None = None):
+                 skeleton: list[tuple[int, int]] | None = None, sigmas: list[float] | None = None,
+                 codec: str = "continuous"):
         super().__init__(encoder, head, finetune, pool="dense")
+        self.codec = codec  # 'continuous' (fastmae's training) or 'udp' (ViTPose's, a Hugging Face VitPose folder)
         K = head.num_keypoints
         self.patch_padding = patch_padding
         self.names = list(names) if names else [f"keypoint_{k}" for k in range(K)]
@@ -266,7 +272,7 @@ def build_pose(kw: dict, finetune: bool = False, drop_path: float = 0.0) -> Pose
     head = build_head(kw["head"], encoder.embed_dim, int(kw["num_keypoints"]), int(enc["patch_size"]),
                       float(kw.get("sigma", 2.0)), int(kw.get("channels", 256)))
     return PoseModel(encoder, head, finetune, int(kw.get("patch_padding", 0)), kw.get("names"), kw.get("flip"),
-                     kw.get("skeleton"), kw.get("sigmas"))
+                     kw.get("skeleton"), kw.get("sigmas"), str(kw.get("codec", "continuous")))
 
 
 __all__ = ["ClassicHead", "HEADS", "PoseHead", "PoseModel", "SimpleHead", "build_head", "build_pose", "dark_decode",

@@ -284,7 +284,8 @@ def test_a_hugging_face_vitpose_folder_predicts_in_its_boxes(tmp_path):
                  str(boxes), "--run.output_dir", str(out), *PRED]) == 0
     (rec,) = json.loads((out / "predictions.json").read_text())
     xy = np.array(rec["keypoints"]).reshape(5, 3)[:, :2]
-    # inside the crop: the box widened to 24:32 and by 1.25 about its centre (25, 27)
-    assert rec["bbox"] == [10, 12, 20, 30] and (np.abs(xy - [25, 27]) <= [20 * 1.25 / 2 + 1, 30 * 1.25 / 2 + 1]).all()
+    # inside the crop (the box widened to 24:32 and by 1.25 about its centre (20, 27): 28.125 x 37.5), give or take
+    # the one heatmap pixel (2.6 px) that DARK may move a peak at the border
+    assert rec["bbox"] == [10, 12, 20, 30] and (np.abs(xy - [20, 27]) <= [28.125 / 2 + 3, 37.5 / 2 + 3]).all()
     api = fastmae.predict(tmp_path / "vp", folder / "a.png", boxes=[[[10, 12, 20, 30]]], batch_size=2)
     assert api[0][0]["keypoints"] == rec["keypoints"] and rec["score"] == pytest.approx(api[0][0]["score"] * 0.9)

@@ -125,6 +125,7 @@ def hf_vitpose_to_fastmae(sd: Mapping[str, torch.Tensor], config: Mapping[str, A
         "channels": 256 if simple else int(sd["head.deconv1.weight"].shape[1]), "sigma": 2.0,
         "patch_padding": VITPOSE_PADDING, "norm_eps": float(bb.get("layer_norm_eps", 1e-12)),
         "names": _labels(cfg, K), "flip": [], "skeleton": [], "sigmas": [],
+        "codec": "udp",  # trained on ViTPose's UDP grid: crops and keypoints as transformers' image processor maps them
     }
     return pose, kwargs
 
