@@ -196,7 +196,7 @@ def pose(tm: TaskModel, images: ImageSet, boxes: Sequence[Sequence[tuple[list[fl
 
     def per_batch(targets: dict, heatmaps: torch.Tensor) -> dict:
         if codec == "udp":  # a ViTPose model: decoded as transformers' VitPose post-processing decodes
-            xy, scores = dark_decode(heatmaps.float(), DARK_KERNEL, sigma=HF_DARK_SIGMA, keep_max=False)
+            xy, scores = dark_decode(heatmaps.float(), DARK_KERNEL, sigma=HF_DARK_SIGMA, keep_max=False, bounded=False)
             xy = udp_keypoints(xy.cpu(), targets["matrix"], tm.size, tuple(heatmaps.shape[-2:]))
         else:  # as `fastmae pose` evaluates
             xy, scores = model.head.predict(heatmaps.float())

@@ -89,13 +89,16 @@ def gaussian_kernel(size: int, sigma: float | None = None) -> torch.Tensor:
 
 
 def dark_decode(heat: torch.Tensor, kernel: int = DARK_KERNEL, sigma: float | None = None,
-                keep_max: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                keep_max: bool = True, bounded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmaps (B, K, H', W') -> keypoints (B, K, 2) in heatmap pixels and scores (B, K) (the maxima).
 
     DARK (Zhang et al., 2020): blur each map (its maximum kept), take the log, and move from the arg-max by one
     Newton step on the log's second-order Taylor expansion; exact for a Gaussian peak away from the border.
     sigma / keep_max: the blur's (None: OpenCV's for the kernel, as mmpose) and whether it is rescaled to keep the
-    maximum (transformers' VitPose post-processing: sigma 0.8, not rescaled).
+    maximum (transformers' VitPose post-processing: sigma 0.8, not rescaled). bounded: the step is at most one
+    pixel and a flat or saddle neighbourhood keeps the arg-max; False: transformers' VitPose decode (mmpose's
+    post_dark_udp step: its mixed difference, the Hessian regularised by float32's eps, nothing bounded; the blur's
+    border mirrored as scipy's gaussian_filter does).
     """
     B, K, H, W = heat.shape
     heat = heat.float()
@@ -103,8 +106,14 @@ def dark_decode(heat: torch.Tensor, kernel: int = DARK_KERNEL, sigma: float | No
     x0, y0 = idx % W, idx // W  # (B, K)
     g = gaussian_kernel(kernel, sigma).to(heat.device)
     m = heat.reshape(B * K, 1, H, W)
-    m = F.conv2d(F.conv2d(m, g.view(1, 1, 1, -1), padding=(0, kernel // 2)), g.view(1, 1, -1, 1),
-                 padding=(kernel // 2, 0))  # (BK, 1, H', W'): zero-padded blur
+    if bounded:
+        m = F.conv2d(F.conv2d(m, g.view(1, 1, 1, -1), padding=(0, kernel // 2)), g.view(1, 1, -1, 1),
+                     padding=(kernel // 2, 0))  # (BK, 1, H', W'): zero-padded blur
+    else:  # scipy's gaussian_filter (transformers): the border mirrored, edge pixel included
+        r = kernel // 2
+        m = torch.cat([m[..., :r].flip(-1), m, m[..., -r:].flip(-1)], -1)
+        m = torch.cat([m[..., :r, :].flip(-2), m, m[..., -r:, :].flip(-2)], -2)
+        m = F.conv2d(F.conv2d(m, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))  # (BK, 1, H', W')
     peak = m.flatten(1).amax(1).clamp(min=1e-12)  # (BK,)
     if keep_max:
         m = m * (scores.reshape(-1) / peak).view(-1, 1, 1, 1)
@@ -118,6 +127,12 @@ def dark_decode(heat: torch.Tensor, kernel: int = DARK_KERNEL, sigma: float | No
     gx, gy = (at(1, 0) - at(-1, 0)) / 2, (at(0, 1) - at(0, -1)) / 2
     hxx, hyy = at(1, 0) - 2 * c + at(-1, 0), at(0, 1) - 2 * c + at(0, -1)
     hxy = (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / 4
+    if not bounded:  # mmpose's post_dark_udp (and transformers'): its own mixed difference, an eps-regularised step
+        hxy = (at(1, 1) - at(1, 0) - at(0, 1) + 2 * c - at(-1, 0) - at(0, -1) + at(-1, -1)) / 2
+        eps = torch.finfo(torch.float32).eps
+        det = (hxx + eps) * (hyy + eps) - hxy**2
+        dx, dy = -((hyy + eps) * gx - hxy * gy) / det, -((hxx + eps) * gy - hxy * gx) / det
+        return torch.stack([x0.float() + 0.5 + dx, y0.float() + 0.5 + dy], -1), scores
     det = hxx * hyy - hxy**2
     ok = det.abs() > 1e-6  # a flat or saddle neighbourhood: keep the arg-max
     safe = torch.where(ok, det, torch.ones_like(det))
