@@ -5,7 +5,7 @@ measured), then `fastmae predict` on N PNGs at each task's own image size (class
 scenes, pose 64x64 scenes with the whole image as the box), with 0 and 2 loader workers, nothing drawn. The rate is
 `predict`'s own (images / seconds from the model loaded to predictions.json written), the best of --reps.
 
-    python benchmarks/bench_predict.py tasks --images 1024
+    python benchmarks/bench_predict.py tasks --images 1024 --precision fp32   # and bf16
 
 `vitpose`: a Hugging Face `VitPoseForPoseEstimation` (ViTPose-B: ViT-B/16 at 256x192, simple decoder, random
 weights) and the same model read by `fastmae.load` from its folder, on the same crops and batch (made by
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--data", default=FMNIST)
+    t.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     v = sub.add_parser("vitpose", help="pose heatmaps + decode, fastmae vs transformers")
     v.add_argument("--batch", type=int, default=8)
     v.add_argument("--reps", type=int, default=7)
@@ -82,13 +83,10 @@ def run_tasks(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         items, _ = load_fashion_mnist(args.data, "eval")
-        sets = {
-            "classifier": items[:n],
-            "segmenter": torch.stack([fashion_scenes(args.data, "eval", n, 56, (2, 4), 0).images[i] for i in range(n)]),
-            "detector": torch.stack([fashion_det_scenes(args.data, "eval", n, 84, (2, 4), 0).images[i]
-                                     for i in range(n)]),
-            "pose": torch.stack([fashion_pose_scenes(args.data, "eval", n, 64, 2, 0).images[i] for i in range(n)]),
-        }
+        scenes = {"segmenter": fashion_scenes(args.data, "eval", n, 84, (2, 4), 0).images,  # the default sizes
+                  "detector": fashion_det_scenes(args.data, "eval", n, 84, (2, 4), 0).images,
+                  "pose": fashion_pose_scenes(args.data, "eval", n, 64, 2, 0).images}
+        sets = {"classifier": items[:n], **{k: torch.stack([v[i] for i in range(n)]) for k, v in scenes.items()}}
         train = {
             "classifier": ["finetune", "--init", "random", "--data.limit", "512", "--model.img_size", "28", "28"],
             "segmenter": ["segment", "--init", "random", "--seg.train_scenes", "128", "--seg.eval_scenes", "16"],
@@ -106,12 +104,12 @@ def run_tasks(args: argparse.Namespace) -> list[dict]:
                     out = root / f"pred-{task}-{workers}-{r}"
                     res = cli(["predict", "--init", str(run), "--data.path", str(folder), "--run.output_dir", str(out),
                                "--data.num_workers", str(workers), "--predict.batch_size", str(args.batch),
-                               "--predict.draw", "0", "--run.precision", "fp32"])
+                               "--predict.draw", "0", "--run.precision", args.precision])
                     best = max(best, res["images_per_second"])
                 rows.append({"task": task, "images": n, "size": list(images.shape[-2:]), "workers": workers,
-                             "images_per_second": best})
-                print(f"{task:10s} {n} images of {images.shape[-2]}x{images.shape[-1]}, workers {workers}: "
-                      f"{best:.0f} img/s", flush=True)
+                             "precision": args.precision, "images_per_second": best})
+                print(f"{task:10s} {n} images of {images.shape[-2]}x{images.shape[-1]}, workers {workers}, "
+                      f"{args.precision}: {best:.0f} img/s", flush=True)
     return rows
 
 
@@ -158,7 +156,7 @@ def run_vitpose(args: argparse.Namespace) -> dict:
     for _ in range(args.reps):
         for name, fn in (("transformers", run_hf), ("fastmae", run_ours)):
             t = time.perf_counter()
-            kp, heat = fn()
+            fn()
             times[name].append(time.perf_counter() - t)
     kp_hf, heat_hf = run_hf()
     kp_ours, heat_ours = run_ours()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 
 from ..config import NON_NEGATIVE, POSITIVE_INT, Rule, finite, validate
-from ..data.coco_json import read_coco_json
 from ..data.detection import read_coco
 from ..data.pose import read_coco_keypoints, sigmas_for
 from ..data.segmentation import read_label_map
@@ -38,7 +38,6 @@ from ..infer import predictors as P
 from ..infer.boxes import boxes_from_file, boxes_from_records, detector_category
 from ..infer.images import ImageSet, image_set, report_name, source_files
 from ..infer.models import TaskModel, read_task_model, require_head
-from ..metrics.classification import topk_correct
 from ..metrics.detection import coco_box_metrics
 from ..metrics.pose import coco_keypoint_metrics, pck
 from ..metrics.segmentation import confusion_counts, seg_metrics
@@ -46,7 +45,7 @@ from ..train.dist import print0
 from ..train.owner import refuse_foreign
 from ..train.results import refuse_replacing
 from ..train.trainer import setup, write_config
-from ..weights.checkpoint import atomic_write, atomic_write_text, safe_join
+from ..weights.checkpoint import atomic_write, atomic_write_text
 
 RESULT_OF_TASK = {"detector": "detect.json", "pose": "pose.json", "segmenter": "segment.json"}
 
@@ -239,26 +238,25 @@ def _write_png(pil, path: Path) -> None:
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
-def pose_boxes(cfg: PredictConfig, images: ImageSet, truth, settings: P.Settings) -> tuple[list, str]:
-    """Each image's boxes for pose, and where they came from."""
+def pose_boxes(cfg: PredictConfig, images: ImageSet, truth) -> tuple[list | None, TaskModel | None, int | None, str]:
+    """Where pose's boxes come from, checked before any work: (each image's boxes, or None when a detector finds
+    them; that detector; its category id; a description)."""
     p = cfg.predict
     if p.detector:
         det = require_head(read_task_model(p.detector), p.detector)
         if det.task != "detector":
             raise ValueError(f"--predict.detector {p.detector} holds a {det.task}, not a `fastmae detect` run")
-        category = detector_category(det, p.category, p.detector)
-        found = P.detect(det, images, settings)
-        return boxes_from_records(found, p.score_threshold, category), f"detector {p.detector}"
+        return None, det, detector_category(det, p.category, p.detector), f"detector {p.detector}"
     if p.boxes:
         return (boxes_from_file(p.boxes, images.names, p.score_threshold, p.category, partial=bool(cfg.data.limit)),
-                f"boxes of {p.boxes}")
+                None, None, f"boxes of {p.boxes}")
     if truth is not None:  # the annotations' boxes, as evaluation crops them
         per: list[list] = [[] for _ in range(len(images))]
         for j, n in enumerate(truth.owner.tolist()):
             if n < len(images):
                 per[n].append((truth.boxes[j].tolist(), 1.0))
-        return per, f"the boxes of {cfg.predict.annotations}"
-    return P.whole_image_boxes(images), "whole images"
+        return per, None, None, f"the boxes of {cfg.predict.annotations}"
+    return P.whole_image_boxes(images), None, None, "whole images"
 
 
 def run_predict(cfg: PredictConfig) -> dict:
@@ -267,6 +265,9 @@ def run_predict(cfg: PredictConfig) -> dict:
     if not cfg.init:
         raise ValueError("no model: pass --init RUN (a finetune / linprobe / segment / detect / pose run, or a Hugging "
                          "Face VitPose folder)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("fastmae predict runs in one process (its loader workers read in parallel): start it without "
+                         "torchrun, one per device or per part of the images (--data.path)")
     tm = require_head(read_task_model(cfg.init), cfg.init)
     check_options(cfg, tm)
     out = Path(cfg.run.output_dir)
@@ -275,7 +276,10 @@ def run_predict(cfg: PredictConfig) -> dict:
     if not cfg.predict.overwrite:
         refuse_replacing([out / "predictions.json"], "--predict.overwrite")
     images, truth = read_images(cfg, tm)
+    if tm.task == "pose":
+        boxes, det, category, boxes_from = pose_boxes(cfg, images, truth)
     rt = setup(cfg.run, cfg, write_config=False)
+    tm.model.to(rt.device)
     t0 = time.perf_counter()
     settings = P.Settings(cfg.predict.batch_size, cfg.data.num_workers, rt.device, rt.precision)
     names = mask_names(images.names)
@@ -305,7 +309,9 @@ def run_predict(cfg: PredictConfig) -> dict:
             _write_png(draw_detections(images.store.load_for_display(i), preds[i], cfg.predict.score_threshold),
                        out / "vis" / names[i])
     elif tm.task == "pose":
-        boxes, boxes_from = pose_boxes(cfg, images, truth, settings)
+        if det is not None:
+            det.model.to(rt.device)
+            boxes = boxes_from_records(P.detect(det, images, settings), cfg.predict.score_threshold, category)
         cid = truth.category_id if truth is not None else None
         preds, kps = P.pose(tm, images, boxes, settings, cfg.predict.flip_test, cid)
         records = [{"file_name": images.names[i], **({"image_id": truth.image_ids[i]} if truth is not None else {}),
@@ -335,7 +341,8 @@ def run_predict(cfg: PredictConfig) -> dict:
                 _write_png(draw_mask(images.store.load_for_display(i), mask, ignore), out / "vis" / names[i])
 
         P.segment(tm, images, settings, consume)
-        records.sort(key=lambda r: images.names.index(r["file_name"]))
+        order = {n: i for i, n in enumerate(images.names)}
+        records.sort(key=lambda r: order[r["file_name"]])
         if truth is not None:
             result = seg_metrics(conf.round().long().view(K, K), tm.classes)
         written.append(str(out / "masks"))

@@ -41,7 +41,7 @@ def det_run(tmp_path_factory):
 
 
 def test_detect_predictions_equal_the_evaluation(det_run, tmp_path):
-    root, ed, eann, run = det_run
+    _, ed, eann, run = det_run
     out = tmp_path / "p"
     assert main(["predict", "--init", str(run), "--data.path", str(ed), "--run.output_dir", str(out), *PRED]) == 0
     preds = json.loads((out / "predictions.json").read_text())
@@ -63,7 +63,7 @@ def test_detect_predictions_equal_the_evaluation(det_run, tmp_path):
 
 
 def test_predict_refuses_what_it_cannot_do_in_one_line(det_run, tmp_path, capsys):
-    root, ed, eann, run = det_run
+    _, ed, eann, run = det_run
     _, pre = pretrain_tiny(tmp_path)
     base = ["predict", "--data.path", str(ed), *PRED]
     cases = [
@@ -112,7 +112,7 @@ def pose_run(tmp_path_factory):
 
 
 def test_pose_predictions_equal_the_evaluation(pose_run, det_run, tmp_path, capsys):
-    root, ed, eann, run = pose_run
+    _, ed, eann, run = pose_run
     evaluated = json.loads((run / "keypoints.json").read_text())
     trained = json.loads((run / "pose.json").read_text())
     # the annotations' boxes, scored as pose scores
@@ -150,6 +150,7 @@ def test_pose_predictions_equal_the_evaluation(pose_run, det_run, tmp_path, caps
     assert "has 2 classes (dog (7), cat (42)); pass --predict.category" in capsys.readouterr().err
     assert main(args + ["--predict.category", "bird", "--run.output_dir", str(tmp_path / "d")]) == 2
     assert "'bird' is not a class of the detector" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before any work: nothing written
     assert main(args + ["--predict.category", "cat", "--predict.score_threshold", "0",
                         "--run.output_dir", str(tmp_path / "d")]) == 0
     found = fastmae.predict(det, ed, batch_size=2)  # the detector on these images, through the API
@@ -158,7 +159,7 @@ def test_pose_predictions_equal_the_evaluation(pose_run, det_run, tmp_path, caps
 
 
 def test_boxes_file_naming_missing_images_is_refused(pose_run, tmp_path, capsys):
-    root, ed, eann, run = pose_run
+    _, ed, _, run = pose_run
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps([{"file_name": "elsewhere.png", "bbox": [0, 0, 5, 5], "score": 1.0}]))
     assert main(["predict", "--init", str(run), "--data.path", str(ed), "--predict.boxes", str(boxes),
