@@ -143,6 +143,7 @@ class MAEModelConfig:
     RULES: ClassVar[dict[str, Rule]] = {
         "img_size": image_size(zero_ok=False),
         "mask_ratio": ((lambda v: finite(v) and 0 < v < 1), "in (0, 1) (0 masks nothing, so nothing is learned)"),
+        "kept_mask_ratio": ((lambda v: finite(v) and 0 <= v < 1), "in [0, 1) (0 = every masked patch)"),
         **dict.fromkeys(("in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
                          "decoder_num_heads"), at_least(0, " (0 = the variant's)")),
     }
@@ -164,6 +165,13 @@ class MAEModelConfig:
     """Regress per-patch normalised pixels (the paper's target; BENCHMARKS.md compares both on small data)."""
     mask_ratio: float = 0.75
     """Fraction of patches removed."""
+    decoder: Literal["self", "cross"] = "self"
+    """self: MAE's decoder (mask tokens among the visible tokens, full self-attention, every masked patch decoded);
+    cross: CrossMAE's (a query per decoded patch, mask token + position, cross-attending to the encoder's tokens;
+    decodes --model.kept_mask_ratio of the patches). The encoder is the same."""
+    kept_mask_ratio: float = 0.0
+    """With --model.decoder cross: the share of all patches decoded and scored, at most --model.mask_ratio (0 = every
+    masked patch; CrossMAE uses 0.25 with mask ratio 0.75)."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from ..train.optim import build_adamw, param_groups_weight_decay, schedule
 from ..train.parallel import is_sharded, uses_fsdp
 from ..train.runtime import Progress, Runtime, duration
 from ..train.trainer import fit, model_meta, setup
-from ..weights.backbone import load_into, mae_kwargs
+from ..weights.backbone import check_decoder_flags, load_into, mae_kwargs
 from ..weights.checkpoint import find_latest
 from ..weights.read import ENCODER_PREFIXES, Weights, read_weights
 
@@ -204,12 +204,16 @@ class Monitor:
 def run_pretrain(cfg: PretrainConfig) -> Path | None:
     """Pretrain an MAE; returns the last checkpoint path. Re-running the same command resumes."""
     validate(cfg)
+    check_decoder_flags(cfg.model)
     rt = setup(cfg.run, cfg)
     d = rt.dist
     img_size = tuple(cfg.model.img_size)
     train = build_loader(cfg.data, "train", img_size, cfg.optim.batch_size, train=True, seed=cfg.run.seed,
                          rank=d.rank, world_size=d.world_size)
     init = read_init(cfg.init, cfg.model) if cfg.init else None
+    other_decoder = init is not None and init.kind == "mae" and init.model_kwargs.get("decoder", "self") != cfg.model.decoder
+    if other_decoder:  # a decoder of the other kind cannot be loaded into this one: the encoder, a fresh decoder
+        init = init.encoder()
     kwargs = init_kwargs(init, cfg.model, train.channels) if init else mae_kwargs(cfg.model, train.channels)
     model = MaskedAutoencoderViT(**kwargs)
     if init is not None:
@@ -223,6 +227,8 @@ def run_pretrain(cfg: PretrainConfig) -> Path | None:
         if init.kind == "mae" and was is not None and was != kwargs["norm_pix_loss"]:
             notes.append(f"note: its decoder was trained with norm_pix_loss={was}, this run uses "
                          f"{kwargs['norm_pix_loss']} (--model.norm_pix_loss)")
+        if other_decoder:
+            notes.append(f"its decoder is not a --model.decoder {cfg.model.decoder} one: a fresh decoder")
         print0(d, f"init from {init.source}: {'; '.join(notes)}")
         rt.logger.record({"event": "init", "init": cfg.init, "source": init.source, "kind": init.kind,
                           "notes": notes})

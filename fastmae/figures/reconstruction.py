@@ -49,7 +49,9 @@ def reconstruct(
     B = imgs.shape[0]
     if noise is None and seed is not None:
         noise = seeded_noise(B, model.patch_embed.num_patches, seed, imgs.device)
-    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)  # (), (B, L, p*p*C), (B, L)
+    # a cross decoder decodes every masked patch here, whatever share it scores in training
+    kept = {"kept_mask_ratio": 0.0} if getattr(model, "decoder", "self") == "cross" else {}
+    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise, **kept)  # (), (B, L, p*p*C), (B, L)
     pred = pred.float()
     if model.norm_pix_loss:
         target = patchify(imgs.float(), model.patch_size)  # (B, L, p*p*C)

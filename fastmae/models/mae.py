@@ -1,9 +1,15 @@
 """The masked autoencoder: ViT encoder on visible patches, light decoder with mask tokens.
 
 Shapes: B batch, C channels, H, W image, p patch, h, w = H/p, W/p, L = h*w patches,
-K = int(L * (1 - mask_ratio)) visible patches, D encoder width, Dd decoder width.
+K = int(L * (1 - mask_ratio)) visible patches, M decoded patches, D encoder width, Dd decoder width.
 Parameter names, initialisation and the order of random draws follow the official
 `models_mae.py`, so official checkpoints load with strict=True and a seeded run reproduces its mask.
+
+Two decoders. 'self' (the paper's): mask tokens join the visible tokens, all L + 1 attend to each other, every masked
+patch is predicted. 'cross' (CrossMAE, Fu et al., 2024): only M of the masked patches are decoded
+(`kept_mask_ratio` x L of them, the first M of the masked ones in the mask's own random order; 0: all), each query a
+mask token plus its position, and each decoder block's queries attend to the encoder's tokens, not to each other:
+decoding costs M x (1 + K) attention instead of (1 + L)^2. The encoder is the same in both (names and shapes).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from .vit import (
     PATCH_SIZES,
     VARIANTS,
     Block,
+    CrossBlock,
     PatchEmbed,
     check_heads,
     encoder_intermediates,
@@ -46,8 +53,15 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         norm_eps: float = LN_EPS,
+        decoder: str = "self",
+        kept_mask_ratio: float = 0.0,
     ):
         super().__init__()
+        if decoder not in ("self", "cross"):
+            raise ValueError(f"decoder must be 'self' (MAE's) or 'cross' (CrossMAE's), not {decoder!r}")
+        if not 0 <= kept_mask_ratio < 1 or (kept_mask_ratio and decoder == "self"):
+            raise ValueError(f"kept_mask_ratio {kept_mask_ratio}: the share of patches a cross decoder decodes, in "
+                             f"[0, 1) (0 = every masked patch); the self decoder decodes every masked patch (0)")
         check_heads(embed_dim, num_heads)
         check_heads(decoder_embed_dim, decoder_num_heads, "decoder_embed_dim")
         for name, dim in (("embed_dim", embed_dim), ("decoder_embed_dim", decoder_embed_dim)):
@@ -70,8 +84,10 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + L, decoder_embed_dim), requires_grad=False)
+        self.decoder, self.kept_mask_ratio = decoder, kept_mask_ratio
+        block = CrossBlock if decoder == "cross" else Block
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(decoder_depth)
+            block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
@@ -133,8 +149,35 @@ class MaskedAutoencoderViT(nn.Module):
         patch; norm=True applies the encoder's final `norm` to each (`vit.encoder_intermediates`)."""
         return encoder_intermediates(self, imgs, indices, norm)
 
+    def decoded_ids(self, ids_restore: torch.Tensor, K: int, kept_mask_ratio: float | None = None) -> torch.Tensor:
+        """The patches a cross decoder predicts (B, M), of L with K visible: the first M masked patches of the mask's
+        random order (M = int(L * kept_mask_ratio), every masked one for 0), so the choice comes from the mask's own
+        draw (no further randomness: a seeded run decodes the same patches)."""
+        L = ids_restore.shape[1]
+        ratio = self.kept_mask_ratio if kept_mask_ratio is None else kept_mask_ratio
+        M = min(int(L * ratio), L - K) if ratio else L - K
+        ids_shuffle = torch.argsort(ids_restore, dim=1)  # (B, L): the kept first, then the masked in random order
+        return ids_shuffle[:, K : K + M]
+
+    def forward_cross_decoder(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Latent (B, 1+K, D) and the patches to decode (B, M) -> their pixel predictions (B, M, p*p*C)."""
+        context = self.decoder_embed(latent)  # (B, 1+K, Dd)
+        B, M = ids.shape
+        Dd = context.shape[-1]
+        pos = self.decoder_pos_embed[:, 1:].expand(B, -1, -1)  # (B, L, Dd)
+        x = self.mask_token.to(context.dtype) + torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, Dd))  # (B, M, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x, context)
+        return self.decoder_pred(self.decoder_norm(x))  # (B, M, p*p*C)
+
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Latent (B, 1+K, D) -> per-patch pixel predictions (B, L, p*p*C)."""
+        """Latent (B, 1+K, D) -> per-patch pixel predictions (B, L, p*p*C). A cross decoder predicts every masked
+        patch here (zeros at the visible ones)."""
+        if self.decoder == "cross":
+            ids = self.decoded_ids(ids_restore, latent.shape[1] - 1, kept_mask_ratio=0.0)
+            pred = self.forward_cross_decoder(latent, ids)  # (B, M, p*p*C)
+            out = pred.new_zeros(ids_restore.shape[0], ids_restore.shape[1], pred.shape[-1])
+            return out.scatter(1, ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
         x = self.decoder_embed(latent)  # (B, 1+K, Dd)
         B, K1, Dd = x.shape
         L = ids_restore.shape[1]
@@ -163,13 +206,29 @@ class MaskedAutoencoderViT(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp(min=1)
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+        kept_mask_ratio: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (B, C, H, W) -> loss (scalar), pred (B, L, p*p*C), mask (B, L) with 1 = removed."""
+        """imgs (B, C, H, W) -> loss (scalar), pred (B, L, p*p*C), mask (B, L) with 1 = removed.
+
+        A cross decoder decodes and scores `kept_mask_ratio` x L of the masked patches (None: the model's; 0: all);
+        `pred` holds those, zeros elsewhere, and the loss is their MSE."""
         check_mask_ratio(mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        if self.decoder == "self":
+            pred = self.forward_decoder(latent, ids_restore)
+            return self.forward_loss(imgs, pred, mask), pred, mask
+        ratio = self.kept_mask_ratio if kept_mask_ratio is None else kept_mask_ratio
+        if ratio > mask_ratio:
+            raise ValueError(f"kept_mask_ratio {ratio} is above the mask ratio {mask_ratio}: a cross decoder decodes "
+                             f"some of the masked patches, at most all of them")
+        ids = self.decoded_ids(ids_restore, latent.shape[1] - 1, ratio)  # (B, M)
+        part = self.forward_cross_decoder(latent, ids)  # (B, M, p*p*C)
+        index = ids.unsqueeze(-1).expand(-1, -1, part.shape[-1])
+        target = torch.gather(self.target(imgs), 1, index)  # (B, M, p*p*C)
+        loss = ((part.float() - target.float()) ** 2).mean()  # the MSE of the decoded patches
+        pred = part.new_zeros(ids.shape[0], ids_restore.shape[1], part.shape[-1]).scatter(1, index, part)
+        return loss, pred, mask
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "decoder_pos_embed", "cls_token", "mask_token"}

@@ -176,6 +176,42 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries (B, M, D) to a context (B, N, D): q from the queries, k and v from the context
+    (CrossMAE's decoder attention; no attention among the queries)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, M, D = x.shape
+        N, h = context.shape[1], self.num_heads
+        q = self.q(x).reshape(B, M, h, D // h).transpose(1, 2)  # (B, heads, M, hd)
+        k, v = self.kv(context).reshape(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, hd)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, M, D))  # (B, M, D)
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block: x + attn(norm1(x), norm_context(context)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = LN_EPS):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm_context(context))
+        return x + self.mlp(self.norm2(x))
+
+
 def init_linear_and_norm(m: nn.Module) -> None:
     """The official MAE initialisation: xavier-uniform linears with zero bias, unit LayerNorms."""
     if isinstance(m, nn.Linear):

@@ -120,4 +120,17 @@ def mae_kwargs(cfg: MAEModelConfig, in_chans: int) -> dict:
     kw = variant_kwargs(cfg.name, MAE_VARIANTS, kind="MAE")
     kw.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k)})
     kw.update(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans or in_chans, norm_pix_loss=cfg.norm_pix_loss)
+    check_decoder_flags(cfg)
+    if cfg.decoder == "cross":  # (a self decoder's kwargs stay as they were: older readers take them)
+        kw.update(decoder="cross", kept_mask_ratio=cfg.kept_mask_ratio)
     return kw
+
+
+def check_decoder_flags(cfg: MAEModelConfig) -> None:
+    """One line for a --model.kept_mask_ratio the decoder cannot take (before any work)."""
+    if cfg.kept_mask_ratio and cfg.decoder != "cross":
+        raise ValueError(f"--model.kept_mask_ratio {cfg.kept_mask_ratio} is for --model.decoder cross (MAE's own "
+                         f"decoder decodes every masked patch)")
+    if cfg.kept_mask_ratio > cfg.mask_ratio:
+        raise ValueError(f"--model.kept_mask_ratio {cfg.kept_mask_ratio} is above --model.mask_ratio {cfg.mask_ratio}: "
+                         f"the decoder decodes some of the masked patches, at most all of them")

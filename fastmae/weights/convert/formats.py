@@ -191,6 +191,8 @@ def infer_mae_kwargs(
     )
     if kw["decoder_depth"] and sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / Dd != kw["mlp_ratio"]:
         raise ValueError("the decoder's MLP ratio differs from the encoder's; fastmae uses one mlp_ratio for both")
+    if "decoder_blocks.0.attn.kv.weight" in sd:  # CrossMAE's decoder (its share of decoded patches is not in them)
+        kw["decoder"] = "cross"
     return kw
 
 

@@ -252,6 +252,10 @@ def fastmae_to_hf_mae(sd: Mapping[str, torch.Tensor], mae_kwargs: Mapping[str, A
     'legacy' = the Hub-file layout that from_pretrained of every version reads (what save_hf should get).
     """
     kw = dict(mae_kwargs)
+    if kw.get("decoder", "self") != "self":
+        raise ValueError("this MAE has a cross-attention decoder (--model.decoder cross), which Hugging Face's "
+                         "ViTMAEForPreTraining cannot hold; --to timm writes its encoder (the names and shapes of MAE's), "
+                         "--to fastmae the whole model")
     check_state_dict(sd, "mae", kw)
     style = installed_hf_style() if style == "auto" else style
     hf_sd = to_foreign(sd, hf_key_map("mae", kw["depth"], kw["decoder_depth"], style))
