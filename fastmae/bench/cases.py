@@ -41,15 +41,20 @@ class Case:
     task: str = "pretrain"
     """'pretrain': MAE train step (masking, decoder, pixel loss); 'finetune': classification ViT on all tokens."""
     num_classes: int = 1000
+    decoder: str = "self"
+    """The MAE's decoder: 'self' (MAE's) or 'cross' (CrossMAE's, decoding kept_mask_ratio x L patches)."""
+    kept_mask_ratio: float = 0.0
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of fastmae's MaskedAutoencoderViT (pretrain) or VisionTransformer (finetune)."""
         kw = dataclasses.asdict(self)
         for k in ("name", "title", "batch", "task", "num_classes"):
             kw.pop(k)
+        if self.decoder == "self":  # the default needs no kwargs (older readers of a case take them)
+            kw.pop("decoder"), kw.pop("kept_mask_ratio")
         if self.task == "finetune":
-            for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-                kw.pop(k)
+            for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder", "kept_mask_ratio"):
+                kw.pop(k, None)
             kw.update(num_classes=self.num_classes, global_pool="token")  # cls token + norm, as HF's ViT
         return kw
 

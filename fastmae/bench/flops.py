@@ -20,12 +20,16 @@ def mae_forward_flops(
     mlp_ratio: float = 4.0,
     mask_ratio: float = MASK_RATIO,
     batch: int = 1,
+    decoder: str = "self",
+    kept_mask_ratio: float = 0.0,
 ) -> dict[str, int]:
     """Matmul FLOPs (2 per multiply-add) of one MAE forward pass, by part, plus their 'total'.
 
     Counted: the patch-embedding conv on all L patches; per block on N tokens of width d the qkv,
     proj, fc1 and fc2 linears (2*N*d*(4d + 2*hidden)) and attention's QK^T and AV (2 * 2*N*N*d);
-    encoder blocks on N = 1+K, decoder_embed on 1+K, decoder blocks and decoder_pred on N = 1+L.
+    encoder blocks on N = 1+K, decoder_embed on 1+K, decoder blocks and decoder_pred on N = 1+L. A cross decoder
+    (`cross_block_flops`): M queries (kept_mask_ratio x L, or the L - K masked) against the 1+K encoder tokens,
+    decoder_pred on M.
     Not counted: norms, activations, softmax, masking, the loss, the optimizer.
     """
     H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -35,14 +39,23 @@ def mae_forward_flops(
     K = int(L * (1 - mask_ratio))  # = fastmae.models.masking.num_kept, the official count
     P = patch_size**2 * in_chans  # pixels per patch
 
+    M = (min(int(L * kept_mask_ratio), L - K) if kept_mask_ratio else L - K) if decoder == "cross" else 1 + L
     parts = {
         "patch_embed": 2 * L * P * embed_dim,
         "encoder": depth * block_flops(1 + K, embed_dim, mlp_ratio),
         "decoder_embed": 2 * (1 + K) * embed_dim * decoder_embed_dim,
-        "decoder": decoder_depth * block_flops(1 + L, decoder_embed_dim, mlp_ratio),
-        "decoder_pred": 2 * (1 + L) * decoder_embed_dim * P,
+        "decoder": decoder_depth * (cross_block_flops(M, 1 + K, decoder_embed_dim, mlp_ratio) if decoder == "cross"
+                                    else block_flops(1 + L, decoder_embed_dim, mlp_ratio)),
+        "decoder_pred": 2 * M * decoder_embed_dim * P,
     }
     return _per_batch(parts, batch)
+
+
+def cross_block_flops(m: int, n: int, d: int, mlp_ratio: float = 4.0) -> int:
+    """One cross-attention block, m queries on n context tokens of width d: q, proj, fc1, fc2 on the m queries, kv on
+    the n context tokens, and QK^T, AV (m x n)."""
+    hidden = int(d * mlp_ratio)
+    return 2 * m * d * (2 * d + 2 * hidden) + 2 * n * d * 2 * d + 2 * 2 * m * n * d
 
 
 def block_flops(n: int, d: int, mlp_ratio: float = 4.0) -> int:

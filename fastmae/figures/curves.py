@@ -52,8 +52,9 @@ def _save(fig, out_path: str | Path) -> Path:
 def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str = "",
                         loss_label: str = "loss (MSE on masked patches)",
                         metric: tuple[str, str] = PRETRAIN_METRIC) -> Path | None:
-    """Write loss (left axis) and the run's metric (right axis, where measured) per epoch; None when no epoch is
-    logged. Pretraining plots kNN top-1, fine-tuning evaluation top-1 (`metric=FINETUNE_METRIC`)."""
+    """Write loss (left axis) and the run's metric (right axis, where measured) per epoch, and beside it the metric
+    against the run's wall-clock minutes (log.jsonl's elapsed_seconds) where logged; None when no epoch is logged.
+    Pretraining plots kNN top-1, fine-tuning evaluation top-1 (`metric=FINETUNE_METRIC`)."""
     entries = epoch_entries(log_path)
     if not entries:
         return None
@@ -61,12 +62,21 @@ def plot_learning_curve(log_path: str | Path, out_path: str | Path, title: str =
 
     plt = _pyplot()
     epochs = [e["epoch"] for e in entries]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    key, label = metric
+    timed = [(e["elapsed_seconds"] / 60, e[key]) for e in entries if key in e and "elapsed_seconds" in e]
+    if timed:  # the metric against the run's wall-clock time too: its time to accuracy
+        fig, (ax, at) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+        at.plot(*zip(*timed), "s-", color="tab:orange")
+        at.set_xlabel("wall-clock minutes (training + evaluation)")
+        at.set_ylabel(label, color="tab:orange")
+        at.set_title("against time")
+        at.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(epochs, [e["loss"] for e in entries], "o-", color="tab:blue", label="training loss")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(loss_label, color="tab:blue")
-    key, label = metric
     points = [(e["epoch"], e[key]) for e in entries if key in e]
     if points:
         ax2 = ax.twinx()

@@ -133,7 +133,7 @@ def clock(seconds: float) -> str:
 def epoch_line(entry: dict[str, Any], epochs: int, left_s: float = 0.0) -> str:
     """An epoch's log.jsonl entry for a person, with the same keys, and the time the rest of the run needs:
     `epoch 2/30 done: loss 0.99301, lr 0.0005, top1 81.06 | 466 s, 129 img/s, ~3:37:23 left`."""
-    timing = ("epoch", "step", "epoch_seconds", "images_per_s")
+    timing = ("epoch", "step", "epoch_seconds", "images_per_s", "elapsed_seconds")
     fields = ", ".join(f"{k} {f'{v:.5g}' if isinstance(v, float) else v}" for k, v in entry.items() if k not in timing)
     secs, ips = entry["epoch_seconds"], entry["images_per_s"]
     tail = f"{secs:.0f} s, {ips:.0f} img/s" if ips >= 10 else f"{secs:.1f} s, {ips:.2g} img/s"  # tiny runs: digits

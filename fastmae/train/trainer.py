@@ -267,6 +267,11 @@ def save(rt: Runtime, model: nn.Module, optimizer, scaler, progress: Progress, s
     return path
 
 
+# log.jsonl's epoch key for the run's wall-clock seconds so far: training and epoch-end evaluation, summed over every
+# process that ran it (a resumed run continues its count; time stopped does not count), for time-to-accuracy curves.
+ELAPSED = "elapsed_seconds"
+
+
 def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | None]:
     """Train task.model from where the output folder left off to `epochs` epochs: resume, then per epoch
     train, log, run task.on_epoch_end and checkpoint; a stop signal (preemption) saves mid-epoch and returns.
@@ -291,6 +296,7 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
             res: EpochResult = train_one_epoch(task, model, loader, rt, prog, scaler, stop, epochs)
             step = epoch * len(loader) + prog.batch + res.steps
             if res.stopped:  # preempted: save where this epoch stopped, and leave
+                prog.extra[ELAPSED] = prog.extra.get(ELAPSED, 0.0) + time.perf_counter() - t_epoch
                 prog.batch += res.steps
                 prog.loss_sum, prog.loss_count = res.loss_sum, res.loss_count
                 last_path = save(rt, task.model, task.optimizer, scaler, prog, step, task.meta)
@@ -308,6 +314,8 @@ def fit(rt: Runtime, task: Task, loader, epochs: int) -> tuple[Progress, Path | 
                         entry.update(task.on_epoch_end(epoch, task.model, prog))
                 except Stopped as e:
                     entry["epoch_end_skipped"] = f"signal {e.signum}"
+            prog.extra[ELAPSED] = prog.extra.get(ELAPSED, 0.0) + time.perf_counter() - t_epoch
+            entry[ELAPSED] = prog.extra[ELAPSED]  # the run's time to here (its epochs and their evaluations)
             rt.logger.scalars(step, {"epoch_loss": res.loss}, prefix="epoch")
             rt.logger.record(entry)
             walls.append((time.perf_counter() - t_epoch, len(loader) - first_batch))

@@ -27,6 +27,9 @@ def test_flops_scale_with_batch_and_training_is_three_forwards():
     assert mae_train_flops(**kw) == 3 * one["total"]
     # ViT-B/16 MAE at 75% masking: 12 blocks on 50 visible tokens cost less than 8 decoder blocks on 197
     assert round(one["encoder"] / 1e9, 2) == 8.59 and round(one["decoder"] / 1e9, 2) == 10.55
+    # CrossMAE's decoder on 49 of the 196 patches (kept 0.25): 8 blocks of 49 queries on the 50 encoder tokens
+    cross = mae_forward_flops(**kw, decoder="cross", kept_mask_ratio=0.25)
+    assert cross["encoder"] == one["encoder"] and round(one["decoder"] / cross["decoder"], 1) == 4.2
 
 
 def test_finetune_flops_cover_all_tokens():
@@ -38,10 +41,11 @@ def test_finetune_flops_cover_all_tokens():
     assert 4 < ft["encoder"] / 16 / mae_forward_flops(**CASES["A"].flop_kwargs())["encoder"] < 4.2
 
 
-@pytest.mark.parametrize("name", ["B", "L"])
-def test_gpu_pretrain_cases_match_flop_counter_on_meta(name):
-    """The GPU cases' analytic count equals FlopCounterMode on the real model, built on the meta device (no compute)."""
-    case = dataclasses.replace(CASES[name], batch=2)
+@pytest.mark.parametrize("name,decoder", [("B", "self"), ("L", "self"), ("A", "cross")])
+def test_gpu_pretrain_cases_match_flop_counter_on_meta(name, decoder):
+    """The GPU cases' analytic count equals FlopCounterMode on the real model, built on the meta device (no compute);
+    a cross decoder's too (M = 0.25 L queries on the 1+K encoder tokens)."""
+    case = dataclasses.replace(CASES[name], batch=2, decoder=decoder, kept_mask_ratio=0.25 if decoder == "cross" else 0)
     with torch.device("meta"):
         model = bc.build_fastmae(case).train()
         imgs = torch.empty(2, 3, case.img_size, case.img_size)  # (B, C, H, W)

@@ -3,6 +3,8 @@ the masked ones drawn from the mask's own order, the encoder is MAE's, and runs 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -83,6 +85,10 @@ def test_cross_runs_resume_bit_exactly_load_convert_and_refuse_bad_flags(tmp_pat
     run_pretrain(cfg(tmp_path / "part"))
     a, b = (load_checkpoint(tmp_path / d)[0]["model"] for d in ("full", "part"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # time on the learning curve: the run's wall clock grows across the resume
+    elapsed = [json.loads(line)["elapsed_seconds"] for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()
+               if '"epoch"' in line and '"loss"' in line]
+    assert len(elapsed) == 2 and 0 < elapsed[0] < elapsed[1]
     model = fastmae.load(tmp_path / "full")
     assert (model.decoder, model.kept_mask_ratio) == ("cross", 0.25)
     assert main(["convert", "--init", str(tmp_path / "full"), "--to", "hf", "--output", str(tmp_path / "hf")]) == 2
