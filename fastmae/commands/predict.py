@@ -77,7 +77,8 @@ class PredictDataConfig:
     max_image_pixels: int = 0
     """Largest image (width x height) decoded (0 = Pillow's limit, 178,956,970 pixels)."""
     apply_exif_orientation: bool = True
-    """Turn each image by its EXIF orientation (predictions are in that upright frame); off: the stored pixels."""
+    """Turn each image by its EXIF orientation (predictions are in that upright frame); off: the stored pixels (dense
+    tasks; a classifier reads images upright, as fine-tuning does)."""
 
 
 @dataclass(frozen=True)
@@ -289,8 +290,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     records: list[dict] = []
 
     if tm.task == "classifier":
-        preds = P.classify(tm, images, settings, cfg.predict.topk, cfg.data.max_image_pixels,
-                           cfg.data.apply_exif_orientation)
+        preds = P.classify(tm, images, settings, cfg.predict.topk, cfg.data.max_image_pixels)
         records = [{"file_name": n, **r} for n, r in zip(images.names, preds)]
         labels = torch.tensor(images.labels)
         if (labels >= 0).any():

@@ -75,7 +75,7 @@ def _files(images: Any, tmp: Path) -> tuple[list[Path], Path]:
 def _features(tm: TaskModel, images: ImageSet, s: P.Settings) -> list[dict]:
     """The encoder's features of each image (the cls token after the final norm, as `fastmae embed`; no masking),
     the image read through the evaluation crop."""
-    loader = DenseLoader(P.ClassifySamples(images, tm, 0, True), img_size=tm.size, **P.loader_kw(tm, s))
+    loader = DenseLoader(P.ClassifySamples(images, tm), img_size=tm.size, **P.loader_kw(tm, s))
 
     def per_batch(index: torch.Tensor, feats: torch.Tensor) -> dict:
         return {i: f.float().cpu() for i, f in zip(index.tolist(), feats)}

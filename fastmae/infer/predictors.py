@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.decode import load_image
+from ..data.decode import UnreadableImageError, load_image
 from ..data.dense import DenseLoader, DenseSamples, to_uint8
 from ..data.detection import DetLoader, DetSplit, detection_records, placed_size
 from ..data.pose import PoseLoader, PoseSplit, instance_score, keypoint_list, udp_keypoints, unmap_keypoints
@@ -80,17 +80,19 @@ class Collect(DatasetEvaluator):
 class ClassifySamples(DenseSamples):
     """Image i through the evaluation transform of `fastmae finetune` (load_image, train False), as uint8."""
 
-    def __init__(self, images: ImageSet, tm: TaskModel, max_image_pixels: int, upright: bool):
-        self.images, self.tm = images.store, tm
-        self.max_image_pixels, self.upright = max_image_pixels, upright
+    def __init__(self, images: ImageSet, tm: TaskModel, max_image_pixels: int = 0):
+        self.images, self.tm, self.max_image_pixels = images.store, tm, max_image_pixels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def sample(self, i: int, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
         tm = self.tm
-        x = load_image(self.images.files[i], tm.size, tm.channels, tm.mean, tm.std, train=False, uint8=True,
-                       max_image_pixels=self.max_image_pixels)  # (C, H, W)
+        try:
+            x = load_image(self.images.files[i], tm.size, tm.channels, tm.mean, tm.std, train=False, uint8=True,
+                           max_image_pixels=self.max_image_pixels)  # (C, H, W)
+        except UnreadableImageError as e:  # its header was read when the images were listed: the body is broken
+            raise e.without_skip_hint() from None
         if x.dtype != torch.uint8:  # a 16-bit or float file comes normalised: back to 8-bit pixels for the batch
             m, s = torch.tensor(tm.mean).view(-1, 1, 1), torch.tensor(tm.std).view(-1, 1, 1)
             x = to_uint8(x * s + m)
@@ -101,11 +103,10 @@ class ClassifySamples(DenseSamples):
         return torch.tensor(targets)
 
 
-def classify(tm: TaskModel, images: ImageSet, s: Settings, topk: int = 5, max_image_pixels: int = 0,
-             upright: bool = True) -> list[dict]:
+def classify(tm: TaskModel, images: ImageSet, s: Settings, topk: int = 5, max_image_pixels: int = 0) -> list[dict]:
     """One record per image: 'label' (class index), 'class_name', 'score' (softmax probability) and 'topk' (the
     k most probable classes as records of their own)."""
-    loader = DenseLoader(ClassifySamples(images, tm, max_image_pixels, upright), img_size=tm.size,
+    loader = DenseLoader(ClassifySamples(images, tm, max_image_pixels), img_size=tm.size,
                          **loader_kw(tm, s))
     k = min(topk, len(tm.classes))
 
