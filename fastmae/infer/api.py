@@ -53,7 +53,10 @@ def _files(images: Any, tmp: Path) -> tuple[list[Path], Path]:
     if isinstance(images, (str, Path)):
         p = Path(images).expanduser()
         if p.is_dir():
-            return find_images(p), p
+            found = find_images(p)
+            if not found:
+                raise ValueError(f"no images found under {p} (searched recursively)")
+            return found, p
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist; pass an image file, a folder of images or a list of images")
         return [p], p.parent

@@ -86,6 +86,8 @@ def image_set(files: Sequence[Path], root: Path, channels: int, *, labels: Seque
     """The files as an ImageSet: each one's size from its header (the upright frame unless upright is False). An
     unreadable or missing file stops here with one line naming it, or with skip_corrupt is left out, warned about
     and counted."""
+    if not files:
+        raise ValueError("no images to predict on")
     keep, sizes, kept_labels, skipped = [], [], [], []
     labels = list(labels) or [-1] * len(files)
     for f, y in zip(files, labels):
