@@ -107,17 +107,22 @@ def load_pose(pw: PoseWeights) -> PoseModel:
     """The pose model of a `fastmae pose` run or a Hugging Face VitPose folder, weights loaded strictly, with
     `data_mean` / `data_std` as `load` gives them; `model.encoder` is its ViT."""
     model = build_pose(pw.kwargs)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(pw.state_dict)), sorted(set(pw.state_dict) - set(own))
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in pw.state_dict.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"cannot load the pose model {pw.source}: missing {missing[:6]}, unexpected {unexpected[:6]}, "
-                         f"shape mismatches {shapes[:6]}")
-    model.load_state_dict(pw.state_dict, strict=True)
+    load_exactly(model, pw.state_dict, f"cannot load the pose model {pw.source}")
     model.data_mean, model.data_std, model.data_stats_known = pw.mean, pw.std, pw.stats_known
     model.source = pw.source
     return model
+
+
+def load_exactly(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load a state dict of exactly the model's names and shapes, or one ValueError starting with `what` that lists
+    what is missing, left over or of another shape (a model of the checkpoint's own size: nothing to resample)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what}: missing {missing[:6]}, unexpected {unexpected[:6]}, shape mismatches {shapes[:6]}")
+    model.load_state_dict(state_dict, strict=True)
 
 
 def _suggest_full(path: str) -> str:

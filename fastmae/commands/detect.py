@@ -29,6 +29,7 @@ from ..config import (
     at_least,
     finite,
 )
+from ..data.coco_json import coco_subset
 from ..data.detection import (
     DetLoader,
     DetSplit,
@@ -38,6 +39,7 @@ from ..data.detection import (
     warn_empty_classes,
 )
 from ..figures.grid import enlargement, save_grid, to_pil
+from ..figures.predictions import place_label
 from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
 from ..models.detection import CenterNetHead
@@ -167,11 +169,9 @@ def det_splits(data: DetDataConfig, det: DetParams, channels: int, seed: int) ->
 
 def _limit(split: DetSplit, n: int) -> DetSplit:
     """The first n images of a split (and the ground truth of just those)."""
-    keep = set(split.image_ids[:n])
-    coco = {**split.coco, "images": [im for im in split.coco["images"] if int(im["id"]) in keep],
-            "annotations": [a for a in split.coco["annotations"] if int(a["image_id"]) in keep]}
-    return DetSplit(split.images.subset(range(min(n, len(split.images)))), split.boxes[:n], split.labels[:n], split.image_ids[:n], split.names[:n],
-                    split.classes, split.category_ids, coco)
+    return DetSplit(split.images.subset(range(min(n, len(split.images)))), split.boxes[:n], split.labels[:n],
+                    split.image_ids[:n], split.names[:n], split.classes, split.category_ids,
+                    coco_subset(split.coco, split.image_ids[:n]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,11 +228,8 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
             for b, name, score in items:
                 box = [v * scale for v in b]
                 draw.rectangle(box, outline=colour, width=2)
-                x, y = box[0] + 2, box[1] + 1
-                while any(abs(x - tx) < 40 and abs(y - ty) < 11 for tx, ty in taken):
-                    y += 11
-                taken.append((x, y))
-                draw.text((x, y), name if score is None else f"{name} {score:.2f}", fill=colour)
+                place_label(draw, (box[0] + 2, box[1] + 1), name if score is None else f"{name} {score:.2f}", taken,
+                            colour)
             panels.append(pil)
         cells.append(panels)
     return save_grid(("ground truth", f"detections (score >= {min_score})"), cells, path)

@@ -19,7 +19,6 @@ per image, pixel value = class), vis/ (the first --predict.draw images drawn), c
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import NON_NEGATIVE, POSITIVE_INT, Rule, finite, validate
+from ..data.coco_json import coco_subset
 from ..data.detection import read_coco
 from ..data.pose import read_coco_keypoints, sigmas_for
 from ..data.segmentation import read_label_map
@@ -41,6 +41,7 @@ from ..infer.models import TaskModel, read_task_model, require_head
 from ..metrics.detection import coco_box_metrics
 from ..metrics.pose import coco_keypoint_metrics, pck
 from ..metrics.segmentation import confusion_counts, seg_metrics
+from ..train.dense import percent
 from ..train.dist import print0
 from ..train.owner import refuse_foreign
 from ..train.results import refuse_replacing
@@ -260,6 +261,12 @@ def pose_boxes(cfg: PredictConfig, images: ImageSet, truth) -> tuple[list | None
     return P.whole_image_boxes(images), None, None, "whole images"
 
 
+def image_records(images: ImageSet, preds: list[list[dict]], truth) -> list[dict]:
+    """Each image's records flattened, each with its file_name (and, with annotations, their image_id)."""
+    return [{"file_name": images.names[i], **({"image_id": truth.image_ids[i]} if truth is not None else {}), **r}
+            for i, rs in enumerate(preds) for r in rs]
+
+
 def run_predict(cfg: PredictConfig) -> dict:
     """Predict on the images; write predictions.json, masks/, vis/ (and a result file when there is ground truth)."""
     validate(cfg)
@@ -299,10 +306,9 @@ def run_predict(cfg: PredictConfig) -> dict:
             _write_png(draw_label(images.store.load_for_display(i), preds[i]), out / "vis" / names[i])
     elif tm.task == "detector":
         preds = P.detect(tm, images, settings)
-        records = [{"file_name": images.names[i], **({"image_id": truth.image_ids[i]} if truth is not None else {}),
-                    **r} for i, rs in enumerate(preds) for r in rs]
+        records = image_records(images, preds, truth)
         if truth is not None:
-            gt = truth.coco if len(images) == len(truth.images) else _limit_coco(truth.coco, truth.image_ids[:len(images)])
+            gt = coco_subset(truth.coco, truth.image_ids[:len(images)])  # --data.limit: those images' ground truth
             results = [{k: r[k] for k in ("image_id", "category_id", "bbox", "score")} for r in records]
             result = {**coco_box_metrics(gt, results), "detections": len(results)}
         for i in range(draw):
@@ -314,8 +320,7 @@ def run_predict(cfg: PredictConfig) -> dict:
             boxes = boxes_from_records(P.detect(det, images, settings), cfg.predict.score_threshold, category)
         cid = truth.category_id if truth is not None else None
         preds, kps = P.pose(tm, images, boxes, settings, cfg.predict.flip_test, cid)
-        records = [{"file_name": images.names[i], **({"image_id": truth.image_ids[i]} if truth is not None else {}),
-                    **r} for i, rs in enumerate(preds) for r in rs]
+        records = image_records(images, preds, truth)
         if truth is not None:
             result = score_pose(tm, truth, records, kps, gt_boxes=not (cfg.predict.detector or cfg.predict.boxes),
                                 n_images=len(images))
@@ -368,13 +373,6 @@ def run_predict(cfg: PredictConfig) -> dict:
     return {**summary, **result}
 
 
-def _limit_coco(coco: dict, ids: list[int]) -> dict:
-    """The ground truth of the images `ids` only (--data.limit)."""
-    keep = set(ids)
-    return {**coco, "images": [im for im in coco["images"] if int(im["id"]) in keep],
-            "annotations": [a for a in coco["annotations"] if int(a["image_id"]) in keep]}
-
-
 def score_classes(tm: TaskModel, images: ImageSet, preds: list[dict], labels: torch.Tensor) -> dict:
     """Top-1 / top-5 (%) on the labelled images; class folders are matched to the model's classes by name."""
     labels = labels.clone()
@@ -399,7 +397,7 @@ def score_pose(tm: TaskModel, truth, records: list[dict], kps: list[torch.Tensor
     """OKS AP (pycocotools, the model's sigmas) of the records; with the annotations' own boxes, the records in
     the annotations' instance order (as evaluation lists them: COCOeval breaks score ties by that order) and PCK."""
     sigmas = list(tm.model.sigmas) or sigmas_for(list(tm.model.names))[0]
-    gt = truth.coco if n_images == len(truth.images) else _limit_coco(truth.coco, truth.image_ids[:n_images])
+    gt = coco_subset(truth.coco, truth.image_ids[:n_images])
     results = [{k: r[k] for k in ("image_id", "category_id", "keypoints", "score")} for r in records]
     if not gt_boxes:
         return {**coco_keypoint_metrics(gt, results, sigmas), "sigmas": sigmas}
@@ -418,14 +416,10 @@ def score_line(task: str, result: dict) -> str:
     if task == "classifier":
         return f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
     if task == "detector":
-        return f"box mAP {_pct(result['map'])}  AP50 {_pct(result['map50'])}"
+        return f"box mAP {percent(result['map'])}  AP50 {percent(result['map50'])}"
     if task == "pose":
-        return f"OKS AP {_pct(result['ap'])}  AP50 {_pct(result['ap50'])}"
-    return f"mIoU {_pct(result['miou'])}  pixel accuracy {_pct(result['pixel_acc'])}"
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}%"
+        return f"OKS AP {percent(result['ap'])}  AP50 {percent(result['ap50'])}"
+    return f"mIoU {percent(result['miou'])}  pixel accuracy {percent(result['pixel_acc'])}"
 
 
 __all__ = ["PredictConfig", "run_predict"]

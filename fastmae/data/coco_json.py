@@ -88,6 +88,13 @@ def box_outside(box_xywh: list[float], h: int, w: int, slack: float = 0.5) -> bo
     return x < -slack or y < -slack or x + bw > w + slack or y + bh > h + slack
 
 
+def coco_subset(coco: dict, image_ids: list[int]) -> dict:
+    """A COCO dict with only the images `image_ids` and their annotations (the ground truth of part of a split)."""
+    keep = set(image_ids)
+    return {**coco, "images": [im for im in coco["images"] if int(im["id"]) in keep],
+            "annotations": [a for a in coco["annotations"] if int(a["image_id"]) in keep]}
+
+
 def entry_hw(entry: dict) -> tuple[int, int] | None:
     """(height, width) an 'images' entry states, or None when it states none (both must be positive numbers)."""
     try:

@@ -149,7 +149,7 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _folder_samples(root: Path, classes: list[str] | None) -> tuple[list[tuple[str, int]], list[str]]:
+def folder_samples(root: Path, classes: list[str] | None) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) of every image in root/<class>/**; labels index `classes` (default: root's own)."""
     own = _class_folders(root)
     if not own:
@@ -237,7 +237,7 @@ def file_samples(cfg: DataConfig, split: str) -> tuple[list[tuple[str, int]], li
         if split == "eval":  # the label space is the training folder's, so eval labels line up
             train_root = Path(cfg.path).expanduser()
             train_classes = _class_folders(train_root) if train_root.is_dir() else None
-        samples, classes = _folder_samples(root, train_classes)
+        samples, classes = folder_samples(root, train_classes)
         return samples, classes, len(classes), []
     if cfg.source == "unlabelled":
         root = check_dir(where, flag)

@@ -22,7 +22,7 @@ def to_rgb(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
-def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, taken: list, colour) -> None:
+def place_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, taken: list, colour) -> None:
     """Text at xy, moved down past labels already at that place (two objects at one place stay readable)."""
     x, y = xy
     while any(abs(x - tx) < 40 and abs(y - ty) < 11 for tx, ty in taken):
@@ -40,7 +40,7 @@ def draw_detections(img: torch.Tensor, records: Sequence[dict], min_score: float
             continue
         x, y, w, h = r["bbox"]
         draw.rectangle([x, y, x + w, y + h], outline=BOX, width=2)
-        _label(draw, (x + 2, y + 1), f"{r.get('class_name', r['category_id'])} {r['score']:.2f}", taken, BOX)
+        place_label(draw, (x + 2, y + 1), f"{r.get('class_name', r['category_id'])} {r['score']:.2f}", taken, BOX)
     return pil
 
 
@@ -90,4 +90,4 @@ def mask_image(mask: np.ndarray, ignore_index: int = 255) -> Image.Image:
     return pil
 
 
-__all__ = ["draw_detections", "draw_label", "draw_mask", "draw_pose", "mask_image", "to_rgb"]
+__all__ = ["place_label", "draw_detections", "draw_label", "draw_mask", "draw_pose", "mask_image", "to_rgb"]

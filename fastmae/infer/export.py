@@ -69,10 +69,8 @@ def resized(tm: TaskModel, size: tuple[int, int]) -> TaskModel:
     if tm.model is enc:
         out.model = new.eval()
     else:
-        model = copy.deepcopy(tm.model)
+        model = copy.deepcopy(tm.model)  # a DenseModel or PoseModel: its head kept, the encoder replaced
         model.encoder = new
-        if hasattr(model, "model"):  # a linear probe wraps its DenseModel
-            model.model.encoder = new
         out.model = model.eval()
     out.size = tuple(size)
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..data.decode import UnreadableImageError, image_header, oriented_hw
 from ..data.dense import ImageStore, warn_colour_dropped
-from ..data.sources import IMAGE_EXTENSIONS, check_dir, find_images, read_list
+from ..data.sources import IMAGE_EXTENSIONS, check_dir, find_images, folder_samples, read_list
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,8 @@ def source_files(source: str, path: str) -> tuple[list[Path], Path, list[int], l
         return files, root, [-1] * len(files), []
     if source == "folder":
         root = check_dir(p, "--data.path")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not classes:
-            raise ValueError(f"{root} has no class subfolders; --data.source folder expects {root}/<class>/<image> "
-                             f"(for images without labels use --data.source unlabelled)")
-        files, labels = [], []
-        for k, name in enumerate(classes):
-            found = find_images(root / name)
-            files += found
-            labels += [k] * len(found)
-        if not files:
-            raise ValueError(f"no images found in the class folders of {root}")
-        return files, root, labels, classes
+        samples, classes = folder_samples(root, None)  # as the training commands list class folders
+        return [Path(f) for f, _ in samples], root, [y for _, y in samples], classes
     if source == "list":
         entries = read_list(p)
         return [Path(f) for f, _ in entries], p.parent, [y for _, y in entries], []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..api import load, load_pose
+from ..api import load, load_exactly, load_pose
 from ..config import EncoderConfig
 from ..data.sources import FASHION_MNIST_CLASSES
 from ..models.dense import DenseModel
@@ -26,14 +26,6 @@ from ..models.vit import VisionTransformer
 from ..weights.backbone import build_classifier, encoder_init
 from ..weights.checkpoint import load_checkpoint
 from ..weights.read import default_stats, find_source, read_pose
-
-# What each checkpoint kind was trained for: 'classifier', 'segmenter', 'detector', 'pose'; anything else (an MAE, an
-# encoder) gives features.
-TASK_OF_KIND = {"vit": "classifier", "linear_head": "classifier", "linprobe": "classifier", "segmenter": "segmenter",
-                "detector": "detector", "pose": "pose"}
-TRAINED_BY = {"classifier": "fastmae finetune / linprobe", "segmenter": "fastmae segment", "detector": "fastmae detect",
-              "pose": "fastmae pose"}
-
 
 @dataclass
 class TaskModel:
@@ -52,10 +44,6 @@ class TaskModel:
     classes: list[str] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.encoder.patch_embed.patch_size[0])
 
     @property
     def encoder(self) -> nn.Module:
@@ -85,17 +73,6 @@ def _dense_encoder(kw: dict) -> VisionTransformer:
     return VisionTransformer(**enc, num_classes=0, global_pool="token")
 
 
-def _load_strict(model: nn.Module, sd: dict, source: str) -> None:
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"cannot load {source}: missing {missing[:6]}, unexpected {unexpected[:6]}, shape "
-                         f"mismatches {shapes[:6]}; it was not written by this version of fastmae's training commands")
-    model.load_state_dict(sd, strict=True)
-
-
 def _dense_task(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
     """A segment or detect run: its encoder and head, built from the checkpoint's kwargs."""
     kw = meta["model_kwargs"]
@@ -111,24 +88,12 @@ def _dense_task(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
                              int(det.get("max_detections", 100)))
         extra = {}
     model = DenseModel(encoder, head)
-    _load_strict(model, state["model"], source)
+    load_exactly(model, state["model"], f"cannot load {source} (not written by this fastmae's `{kind}` runs?)")
     channels = int(kw["encoder"]["in_chans"])
     classes = [str(c) for c in meta.get("classes") or range(K)]
     ids = [int(c) for c in meta.get("category_ids") or range(1, K + 1)]
     return TaskModel("segmenter" if kind == "segmenter" else "detector", model.eval(),
                      tuple(kw["encoder"]["img_size"]), channels, *_stats(meta, channels), source, classes, ids, extra)
-
-
-class ProbedClassifier(nn.Module):
-    """A linear probe as one classifier: images -> the frozen encoder's pooled features -> the linear head."""
-
-    def __init__(self, model: DenseModel):
-        super().__init__()
-        self.model = model
-        self.encoder = model.encoder
-
-    def forward(self, imgs):
-        return self.model(imgs)
 
 
 def _linear_probe(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
@@ -151,12 +116,10 @@ def _linear_probe(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
     dim = int(meta.get("dim") or meta["model_kwargs"]["dim"])
     pool = meta.get("pool") or cfg.get("model", {}).get("global_pool", "token")
     head = LinearHead(dim, K)
-    sd = state["model"]
-    if kind == "linear_head":
-        _load_strict(head, sd, source)
-    else:
-        head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
-        _load_strict(head, head_sd, source)
+    sd = state["model"]  # the head's own tensors (cached features), or the whole DenseModel's (--augment)
+    if kind == "linprobe":
+        sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+    load_exactly(head, sd, f"cannot load the linear head of {source}")
     model = DenseModel(encoder, head, finetune=False, pool=pool)
     channels = int(encoder.patch_embed.in_chans)
     data = cfg.get("data", {})
@@ -166,13 +129,28 @@ def _linear_probe(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
         mean, std = tuple(data["mean"]), tuple(data["std"])
     else:
         mean, std = (tuple(bb.mean), tuple(bb.std)) if bb.mean else default_stats(channels)
-    return TaskModel("classifier", ProbedClassifier(model).eval(), tuple(encoder.patch_embed.img_size), channels,
+    return TaskModel("classifier", model.eval(), tuple(encoder.patch_embed.img_size), channels,
                      mean, std, source, _class_names(meta, K), extra={"pool": pool, "command": "linprobe"})
 
 
 def read_task_model(path: str | Path, map_location: str = "cpu") -> TaskModel:
-    """The trained model a path holds (see the module docstring), in eval mode on `map_location`."""
-    pw = read_pose(path)
+    """The trained model a path holds (see the module docstring), in eval mode on `map_location`. A training
+    checkpoint is read once and dispatched on the kind its metadata records."""
+    src = find_source(Path(path).expanduser())
+    meta: dict = {}
+    if src.is_file() and src.suffix == ".pt":
+        state, meta = load_checkpoint(src)
+        kind = meta.get("kind", "")
+        if kind in ("segmenter", "detector"):
+            tm = _dense_task(kind, state, meta, str(src))
+        elif kind in ("linear_head", "linprobe"):
+            tm = _linear_probe(kind, state, meta, str(src))
+        else:
+            tm = None
+        if tm is not None:
+            tm.model.to(map_location)
+            return tm
+    pw = read_pose(src) if src.suffix != ".pt" or meta.get("kind") == "pose" else None  # a pose run, HF VitPose
     if pw is not None:
         model = load_pose(pw)
         kw = pw.kwargs
@@ -181,19 +159,6 @@ def read_task_model(path: str | Path, map_location: str = "cpu") -> TaskModel:
         return TaskModel("pose", model.to(map_location).eval(), tuple(kw["encoder"]["img_size"]),
                          int(kw["encoder"]["in_chans"]), pw.mean, pw.std, pw.source, [extra["category"]],
                          [extra["category_id"]], extra)
-    src = find_source(Path(path).expanduser())
-    meta: dict = {}
-    if src.is_file() and src.suffix == ".pt":
-        state, meta = load_checkpoint(src)
-        kind = meta.get("kind", "")
-        if kind in ("segmenter", "detector"):
-            tm = _dense_task(kind, state, meta, str(src))
-            tm.model.to(map_location)
-            return tm
-        if kind in ("linear_head", "linprobe"):
-            tm = _linear_probe(kind, state, meta, str(src))
-            tm.model.to(map_location)
-            return tm
     model = load(src, map_location=map_location)
     channels = int(model.patch_embed.in_chans)
     size = tuple(model.patch_embed.img_size)
@@ -214,4 +179,4 @@ def require_head(tm: TaskModel, path: str) -> TaskModel:
     return tm
 
 
-__all__ = ["TASK_OF_KIND", "TRAINED_BY", "ProbedClassifier", "TaskModel", "read_task_model", "require_head"]
+__all__ = ["TaskModel", "read_task_model", "require_head"]
