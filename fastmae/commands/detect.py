@@ -29,20 +29,21 @@ from ..config import (
     at_least,
     finite,
 )
-from ..data.coco_json import coco_subset
+from ..data.build import holdout_indices
 from ..data.detection import (
     DetLoader,
     DetSplit,
     detection_records,
     fashion_det_scenes,
     read_coco,
+    subset,
     warn_empty_classes,
 )
 from ..figures.grid import enlargement, save_grid, to_pil
 from ..figures.predictions import place_label
 from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
-from ..models.detection import CenterNetHead
+from ..models.detection import CenterNetHead, auto_strides, check_strides
 from ..tasks import dense_task_row
 from ..train.dense import (DatasetEvaluator, DenseParts, DenseTask, check_multiple, encoder_mode, percent,
                            run_dense)
@@ -59,9 +60,15 @@ from ..weights.checkpoint import atomic_write_text
 class DetDataConfig(AnnotatedSourceConfig):
     """Detection images: Fashion-MNIST scenes (one box per pasted item) or COCO instances files."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"holdout": at_least(0, " (0 = the source's own evaluation split)")}
+
     source: Literal["fashion-mnist", "coco"] = "fashion-mnist"
     """fashion-mnist: scenes pasted from its items (--det.*); coco: images under --data.path named by
     --det.annotations (and --data.eval_path with --det.eval_annotations)."""
+    holdout: int = 0
+    """Score on N images held out of the training data instead of the evaluation split, to choose a recipe
+    without touching the evaluation images: N of --det.annotations' images (a fixed random split), or for the
+    built-in scenes N scenes pasted from 10,000 training items that no training scene uses."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,9 @@ class DetParams:
 
     RULES: ClassVar[dict[str, Rule]] = {
         "train_scenes": POSITIVE_INT, "eval_scenes": POSITIVE_INT,
-        "scene_size": at_least(28, " (the Fashion-MNIST item size)"), "stride": POSITIVE_INT,
+        "scene_size": at_least(28, " (the Fashion-MNIST item size)"),
+        "nms_iou": ((lambda v: finite(v) and 0 < v <= 1), "in (0, 1] (1 = no suppression)"),
+        "box_weight": ((lambda v: finite(v) and v >= 0), ">= 0"),
         "items": ((lambda v: len(v) == 2 and all(map(finite, v)) and 1 <= v[0] <= v[1]),
                   "(fewest, most) with 1 <= fewest <= most"),
         "channels": POSITIVE_INT, "max_detections": POSITIVE_INT, "figure_rows": NON_NEGATIVE,
@@ -97,12 +106,24 @@ class DetParams:
     """Scene height and width in pixels (the canvas when --model.img_size is unset)."""
     items: tuple[int, int] = (2, 4)
     """Fewest and most Fashion-MNIST items pasted into one scene."""
-    stride: int = 4
-    """Output stride of the heatmaps in pixels (a power-of-two ratio to the patch size: ViTDet's pyramid level)."""
+    strides: tuple[int, ...] = ()
+    """The pyramid levels the head reads, as output strides in pixels (each the patch size times a power of two,
+    increasing); an object goes to the level whose range holds its longer side (up to 8 x stride, the last level
+    takes the rest). Default: the patch grid and two coarser levels, strides p, 2p, 4p for patch p (4 8 16 for
+    patch 4), those with at least 2 x 2 cells; ViTDet's finer levels (e.g. 8 for patch 16) by naming them."""
     channels: int = 64
-    """Channels of the head (pyramid level and branches)."""
+    """Channels of the head (pyramid levels and the branches shared by every level)."""
     max_detections: int = 100
-    """Detections kept per image (the top heatmap peaks), as COCO's maxDets."""
+    """Detections kept per image (the top heatmap peaks after suppression), as COCO's maxDets."""
+    nms_iou: float = 0.6
+    """Suppression across levels and classes: a detection overlapping a better one by IoU above this is dropped
+    (1 = keep all peaks)."""
+    class_agnostic: bool = True
+    """Suppress across classes, so an object gets one box and one label; --det.no_class_agnostic: only within a
+    class (detectron2's and mmdet's default), which keeps a second class's guess on an object and scores higher
+    box AP (BENCHMARKS.md "Detection")."""
+    box_weight: float = 5.0
+    """Weight of the GIoU box loss against the focal heatmap loss (TTFNet's)."""
     scale_range: tuple[float, float] = (0.6, 1.0)
     """Training scale augmentation: each image is resized to a random fraction in this range of the scale that
     fits it onto the canvas, at a random place (boxes mapped with it)."""
@@ -140,38 +161,44 @@ class DetectConfig:
 
 
 def det_splits(data: DetDataConfig, det: DetParams, channels: int, seed: int) -> tuple[DetSplit, DetSplit]:
-    """(train, eval): Fashion-MNIST scenes or COCO files, the evaluation split on the training split's classes."""
+    """(train, eval): Fashion-MNIST scenes or COCO files, the evaluation split on the training split's classes;
+    with --data.holdout, the evaluation split is held out of the training data (the source's own is not read)."""
     if data.source == "fashion-mnist":
         args = (det.scene_size, tuple(det.items), seed)
-        train = fashion_det_scenes(data.path, "train", det.train_scenes, *args)
-        val = fashion_det_scenes(data.path, "eval", det.eval_scenes, *args)
+        if data.holdout:  # scenes of held-out training items: no item is both trained on and scored
+            train = fashion_det_scenes(data.path, "train", det.train_scenes, *args, holdout=True)
+            val = fashion_det_scenes(data.path, "holdout", data.holdout, *args, holdout=True)
+        else:
+            train = fashion_det_scenes(data.path, "train", det.train_scenes, *args)
+            val = fashion_det_scenes(data.path, "eval", det.eval_scenes, *args)
     else:
         if not det.annotations:
             raise ValueError("--data.source coco needs --det.annotations FILE (the COCO instances JSON of --data.path)")
-        if not (data.eval_path and det.eval_annotations):
+        if not data.holdout and not (data.eval_path and det.eval_annotations):
             raise ValueError("no evaluation data: pass --data.eval_path DIR (images) and --det.eval_annotations FILE "
-                             "(their COCO instances JSON)")
+                             "(their COCO instances JSON), or --data.holdout N")
+        if data.holdout and (data.eval_path or det.eval_annotations):
+            raise ValueError("--data.holdout takes the evaluation images from the training annotations, so "
+                             "--data.eval_path / --det.eval_annotations would be ignored: pass one of the two")
         frame = {"max_image_pixels": data.max_image_pixels, "upright": data.apply_exif_orientation}
         train = read_coco(data.path, det.annotations, channels, ("--data.path", "--det.annotations"), **frame)
-        val = read_coco(data.eval_path, det.eval_annotations, channels, ("--data.eval_path", "--det.eval_annotations"),
-                        categories=list(zip(train.category_ids, train.classes)), **frame)
+        if data.holdout:
+            n = len(train.images)
+            train, val = (subset(train, holdout_indices(n, data.holdout, side).tolist()) for side in ("train", "eval"))
+        else:
+            val = read_coco(data.eval_path, det.eval_annotations, channels,
+                            ("--data.eval_path", "--det.eval_annotations"),
+                            categories=list(zip(train.category_ids, train.classes)), **frame)
     if data.limit > 0:
-        train, val = (_limit(s, data.limit) for s in (train, val))
+        train, val = (subset(s, range(min(data.limit, len(s.images)))) for s in (train, val))
     if not train.images:
         raise ValueError("the training annotations list no images; pass annotations with images")
     if not any(len(b) for b in val.boxes):
-        where = f"{det.eval_annotations}: " if data.source == "coco" else ""
+        where = f"{det.eval_annotations}: " if data.source == "coco" and not data.holdout else ""
         raise ValueError(f"{where}the evaluation split has no (non-crowd) box, so box AP cannot be computed; pass "
                          f"evaluation annotations with boxes")
     warn_empty_classes(train)
     return train, val
-
-
-def _limit(split: DetSplit, n: int) -> DetSplit:
-    """The first n images of a split (and the ground truth of just those)."""
-    return DetSplit(split.images.subset(range(min(n, len(split.images)))), split.boxes[:n], split.labels[:n],
-                    split.image_ids[:n], split.names[:n], split.classes, split.category_ids,
-                    coco_subset(split.coco, split.image_ids[:n]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,10 +267,10 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
 
 
 class DetectTask(DenseTask):
-    """Object detection: a CenterNet head on one pyramid level, images letterboxed onto the canvas."""
+    """Object detection: a multi-level CenterNet head on the pyramid, images letterboxed onto the canvas."""
 
     row, section = dense_task_row("detect"), "det"
-    metric, loss_label = ("map", "box mAP (%)"), "loss (focal + size + offset)"
+    metric, loss_label = ("map", "box mAP (%)"), "loss (focal + box)"
 
     def build(self, cfg: DetectConfig, rt: Runtime, bb, data_cfg, channels: int, mean: tuple,
               std: tuple) -> DenseParts:
@@ -257,9 +284,11 @@ class DetectTask(DenseTask):
                       world_size=d.world_size, num_classes=K, classes=train.classes, batch_size=cfg.optim.batch_size,
                       scale_range=tuple(cfg.det.scale_range), num_workers=data_cfg.num_workers)
         encoder = dense_encoder(bb, cfg.model, size, channels, cfg.finetune, cfg.model.drop_path)
-        head = CenterNetHead(encoder.embed_dim, K, patch, cfg.det.stride, cfg.det.channels, cfg.det.max_detections)
+        strides = check_strides(cfg.det.strides or auto_strides(patch, size), patch, size)
+        head = CenterNetHead(encoder.embed_dim, K, patch, strides, cfg.det.channels, cfg.det.max_detections,
+                             cfg.det.nms_iou, cfg.det.box_weight, cfg.det.class_agnostic)
         mode = encoder_mode(cfg)
-        describe = (f"CenterNet head (stride {cfg.det.stride}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
+        describe = (f"CenterNet head (strides {' '.join(map(str, strides))}) on {mode} {bb.source} (ViT {encoder.embed_dim}x"
                     f"{len(encoder.blocks)}, patch grid {encoder.grid_size[0]}x{encoder.grid_size[1]}) | "
                     f"{len(train.images)} train / {len(val.images)} eval images on a {size[0]}x{size[1]} canvas, "
                     f"{K} classes")
@@ -267,7 +296,8 @@ class DetectTask(DenseTask):
             DetLoader(train, size, train=True, **common), DetLoader(val, size, train=False, drop_last=False, **common),
             DenseModel(encoder, head, cfg.finetune),
             {"encoder": {**encoder_kwargs(encoder), "img_size": list(size)}, "num_classes": K,
-             "stride": cfg.det.stride, "channels": cfg.det.channels},
+             "strides": list(strides), "channels": cfg.det.channels, "nms_iou": cfg.det.nms_iou,
+             "box_weight": cfg.det.box_weight, "class_agnostic": cfg.det.class_agnostic},
             size, (len(train.images), len(val.images)), describe,
             meta={"classes": train.classes, "category_ids": train.category_ids},
             result={"num_classes": K, "classes": train.classes}, state={"val": val})

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .coco_json import box_outside, check_ids, check_images, coco_image_size, entry_hw, fail, read_coco_json
+from .build import holdout_indices
+from .coco_json import (box_outside, check_ids, check_images, coco_image_size, coco_subset, entry_hw, fail,
+                        read_coco_json)
 from .decode import warn_exif_turned
 from .dense import DenseLoader, DenseSamples, ImageStore, warn_colour_dropped
 from .sampler import mix_seed
@@ -34,6 +36,7 @@ from .sources import FASHION_MNIST_CLASSES, check_dir, load_fashion_mnist
 log = logging.getLogger(__name__)
 
 SCENE_THRESHOLD = 32  # uint8 intensity above which a pasted item's pixel is visible (as in segmentation)
+HOLDOUT_SHARE = 6  # held-out scenes paste 1/6 of the training items (10,000 of 60,000, the size of t10k)
 
 
 @dataclass
@@ -144,16 +147,30 @@ def coco_dict(split: DetSplit) -> dict:
             "categories": [{"id": c, "name": n} for c, n in zip(split.category_ids, split.classes)]}
 
 
-def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tuple[int, int], seed: int) -> DetSplit:
-    """Detection scenes of one split from that split's Fashion-MNIST items (train: train files, eval: t10k)."""
-    items, labels = load_fashion_mnist(path, "train" if split == "train" else "eval")  # (M, 1, 28, 28), (M,)
+def fashion_det_scenes(path: str, split: str, num: int, size: int, num_items: tuple[int, int], seed: int,
+                       holdout: bool = False) -> DetSplit:
+    """Detection scenes of one split from that split's Fashion-MNIST items (train: train files, eval: t10k).
+    holdout: a fixed random sixth of the training items (10,000 of 60,000, t10k's size) is kept out of the 'train'
+    scenes, and 'holdout' scenes paste only those, so no item of a held-out scene is seen in training."""
+    items, labels = load_fashion_mnist(path, "eval" if split == "eval" else "train")  # (M, 1, 28, 28), (M,)
+    if holdout:
+        keep = holdout_indices(len(items), len(items) // HOLDOUT_SHARE, "eval" if split == "holdout" else "train")
+        items, labels = items[keep], labels[keep]
     images, boxes, classes = scene_instances(items, labels, num, size, num_items,
-                                             mix_seed(seed, {"train": 0, "eval": 1}[split], 11))
+                                             mix_seed(seed, {"train": 0, "eval": 1, "holdout": 2}[split], 11))
     out = DetSplit(ImageStore(memory=list(images)), boxes, classes, list(range(1, num + 1)),
                    [f"{split} scene {i}" for i in range(num)],
                    list(FASHION_MNIST_CLASSES), list(range(1, len(FASHION_MNIST_CLASSES) + 1)))
     out.coco = coco_dict(out)
     return out
+
+
+def subset(split: DetSplit, indices: Sequence[int]) -> DetSplit:
+    """The images of a split at `indices` (and the ground truth of just those)."""
+    ids = [split.image_ids[i] for i in indices]
+    return DetSplit(split.images.subset(indices), [split.boxes[i] for i in indices],
+                    [split.labels[i] for i in indices], ids, [split.names[i] for i in indices], split.classes,
+                    split.category_ids, coco_subset(split.coco, ids))
 
 
 def read_coco(images_root: str, annotations: str, channels: int, flags: tuple[str, str],

@@ -5,8 +5,11 @@ Graphs per task (input `images` (B, C, H, W) float32, normalised with the JSON's
 - features (a pretraining run or an encoder): `tokens` (B, 1+L, D), every token after the final norm, cls first;
 - classifier: `logits` (B, K);
 - segmenter: `logits` (B, K, H, W) (argmax over K gives the label map);
-- detector: `heat` (B, K, H/s, W/s) logits (sigmoid, 3x3 max-pool peaks), `size` and `offset` (B, 2, H/s, W/s):
-  a peak at cell (x, y) is the box centre ((x + offset_x) s, (y + offset_y) s) of width size_x s, height size_y s;
+- detector: per level of stride s (the JSON's `strides`), `heat_s` (B, K, H/s, W/s) logits (sigmoid, 3x3
+  max-pool peaks) and `box_s` (B, 4, H/s, W/s) distances in pixels: a peak at cell (x, y) is the box from
+  ((x + 0.5) s - left, (y + 0.5) s - top) to ((x + 0.5) s + right, (y + 0.5) s + bottom); then the peaks of all
+  levels and classes go through one non-maximum suppression at the JSON's `nms_iou` (within each class only
+  where `class_agnostic` is false);
 - pose: `heatmaps` (B, K, H/r, W/r) of a crop (no flip test): the peak (refined as DARK does) times r is the
   keypoint in crop pixels, its value the keypoint's score.
 """
@@ -27,8 +30,15 @@ from ..models.vit import VisionTransformer
 from ..weights.backbone import encoder_kwargs, load_into
 from .models import TaskModel
 
-OUTPUTS = {"features": ("tokens",), "classifier": ("logits",), "segmenter": ("logits",),
-           "detector": ("heat", "size", "offset"), "pose": ("heatmaps",)}
+OUTPUTS = {"features": ("tokens",), "classifier": ("logits",), "segmenter": ("logits",), "pose": ("heatmaps",)}
+
+
+def output_names(tm: TaskModel) -> tuple[str, ...]:
+    """The graph's outputs: a detector's `heat_s`, `box_s` per level stride s, else the task's one."""
+    if tm.task == "detector":
+        strides = tm.model.head.strides
+        return tuple(f"heat_{s}" for s in strides) + tuple(f"box_{s}" for s in strides)
+    return OUTPUTS[tm.task]
 
 
 class Graph(nn.Module):
@@ -43,7 +53,7 @@ class Graph(nn.Module):
             return self.model.forward_features(images)
         out = self.model(images)
         if self.task == "detector":
-            return out["heat"], out["size"], out["offset"]
+            return (*out["heat"], *out["box"])
         return out
 
 
@@ -78,13 +88,15 @@ def resized(tm: TaskModel, size: tuple[int, int]) -> TaskModel:
 
 def metadata(tm: TaskModel) -> dict:
     """What decoding the graph's outputs needs, written beside it as JSON."""
-    meta = {"task": tm.task, "input": "images", "outputs": list(OUTPUTS[tm.task]), "img_size": list(tm.size),
+    meta = {"task": tm.task, "input": "images", "outputs": list(output_names(tm)), "img_size": list(tm.size),
             "channels": tm.channels, "mean": list(tm.mean), "std": list(tm.std), "source": tm.source}
     if tm.classes:
         meta["classes"] = tm.classes
     if tm.task == "detector":
-        meta.update(category_ids=tm.category_ids, stride=int(tm.model.head.stride),
-                    max_detections=int(tm.model.head.max_detections))
+        head = tm.model.head
+        meta.update(category_ids=tm.category_ids, strides=list(head.strides), nms_iou=float(head.nms_iou),
+                    class_agnostic=bool(head.class_agnostic),
+                    max_detections=int(head.max_detections))
     if tm.task == "pose":
         m = tm.model
         meta.update(keypoints=list(m.names), skeleton=[list(e) for e in m.skeleton], flip=list(m.flip),
@@ -106,7 +118,7 @@ def export_onnx(tm: TaskModel, path: Path, opset: int = 18) -> Path:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # its progress lines, and
             warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch.export
             torch.onnx.export(graph, (x,), str(path), dynamo=True, input_names=["images"],
-                              output_names=list(OUTPUTS[tm.task]), dynamic_shapes=({0: batch},), opset_version=opset,
+                              output_names=list(output_names(tm)), dynamic_shapes=({0: batch},), opset_version=opset,
                               verbose=False, external_data=False)
     finally:
         quiet.setLevel(level)
@@ -132,4 +144,4 @@ def check_onnx(tm: TaskModel, path: Path, atol: float = 1e-4, batch: int = 3, se
     return worst
 
 
-__all__ = ["Graph", "OUTPUTS", "check_onnx", "export_onnx", "metadata", "resized"]
+__all__ = ["Graph", "OUTPUTS", "check_onnx", "output_names", "export_onnx", "metadata", "resized"]

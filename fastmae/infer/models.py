@@ -83,9 +83,13 @@ def _dense_task(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
         head = build_seg_head(kw["head"], encoder.embed_dim, K, patch, ignore, int(kw.get("fpn_channels", 32)))
         extra = {"ignore_index": ignore}
     else:
+        if "strides" not in kw:
+            raise ValueError(f"{source} was trained by an earlier fastmae with the one-level detection head, which "
+                             f"this version no longer builds; train it again with `fastmae detect`")
         det = (meta.get("config") or {}).get("det", {})
-        head = CenterNetHead(encoder.embed_dim, K, patch, int(kw["stride"]), int(kw["channels"]),
-                             int(det.get("max_detections", 100)))
+        head = CenterNetHead(encoder.embed_dim, K, patch, kw["strides"], int(kw["channels"]),
+                             int(det.get("max_detections", 100)), float(kw["nms_iou"]), float(kw["box_weight"]),
+                             bool(kw.get("class_agnostic", True)))
         extra = {}
     model = DenseModel(encoder, head)
     load_exactly(model, state["model"], f"cannot load {source} (not written by this fastmae's `{kind}` runs?)")

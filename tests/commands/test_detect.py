@@ -1,5 +1,5 @@
 """`fastmae detect`: COCO parsing, box transforms, the CenterNet decode, pycocotools scoring, and the command end to end
-(CLI, resume, outputs in COCO format, bad inputs)."""
+(CLI, resume, outputs in COCO format, held-out scoring, bad inputs)."""
 
 from __future__ import annotations
 
@@ -129,10 +129,45 @@ def test_repeated_images_of_padded_shards_are_scored_once(tmp_path, monkeypatch)
     enc = VisionTransformer(img_size=32, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2, num_classes=0,
                             global_pool="token")
     model = DenseModel(enc, CenterNetHead(16, 10, 4, channels=8, max_detections=3))
-    torch.nn.init.constant_(model.head.size[-1].bias, 4.0)  # boxes of 16 px: none dropped as degenerate
+    torch.nn.init.constant_(model.head.box[-1].bias, 2.0)  # boxes of 2 x e^2 x 8 px: none dropped as degenerate
     rt = Runtime(device=torch.device("cpu"), precision="fp32", precision_label="fp32", dist=DistInfo(), out_dir=tmp_path,
                  logger=None, run=None)
     monkeypatch.setattr(detect, "gather_objects", lambda obj, info: [obj, {k: v for k, v in obj.items() if k < 2}])
     dets, _ = inference(model, model, loader, detect.DetEvaluator(model.head, split, rt), rt.device, rt.precision)
     assert len(dets) == 5 * 3 and len({(d["image_id"], tuple(d["bbox"]), d["score"]) for d in dets}) == 15
 
+
+
+def test_holdout_scores_training_images_never_trained_on(tmp_path, capsys):
+    from fastmae.commands.detect import DetDataConfig, DetParams, det_splits
+
+    d, ann = write_coco(tmp_path, sizes=((24, 32), (32, 24), (30, 30), (16, 40)))
+    train, val = det_splits(DetDataConfig(source="coco", path=str(d), holdout=2), DetParams(annotations=str(ann)), 3, 0)
+    assert len(val.images) == 2 and len(train.images) == 2 and not set(val.image_ids) & set(train.image_ids)
+    assert {im["id"] for im in val.coco["images"]} == set(val.image_ids)  # scored on its own ground truth only
+    data = make_fmnist(tmp_path)
+    train, val = det_splits(DetDataConfig(path=str(data), holdout=5), DetParams(train_scenes=6), 1, 0)
+    assert len(val.images) == 5 and val.names[0] == "holdout scene 0" and len(train.images) == 6
+    base = ["detect", "--init", "random", *TINY, "--data.source", "coco", "--data.path", str(d), "--det.annotations",
+            str(ann), "--run.output_dir", str(tmp_path / "o"), *FAST]
+    assert main(base + ["--data.holdout", "2", "--det.eval_annotations", str(ann)]) == 2
+    assert "--data.holdout takes the evaluation images from the training annotations" in capsys.readouterr().err
+    assert main(base + ["--data.holdout", "2", "--det.strides", "4", "3", "--model.img_size", "32", "32"]) == 2
+    assert "each stride must be the patch size 4 times a power of two" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "detect.json").exists()
+
+
+def test_the_generated_shapes_set_is_coco_with_objects_for_every_level(tmp_path):
+    import numpy as np
+
+    from benchmarks.make_shapes_coco import write_split
+    from fastmae.data.detection import read_coco
+    from fastmae.models.detection import level_of
+
+    path = write_split(tmp_path, "val", 40, np.random.default_rng(0))
+    split = read_coco(str(tmp_path / "val"), str(path), 1, ("--data.path", "--det.annotations"))
+    assert len(split.images) == 40 and split.classes == ["square", "disc", "triangle"]
+    boxes = torch.cat(split.boxes)
+    assert set(level_of(boxes, (2, 4, 8)).tolist()) == {0, 1, 2}  # small, middle and large objects
+    again = write_split(tmp_path / "again", "val", 40, np.random.default_rng(0))
+    assert again.read_text() == path.read_text()  # the same seed, the same set

@@ -71,7 +71,8 @@ def test_every_kind_of_model_exports_and_runs_in_onnxruntime(tmp_path, capsys):
         assert metas[task]["task"] == task
         assert f"export ({task}" in capsys.readouterr().out
     assert metas["pose"]["keypoints"] == ["left_x", "right_x", "tail"] and metas["pose"]["heatmap_stride"] == 1
-    assert metas["detector"]["outputs"] == ["heat", "size", "offset"] and metas["detector"]["stride"] == 4
+    assert metas["detector"]["outputs"] == ["heat_4", "heat_8", "heat_16", "box_4", "box_8", "box_16"]
+    assert metas["detector"]["strides"] == [4, 8, 16] and metas["detector"]["nms_iou"] == 0.6
     assert metas["classifier"]["classes"][0] == "T-shirt/top" and metas["features"]["outputs"] == ["tokens"]
     # another input size: positions resampled; the graph still runs and matches (checked by the command)
     assert main(["export", "--init", str(pre), "--output", str(tmp_path / "big.onnx"), "--model.img_size", "56",
