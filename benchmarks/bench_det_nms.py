@@ -1,8 +1,9 @@
-"""How much does suppression across classes cost or give? A trained `fastmae detect` run scored again on its own
+"""How much does suppression (per class, or across classes) cost or give? A trained `fastmae detect` run scored again on its own
 evaluation split (or held-out scenes) at several `--det.nms_iou` thresholds, nothing retrained: box mAP / AP50 /
 AP75 by pycocotools and the mean number of detections per image scoring at least 0.3.
 
-    python benchmarks/bench_det_nms.py --init runs/detect --thresholds 1 0.8 0.7 0.6 0.5 [--holdout 1000]
+    python benchmarks/bench_det_nms.py --init runs/detect --thresholds 1 0.8 0.7 0.6 0.5 [--class_agnostic]
+        [--holdout 1000]
 
 --holdout N: score the N held-out scenes that `fastmae detect --data.holdout N` would use, with the run's own
 scene flags (choose a threshold there, not on the evaluation split).
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.8, 0.7, 0.6, 0.5])
     p.add_argument("--holdout", type=int, default=0)
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--per_class", action="store_true", help="suppress within each class only")
+    p.add_argument("--class_agnostic", action="store_true", help="suppress across classes too")
     a = p.parse_args()
     run = Path(a.init)
     config = json.loads((run / "config.json").read_text())
@@ -47,9 +48,9 @@ def main() -> None:
     rt = Runtime(device=torch.device("cpu"), precision=a.precision, precision_label=a.precision, dist=DistInfo(),
                  out_dir=run, logger=None, run=None)
     head = tm.model.head
-    head.class_agnostic = not a.per_class
+    head.class_agnostic = a.class_agnostic
     print(f"{run}: {len(val.images)} {'held-out' if data.holdout else 'evaluation'} images, strides {head.strides}, "
-          f"{'per class' if a.per_class else 'across classes'}")
+          f"{'across classes' if a.class_agnostic else 'per class'}")
     print("| nms_iou | box mAP % | AP50 % | AP75 % | detections >= 0.3 per image |\n|---:|---:|---:|---:|---:|")
     for t in a.thresholds:
         head.nms_iou = t

@@ -89,7 +89,7 @@ def _dense_task(kind: str, state: dict, meta: dict, source: str) -> TaskModel:
         det = (meta.get("config") or {}).get("det", {})
         head = CenterNetHead(encoder.embed_dim, K, patch, kw["strides"], int(kw["channels"]),
                              int(det.get("max_detections", 100)), float(kw["nms_iou"]), float(kw["box_weight"]),
-                             bool(kw.get("class_agnostic", True)))
+                             bool(kw.get("class_agnostic", False)))
         extra = {}
     model = DenseModel(encoder, head)
     load_exactly(model, state["model"], f"cannot load {source} (not written by this fastmae's `{kind}` runs?)")

@@ -18,9 +18,10 @@ per image.
   value, each box's weights summing to 1 (Liu et al., 2019, "Training-Time-Friendly Network"); where two boxes'
   Gaussians meet, the smaller box has the cell.
 - Decode: 3x3 max-pool peaks of each level's heatmaps, the best `max_detections` of every level turned into
-  boxes, then suppression across levels and classes (`boxes.batched_nms`, one group per image): an object
-  whose peak shows on two classes or two levels gives one box (`class_agnostic=False`: per class, as
-  detectron2's and mmdet's one-stage detectors, which keeps a second class's guess and scores higher box AP).
+  boxes, then suppression across levels within each class (`boxes.batched_nms`, a group per class, as
+  detectron2's and mmdet's one-stage detectors): an object whose peak shows on two levels gives one box.
+  `class_agnostic`: one group per image, so an object whose peak shows on two classes also gives one box (at a
+  cost in box AP where the second class's guess is often right: BENCHMARKS.md "Detection").
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class CenterNetHead(DenseHead):
 
     def __init__(self, dim: int, num_classes: int, patch_size: int, strides: Sequence[int] = (4, 8, 16),
                  channels: int = 64, max_detections: int = 100, nms_iou: float = 0.6, box_weight: float = 5.0,
-                 class_agnostic: bool = True):
+                 class_agnostic: bool = False):
         super().__init__()
         self.strides = tuple(int(s) for s in strides)
         self.num_classes, self.max_detections, self.box_weight = num_classes, max_detections, box_weight

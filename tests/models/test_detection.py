@@ -86,24 +86,30 @@ def test_the_smaller_box_keeps_a_shared_cell():
         assert target[0, :, 4, 4].tolist() == small
 
 
-def test_predict_keeps_one_box_per_object_across_classes_and_levels():
+def test_predict_suppresses_across_levels_per_class_or_across_classes():
     head = CenterNetHead(8, 3, patch_size=4, strides=(2, 4), channels=8, max_detections=10, nms_iou=0.5)
     heat = [torch.full((1, 3, 8, 8), -10.0), torch.full((1, 3, 4, 4), -10.0)]
     box = [torch.full((1, 4, 8, 8), 1.0), torch.full((1, 4, 4, 4), 1.0)]
     heat[0][0, 0, 2, 2] = 3.0  # an object at (5, 5) as class 0 ...
     heat[0][0, 1, 2, 2] = 2.0  # ... and class 1 at the same place
     box[0][0, :, 2, 2] = 4.0
-    heat[1][0, 2, 1, 1] = 1.0  # ... and class 2 on the coarser level, about the same box
+    heat[1][0, 0, 1, 1] = 1.0  # ... and class 0 again on the coarser level, about the same box
     box[1][0, :, 1, 1] = 4.5
     heat[0][0, 1, 6, 6] = 0.5  # another object, elsewhere
     box[0][0, :, 6, 6] = 2.0
-    (boxes, scores, labels), = head.predict({"heat": heat, "box": box})
-    assert (scores.diff() <= 0).all() and scores[2] < 0.01  # flat background: only near-zero peaks follow
-    assert labels[:2].tolist() == [0, 1] and scores[0] == pytest.approx(torch.tensor(3.0).sigmoid())
+    out = {"heat": heat, "box": box}
+    (boxes, scores, labels), = head.predict(out)  # per class: the coarser class-0 box goes, class 1's guess stays
+    assert (scores.diff() <= 0).all() and scores[3] < 0.01  # flat background: only near-zero peaks follow
+    assert labels[:3].tolist() == [0, 1, 1] and scores[0] == pytest.approx(torch.tensor(3.0).sigmoid())
     torch.testing.assert_close(boxes[0], torch.tensor([1.0, 1.0, 9.0, 9.0]))
+    torch.testing.assert_close(boxes[1], boxes[0])
+    head.class_agnostic = True  # across classes: one box for the first object
+    (boxes, scores, labels), = head.predict(out)
+    assert labels[:2].tolist() == [0, 1] and scores[2] < 0.01
+    torch.testing.assert_close(boxes[1], torch.tensor([11.0, 11.0, 15.0, 15.0]))
     head.nms_iou = 1.0  # no suppression: all three peaks of the first object stay
-    (_, _, labels), = head.predict({"heat": heat, "box": box})
-    assert sorted(labels.tolist()[:4]) == [0, 1, 1, 2]
+    (_, _, labels), = head.predict(out)
+    assert sorted(labels.tolist()[:4]) == [0, 0, 1, 1]
 
 
 def test_the_head_learns_a_toy_box_on_two_levels():
