@@ -290,3 +290,23 @@ def test_a_hugging_face_vitpose_folder_predicts_in_its_boxes(tmp_path):
     assert rec["bbox"] == [10, 12, 20, 30] and (np.abs(xy - [20, 27]) <= [28.125 / 2 + 3, 37.5 / 2 + 3]).all()
     api = fastmae.predict(tmp_path / "vp", folder / "a.png", boxes=[[[10, 12, 20, 30]]], batch_size=2)
     assert api[0][0]["keypoints"] == rec["keypoints"] and rec["score"] == pytest.approx(api[0][0]["score"] * 0.9)
+
+
+def test_a_run_of_the_one_level_detection_head_is_refused_in_one_line(det_run, tmp_path, capsys):
+    """Runs written before the multi-level head record `stride`, not `strides`: retrain, one line, exit 2."""
+    import shutil
+
+    run = det_run[3]
+    old = tmp_path / "old"
+    old.mkdir()
+    ck = sorted(run.glob("checkpoint-*.pt"))[-1]
+    shutil.copy(ck, old / ck.name)
+    meta = json.loads(ck.with_suffix(".json").read_text())
+    kw = meta["model_kwargs"]
+    kw["stride"] = kw.pop("strides")[0]
+    ck_json = old / ck.with_suffix(".json").name
+    ck_json.write_text(json.dumps(meta))
+    assert main(["predict", "--init", str(old / ck.name), "--data.path", str(det_run[1]),
+                 "--run.output_dir", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "one-level detection head" in err and "train it again with `fastmae detect`" in err
