@@ -40,7 +40,7 @@ from ..data.detection import (
     warn_empty_classes,
 )
 from ..figures.grid import enlargement, save_grid, to_pil
-from ..figures.predictions import place_label
+from ..figures.predictions import drawn_detections, place_label
 from ..metrics.detection import coco_box_metrics
 from ..models.dense import DenseModel
 from ..models.detection import CenterNetHead, auto_strides, check_strides
@@ -133,7 +133,8 @@ class DetParams:
     figure_rows: int = 4
     """Evaluation images shown in detections.png."""
     figure_score: float = 0.3
-    """Detections drawn in detections.png: those scoring at least this."""
+    """Detections drawn in detections.png: those scoring at least this, each object once (the best label of
+    boxes overlapping above IoU 0.6; detections.json keeps them all)."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ class DetEvaluator(DatasetEvaluator):
 
 
 def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int, min_score: float) -> Path:
-    """Per evaluation image: ground truth (green) and detections scoring >= min_score (red, with class and score)."""
+    """Per evaluation image: ground truth (green) and detections scoring >= min_score (red, with class and score;
+    each object once, `drawn_detections`)."""
     by_image: dict[int, list[dict]] = {}
     for r in results:
         by_image.setdefault(r["image_id"], []).append(r)
@@ -248,8 +250,8 @@ def save_det_figure(split: DetSplit, results: list[dict], path: Path, rows: int,
                 colour = (40, 200, 40)
             else:
                 items = [([r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]],
-                          names[r["category_id"]], r["score"]) for r in by_image.get(split.image_ids[i], [])
-                         if r["score"] >= min_score]
+                          names[r["category_id"]], r["score"])
+                         for r in drawn_detections(by_image.get(split.image_ids[i], []), min_score)]
                 colour = (230, 40, 40)
             taken: list[tuple[float, float]] = []  # label places so far: two labels at one place are stacked
             for b, name, score in items:

@@ -11,9 +11,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.segmentation import palette
+from ..models.boxes import batched_nms
 
 BOX = (230, 40, 40)
 POINT = (40, 200, 230)
+DRAWN_IOU = 0.6  # a drawn box hides the lower-scoring ones of any class overlapping it above this IoU
 
 
 def to_rgb(img: torch.Tensor) -> Image.Image:
@@ -31,13 +33,24 @@ def place_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, t
     draw.text((x, y), text, fill=colour)
 
 
+def drawn_detections(records: Sequence[dict], min_score: float) -> list[dict]:
+    """The detections a drawing shows: those scoring at least min_score, best first, each object once (a box hides
+    lower-scoring ones of any class overlapping it above DRAWN_IOU). The records themselves keep every class's
+    guess, which box AP counts; a picture with two labels on one object helps no one."""
+    shown = [r for r in records if r["score"] >= min_score]
+    if not shown:
+        return []
+    xywh = torch.tensor([r["bbox"] for r in shown], dtype=torch.float64)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    keep = batched_nms(boxes, torch.tensor([float(r["score"]) for r in shown]), DRAWN_IOU)
+    return [shown[i] for i in keep.tolist()]
+
+
 def draw_detections(img: torch.Tensor, records: Sequence[dict], min_score: float) -> Image.Image:
-    """Boxes scoring at least min_score with 'class score'."""
+    """Boxes scoring at least min_score with 'class score', each object once (`drawn_detections`)."""
     pil = to_rgb(img)
     draw, taken = ImageDraw.Draw(pil), []
-    for r in records:
-        if r["score"] < min_score:
-            continue
+    for r in drawn_detections(records, min_score):
         x, y, w, h = r["bbox"]
         draw.rectangle([x, y, x + w, y + h], outline=BOX, width=2)
         place_label(draw, (x + 2, y + 1), f"{r.get('class_name', r['category_id'])} {r['score']:.2f}", taken, BOX)

@@ -78,3 +78,14 @@ def test_giou_loss_is_zero_on_equal_boxes_and_grows_apart():
     p = a.clone().requires_grad_()
     giou_loss(p, b[2:].expand(3, -1)).sum().backward()
     assert p.grad.abs().sum() > 0
+
+
+def test_a_drawing_shows_each_object_once_with_its_best_label():
+    from fastmae.figures.predictions import drawn_detections
+
+    recs = [{"bbox": [0, 0, 10, 10], "score": 0.5, "category_id": 1},
+            {"bbox": [0.5, 0, 10, 10], "score": 0.9, "category_id": 2},  # the same object, another class: hidden
+            {"bbox": [20, 20, 5, 5], "score": 0.4, "category_id": 1},
+            {"bbox": [40, 40, 5, 5], "score": 0.1, "category_id": 1}]  # below the score: not drawn
+    assert drawn_detections(recs, 0.3) == [recs[1], recs[2]]
+    assert drawn_detections(recs[3:], 0.3) == []
