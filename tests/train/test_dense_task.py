@@ -26,7 +26,7 @@ SCENES = {  # each task's built-in data, tiny; its section's eval_every
     "pose": ["--pose.train_images", "16", "--pose.eval_images", "8", "--pose.eval_every", "1", "--pose.figure_rows",
              "1", "--pose.channels", "8", "--pose.head", "classic"],
 }
-TERMS = {"segment": {"loss_ce"}, "detect": {"loss_focal", "loss_size", "loss_offset"}, "pose": {"loss_heatmap"}}
+TERMS = {"segment": {"loss_ce"}, "detect": {"loss_focal", "loss_box"}, "pose": {"loss_heatmap"}}
 
 
 @pytest.mark.parametrize("row", DENSE_TASKS, ids=lambda r: r.command)
