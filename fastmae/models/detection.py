@@ -1,7 +1,7 @@
 """A one-stage, multi-level detection head on a plain ViT: CenterNet's class-centre heatmaps on several levels of
 ViTDet's simple feature pyramid, boxes regressed as distances to the four sides (FCOS) with a GIoU loss over each
-centre's Gaussian (TTFNet), and class-agnostic non-maximum suppression across levels and classes. It needs no
-RoIAlign (torchvision's ops are not available here; BENCHMARKS.md, "Detection", says why this head).
+centre's Gaussian (TTFNet), and non-maximum suppression across levels (per class, or across classes too). It needs
+no RoIAlign (torchvision's ops are not available here; BENCHMARKS.md, "Detection", says why this head).
 
 Shapes: B batch, D width, h, w patch grid, p patch, L levels of strides s_1 < ... < s_L (pixels), H_l, W_l a
 level's map (the canvas over s_l), K classes, n boxes of an image (canvas pixels, x1 y1 x2 y2), k detections kept
